@@ -1,0 +1,194 @@
+//! Weight payloads: flat f32 parameters as raw little-endian bytes, optionally compressed to
+//! f16 or to int8 with per-block scales.
+//!
+//! The payload length is a function of the parameter count and the encoding alone
+//! ([`WeightEncoding::payload_len`]), so a receiver knows exactly how many bytes to accept
+//! before it allocates anything.
+
+use serde::{Deserialize, Serialize};
+
+/// Values per int8 block; each block carries one f32 scale.
+pub const INT8_BLOCK: usize = 1024;
+
+/// How weights are written into a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightEncoding {
+    /// 4 bytes per value, exact.
+    #[default]
+    F32,
+    /// 2 bytes per value (IEEE half precision, round to nearest).
+    F16,
+    /// 1 byte per value: symmetric int8 with one f32 scale per [`INT8_BLOCK`] values.
+    /// Layout: all scales (little-endian f32) first, then all quantized values.
+    Int8,
+}
+
+/// Why a payload could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PayloadError {
+    /// Its length does not match the parameter count and encoding.
+    #[error("payload has {actual} bytes, but {expected} are needed for {params} parameters as {encoding:?}")]
+    WrongLength {
+        /// The parameter count.
+        params: u64,
+        /// The encoding.
+        encoding: WeightEncoding,
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// An int8 block scale is NaN, infinite or negative.
+    #[error("int8 scale of block {block} is not a finite non-negative number")]
+    BadScale {
+        /// Block index.
+        block: usize,
+    },
+}
+
+impl WeightEncoding {
+    /// Exact payload size for `params` values.
+    pub fn payload_len(self, params: u64) -> u64 {
+        match self {
+            WeightEncoding::F32 => params * 4,
+            WeightEncoding::F16 => params * 2,
+            WeightEncoding::Int8 => params.div_ceil(INT8_BLOCK as u64) * 4 + params,
+        }
+    }
+
+    /// Writes `values` as a payload.
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            WeightEncoding::F32 => encode_f32(values),
+            WeightEncoding::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            WeightEncoding::Int8 => encode_int8(values),
+        }
+    }
+
+    /// Reads a payload of `params` values into `out` (cleared first).
+    pub fn decode_into(self, payload: &[u8], params: u64, out: &mut Vec<f32>) -> Result<(), PayloadError> {
+        let expected = self.payload_len(params);
+        if payload.len() as u64 != expected {
+            return Err(PayloadError::WrongLength {
+                params,
+                encoding: self,
+                expected,
+                actual: payload.len() as u64,
+            });
+        }
+        out.clear();
+        out.reserve_exact(params as usize);
+        match self {
+            WeightEncoding::F32 => out.extend(
+                payload
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            WeightEncoding::F16 => out.extend(
+                payload
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            WeightEncoding::Int8 => decode_int8(payload, params as usize, out)?,
+        }
+        Ok(())
+    }
+
+    /// Convenience: decode into a fresh vector.
+    pub fn decode(self, payload: &[u8], params: u64) -> Result<Vec<f32>, PayloadError> {
+        let mut out = Vec::new();
+        self.decode_into(payload, params, &mut out)?;
+        Ok(out)
+    }
+}
+
+fn encode_f32(values: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        // The in-memory representation already is the wire format: one memcpy.
+        bytemuck::cast_slice(values).to_vec()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+fn encode_int8(values: &[f32]) -> Vec<u8> {
+    let blocks = values.len().div_ceil(INT8_BLOCK);
+    let mut out = Vec::with_capacity(blocks * 4 + values.len());
+    let scales: Vec<f32> = values
+        .chunks(INT8_BLOCK)
+        .map(|block| {
+            let max = block
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0f32, |m, v| m.max(v.abs()));
+            max / 127.0
+        })
+        .collect();
+    for s in &scales {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    for (block, scale) in values.chunks(INT8_BLOCK).zip(&scales) {
+        let inv = if *scale > 0.0 { 1.0 / scale } else { 0.0 };
+        out.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8));
+    }
+    out
+}
+
+fn decode_int8(payload: &[u8], params: usize, out: &mut Vec<f32>) -> Result<(), PayloadError> {
+    let blocks = params.div_ceil(INT8_BLOCK);
+    let (scales, quantized) = payload.split_at(blocks * 4);
+    for (i, (s, block)) in scales.chunks_exact(4).zip(quantized.chunks(INT8_BLOCK)).enumerate() {
+        let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        if !scale.is_finite() || scale < 0.0 {
+            return Err(PayloadError::BadScale { block: i });
+        }
+        out.extend(block.iter().map(|q| f32::from(*q as i8) * scale));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn f32_round_trips_bit_exactly(values in proptest::collection::vec(any::<f32>(), 0..3000)) {
+            let payload = WeightEncoding::F32.encode(&values);
+            prop_assert_eq!(payload.len() as u64, WeightEncoding::F32.payload_len(values.len() as u64));
+            let back = WeightEncoding::F32.decode(&payload, values.len() as u64).unwrap();
+            let same = back.iter().zip(&values).all(|(a, b)| a.to_bits() == b.to_bits());
+            prop_assert!(same);
+        }
+
+        #[test]
+        fn lossy_encodings_stay_close(values in proptest::collection::vec(-4.0f32..4.0, 1..3000)) {
+            for (enc, tol) in [(WeightEncoding::F16, 4.0 / 1024.0), (WeightEncoding::Int8, 4.0 / 127.0)] {
+                let payload = enc.encode(&values);
+                prop_assert_eq!(payload.len() as u64, enc.payload_len(values.len() as u64));
+                let back = enc.decode(&payload, values.len() as u64).unwrap();
+                for (a, b) in back.iter().zip(&values) {
+                    prop_assert!((a - b).abs() <= tol, "{enc:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_length_is_reported_before_decoding() {
+        let err = WeightEncoding::F32.decode(&[0u8; 7], 2).unwrap_err();
+        assert_eq!(err, PayloadError::WrongLength { params: 2, encoding: WeightEncoding::F32, expected: 8, actual: 7 });
+    }
+
+    #[test]
+    fn nan_scale_is_rejected() {
+        let mut payload = WeightEncoding::Int8.encode(&[1.0; 10]);
+        payload[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(WeightEncoding::Int8.decode(&payload, 10), Err(PayloadError::BadScale { block: 0 }));
+    }
+}

@@ -1,0 +1,644 @@
+//! Experiment manifests: what a researcher asks the consortium to train, and how.
+//!
+//! Researchers write manifests as TOML (JSON is accepted too; see `examples/` at the
+//! repository root), sign them with their roster key, and inject them at any node. Every node
+//! re-checks the signature against its roster and the fields against [`Manifest::validate`]
+//! before it acts.
+
+use std::fmt;
+
+use medmesh_crypto::{Domain, Identity, MembershipError, PublicKey, Role, Roster, Signature, SignatureError};
+use serde::{Deserialize, Serialize};
+
+use crate::encoding::WeightEncoding;
+
+/// A complete experiment description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Unique id: 1-64 characters of `a-z`, `0-9`, `-`, `_`, `.`, starting with a letter or digit.
+    pub id: String,
+    /// Human-readable title.
+    pub title: String,
+    /// The consortium this experiment runs in (must match the roster).
+    pub consortium: String,
+    /// What is segmented.
+    pub task: Task,
+    /// The network to train.
+    pub model: ModelSpec,
+    /// Local training at each site.
+    pub training: Training,
+    /// How sites combine their weights.
+    pub averaging: Averaging,
+    /// Optional privacy protection of what is sent.
+    #[serde(default)]
+    pub privacy: Privacy,
+    /// How sites measure progress.
+    #[serde(default)]
+    pub evaluation: Evaluation,
+    /// When to stop early.
+    #[serde(default)]
+    pub stop: StopConditions,
+}
+
+/// The segmentation task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    /// Dataset name; each node's config maps it to local paths.
+    pub dataset: String,
+    /// Input height and width in pixels.
+    pub input_size: [u32; 2],
+    /// Image channels.
+    pub channels: u32,
+    /// Classes including background.
+    pub classes: u32,
+}
+
+/// Normalization layers of the UNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Normalization {
+    /// Batch normalization.
+    Batch,
+    /// Group normalization.
+    Group,
+}
+
+/// The UNet's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Resolution levels, 3 to 5.
+    pub depth: u32,
+    /// Channels at the first level, 8 to 64 (doubling per level).
+    pub base_channels: u32,
+    /// Normalization layers.
+    pub normalization: Normalization,
+}
+
+/// Optimizers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// Adam.
+    Adam,
+    /// Adam with decoupled weight decay.
+    Adamw,
+}
+
+/// Local training at each site, per round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Training {
+    /// Optimizer.
+    pub optimizer: Optimizer,
+    /// Initial learning rate.
+    pub learning_rate: f64,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Local epochs per round (exactly one of this and `local_steps`).
+    #[serde(default)]
+    pub local_epochs: Option<u32>,
+    /// Local optimizer steps per round (exactly one of this and `local_epochs`).
+    #[serde(default)]
+    pub local_steps: Option<u32>,
+    /// Seed for initialization, shuffling and augmentation.
+    pub seed: u64,
+    /// Weight decay (AdamW).
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+    /// Gradient norm clipping.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+}
+
+/// Averaging schemes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    /// Randomized pairwise gossip: each round, pairs of peers average.
+    PairwiseGossip,
+    /// Push-sum: (value, weight) shares pushed to peers; works on directed, asynchronous links.
+    PushSum,
+    /// Neighbour averaging with Metropolis-Hastings weights on a fixed graph (D-PSGD).
+    MetropolisHastings,
+    /// Epidemic push to `fanout` random peers per round.
+    Epidemic,
+}
+
+/// How received models are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregation {
+    /// Sample-weighted mean.
+    Mean,
+    /// Coordinate-wise median (robust to a minority of arbitrary models).
+    Median,
+    /// Coordinate-wise trimmed mean (drops `trim_fraction` at each end).
+    TrimmedMean,
+}
+
+/// How sites combine their weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Averaging {
+    /// The scheme.
+    pub scheme: Scheme,
+    /// Peers per round for `epidemic` (required there, refused elsewhere).
+    #[serde(default)]
+    pub fanout: Option<u32>,
+    /// Communication rounds.
+    pub rounds: u32,
+    /// Seconds to wait for peers each round before going on without them.
+    pub round_timeout_secs: u32,
+    /// Peers a node needs to hear from to count a round as averaged.
+    pub min_peers: u32,
+    /// Combination rule.
+    pub aggregation: Aggregation,
+    /// Fraction trimmed at each end for `trimmed-mean`, in `[0, 0.5)`.
+    #[serde(default)]
+    pub trim_fraction: Option<f64>,
+    /// Keep normalization layers' parameters and statistics local (FedBN).
+    #[serde(default)]
+    pub keep_normalization_local: bool,
+    /// Payload encoding on the wire.
+    #[serde(default)]
+    pub encoding: WeightEncoding,
+    /// Refuse updates whose distance to the local model exceeds this L2 norm.
+    #[serde(default)]
+    pub norm_bound: Option<f64>,
+}
+
+/// Optional protection of what leaves a site.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    /// Clip the L2 norm of each sent update (relative to the round's starting model).
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
+    /// Gaussian noise standard deviation as a multiple of `clip_norm` (needs `clip_norm`).
+    #[serde(default)]
+    pub noise_multiplier: Option<f64>,
+}
+
+/// Validation metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Metric {
+    /// Mean Dice over foreground classes.
+    #[default]
+    Dice,
+    /// Mean intersection over union over foreground classes.
+    Iou,
+}
+
+/// How sites measure progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    /// Fraction of each site's cases held out for validation, in `(0, 1)`.
+    pub validation_fraction: f64,
+    /// The metric reported in progress records.
+    #[serde(default)]
+    pub metric: Metric,
+}
+
+impl Default for Evaluation {
+    fn default() -> Self {
+        Self {
+            validation_fraction: 0.2,
+            metric: Metric::Dice,
+        }
+    }
+}
+
+/// Early stopping. Without any, the experiment runs `averaging.rounds` rounds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopConditions {
+    /// Stop once the site's validation metric reaches this value.
+    #[serde(default)]
+    pub target_metric: Option<f64>,
+    /// Stop after this many rounds without improvement.
+    #[serde(default)]
+    pub patience_rounds: Option<u32>,
+    /// Stop after this many minutes of wall-clock time.
+    #[serde(default)]
+    pub max_minutes: Option<u32>,
+}
+
+/// One bad field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path, e.g. `training.learning_rate`.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Why a manifest could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// Not valid TOML/JSON, a missing field, an unknown field, or a wrong type.
+    #[error("manifest could not be parsed: {0}")]
+    Syntax(String),
+    /// Parsed, but fields have invalid values. Lists every one.
+    #[error("manifest has {} invalid field(s): {}", .0.len(), join(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn join(errors: &[FieldError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// Why a signed manifest was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestVerifyError {
+    /// For another consortium.
+    #[error("manifest is for consortium {manifest:?}, this roster is {roster:?}")]
+    ConsortiumMismatch {
+        /// The manifest's consortium.
+        manifest: String,
+        /// The roster's consortium.
+        roster: String,
+    },
+    /// The signer may not submit experiments.
+    #[error("manifest signer not allowed: {0}")]
+    Signer(#[from] MembershipError),
+    /// The signature does not verify (tampered, forged, or made for another kind of object).
+    #[error("manifest signature rejected: {0}")]
+    Signature(#[from] SignatureError),
+    /// Signed correctly, but the fields are invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+impl Manifest {
+    /// Parses TOML and validates.
+    pub fn from_toml(text: &str) -> Result<Self, ManifestError> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Parses JSON and validates.
+    pub fn from_json(text: &str) -> Result<Self, ManifestError> {
+        let manifest: Manifest =
+            serde_json::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Parses JSON if the text starts with `{`, TOML otherwise.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        if text.trim_start().starts_with('{') {
+            Self::from_json(text)
+        } else {
+            Self::from_toml(text)
+        }
+    }
+
+    /// Renders TOML (as a researcher would write it).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| unreachable!("a manifest always renders as TOML: {e}"))
+    }
+
+    /// The bytes a researcher signs: bincode (standard config) of the parsed manifest, so
+    /// formatting, comments and TOML-vs-JSON do not change the signature.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .unwrap_or_else(|e| unreachable!("encoding a manifest into memory cannot fail: {e}"))
+    }
+
+    /// BLAKE3 of the canonical bytes: names this exact experiment in envelopes and records.
+    pub fn digest(&self) -> [u8; 32] {
+        *blake3::hash(&self.canonical_bytes()).as_bytes()
+    }
+
+    /// Checks every field and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, reason: String| {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                reason,
+            })
+        };
+
+        if !valid_id(&self.id) {
+            bad("id", format!("{:?} must be 1-64 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit", self.id));
+        }
+        if self.title.trim().is_empty() || self.title.len() > 200 {
+            bad("title", "must be 1-200 characters".into());
+        }
+        if self.consortium.is_empty() {
+            bad("consortium", "must not be empty".into());
+        }
+
+        let t = &self.task;
+        if t.dataset.trim().is_empty() {
+            bad("task.dataset", "must name a dataset".into());
+        }
+        let levels = self.model.depth.clamp(3, 5);
+        let divisor = 1u32 << (levels - 1);
+        for (i, side) in t.input_size.iter().enumerate() {
+            if !(16..=1024).contains(side) {
+                bad("task.input_size", format!("side {i} is {side}, must be 16 to 1024"));
+            } else if side % divisor != 0 {
+                bad("task.input_size", format!("side {i} is {side}, must be divisible by {divisor} for a depth-{levels} UNet"));
+            }
+        }
+        if !(1..=16).contains(&t.channels) {
+            bad("task.channels", format!("{} must be 1 to 16", t.channels));
+        }
+        if !(2..=32).contains(&t.classes) {
+            bad("task.classes", format!("{} must be 2 to 32 (background included)", t.classes));
+        }
+
+        if !(3..=5).contains(&self.model.depth) {
+            bad("model.depth", format!("{} must be 3 to 5", self.model.depth));
+        }
+        if !(8..=64).contains(&self.model.base_channels) {
+            bad("model.base_channels", format!("{} must be 8 to 64", self.model.base_channels));
+        }
+
+        let tr = &self.training;
+        if !(tr.learning_rate.is_finite() && tr.learning_rate > 0.0 && tr.learning_rate <= 1.0) {
+            bad("training.learning_rate", format!("{} must be in (0, 1]", tr.learning_rate));
+        }
+        if !(1..=1024).contains(&tr.batch_size) {
+            bad("training.batch_size", format!("{} must be 1 to 1024", tr.batch_size));
+        }
+        match (tr.local_epochs, tr.local_steps) {
+            (Some(_), Some(_)) => bad("training.local_epochs", "give either local_epochs or local_steps, not both".into()),
+            (None, None) => bad("training.local_epochs", "give one of local_epochs or local_steps".into()),
+            (Some(0), None) => bad("training.local_epochs", "must be at least 1".into()),
+            (None, Some(0)) => bad("training.local_steps", "must be at least 1".into()),
+            _ => {}
+        }
+        if let Some(wd) = tr.weight_decay
+            && !(wd.is_finite() && (0.0..1.0).contains(&wd))
+        {
+            bad("training.weight_decay", format!("{wd} must be in [0, 1)"));
+        }
+        if let Some(c) = tr.grad_clip
+            && !(c.is_finite() && c > 0.0)
+        {
+            bad("training.grad_clip", format!("{c} must be a positive number"));
+        }
+
+        let av = &self.averaging;
+        match (av.scheme, av.fanout) {
+            (Scheme::Epidemic, None) => bad("averaging.fanout", "the epidemic scheme needs a fanout".into()),
+            (Scheme::Epidemic, Some(f)) if !(1..=64).contains(&f) => {
+                bad("averaging.fanout", format!("{f} must be 1 to 64"))
+            }
+            (s, Some(_)) if s != Scheme::Epidemic => {
+                bad("averaging.fanout", "only the epidemic scheme takes a fanout".into())
+            }
+            _ => {}
+        }
+        if !(1..=10_000).contains(&av.rounds) {
+            bad("averaging.rounds", format!("{} must be 1 to 10000", av.rounds));
+        }
+        if !(1..=86_400).contains(&av.round_timeout_secs) {
+            bad("averaging.round_timeout_secs", format!("{} must be 1 to 86400", av.round_timeout_secs));
+        }
+        if av.min_peers > 10_000 {
+            bad("averaging.min_peers", format!("{} is more than any consortium", av.min_peers));
+        }
+        match (av.aggregation, av.trim_fraction) {
+            (Aggregation::TrimmedMean, None) => {
+                bad("averaging.trim_fraction", "trimmed-mean needs a trim_fraction".into())
+            }
+            (Aggregation::TrimmedMean, Some(f)) if !(f.is_finite() && (0.0..0.5).contains(&f)) => {
+                bad("averaging.trim_fraction", format!("{f} must be in [0, 0.5)"))
+            }
+            (a, Some(_)) if a != Aggregation::TrimmedMean => {
+                bad("averaging.trim_fraction", "only trimmed-mean takes a trim_fraction".into())
+            }
+            _ => {}
+        }
+        if let Some(b) = av.norm_bound
+            && !(b.is_finite() && b > 0.0)
+        {
+            bad("averaging.norm_bound", format!("{b} must be a positive number"));
+        }
+
+        let p = &self.privacy;
+        if let Some(c) = p.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            bad("privacy.clip_norm", format!("{c} must be a positive number"));
+        }
+        match (p.noise_multiplier, p.clip_norm) {
+            (Some(_), None) => bad("privacy.noise_multiplier", "noise needs privacy.clip_norm to scale it".into()),
+            (Some(m), Some(_)) if !(m.is_finite() && m >= 0.0) => {
+                bad("privacy.noise_multiplier", format!("{m} must be a non-negative number"))
+            }
+            _ => {}
+        }
+
+        let v = self.evaluation.validation_fraction;
+        if !(v.is_finite() && v > 0.0 && v < 1.0) {
+            bad("evaluation.validation_fraction", format!("{v} must be in (0, 1)"));
+        }
+
+        let s = &self.stop;
+        if let Some(m) = s.target_metric
+            && !(m.is_finite() && m > 0.0 && m <= 1.0)
+        {
+            bad("stop.target_metric", format!("{m} must be in (0, 1]"));
+        }
+        if s.patience_rounds == Some(0) {
+            bad("stop.patience_rounds", "must be at least 1".into());
+        }
+        if s.max_minutes == Some(0) {
+            bad("stop.max_minutes", "must be at least 1".into());
+        }
+
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError::Invalid(errors))
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    id.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+}
+
+/// A manifest with its researcher's signature: what travels and what nodes persist.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedManifest {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The researcher who signed.
+    pub signer: PublicKey,
+    /// Signature in [`Domain::Manifest`] over [`Manifest::canonical_bytes`].
+    pub signature: Signature,
+}
+
+impl SignedManifest {
+    /// Signs `manifest` as `researcher`.
+    pub fn sign(manifest: Manifest, researcher: &Identity) -> Self {
+        let signature = researcher.sign(Domain::Manifest, &manifest.canonical_bytes());
+        Self {
+            manifest,
+            signer: researcher.public_key(),
+            signature,
+        }
+    }
+
+    /// Checks consortium, signer's membership and role, signature, and fields, in that order.
+    pub fn verify(&self, roster: &Roster) -> Result<&Manifest, ManifestVerifyError> {
+        if self.manifest.consortium != roster.consortium {
+            return Err(ManifestVerifyError::ConsortiumMismatch {
+                manifest: self.manifest.consortium.clone(),
+                roster: roster.consortium.clone(),
+            });
+        }
+        roster.authorize(&self.signer, Role::Researcher)?;
+        self.signer
+            .verify(Domain::Manifest, &self.manifest.canonical_bytes(), &self.signature)?;
+        self.manifest.validate()?;
+        Ok(&self.manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medmesh_crypto::{Member, Roster};
+    use proptest::prelude::*;
+
+    const QUICKSTART: &str = include_str!("../../examples/synthetic-quickstart.toml");
+    const BRAIN: &str = include_str!("../../examples/brain-extraction.toml");
+    const ROBUST: &str = include_str!("../../examples/robust-median.json");
+
+    fn id(n: u8) -> Identity {
+        Identity::from_seed(&[n; 32])
+    }
+
+    fn roster() -> Roster {
+        let mut r = Roster::genesis("demo", vec![id(1).public_key()], 1);
+        for (n, role) in [(10, Role::Node), (20, Role::Researcher), (21, Role::Researcher)] {
+            r.upsert_member(Member { public_key: id(n).public_key(), role, site: format!("site-{n}") });
+        }
+        r.revoke(id(21).public_key(), "left the project");
+        r
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        for text in [QUICKSTART, BRAIN, ROBUST] {
+            let m = Manifest::parse(text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(Manifest::from_toml(&m.to_toml()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_reported() {
+        let mut m = Manifest::parse(QUICKSTART).unwrap();
+        m.id = "Bad Id".into();
+        m.training.learning_rate = f64::NAN;
+        m.training.local_steps = Some(5);
+        m.model.depth = 9;
+        m.averaging.scheme = Scheme::Epidemic;
+        m.privacy.noise_multiplier = Some(1.0);
+        let Err(ManifestError::Invalid(errors)) = m.validate() else { panic!("accepted") };
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        for f in ["id", "training.learning_rate", "training.local_epochs", "model.depth", "averaging.fanout", "privacy.noise_multiplier"] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn typos_and_bad_syntax_are_syntax_errors() {
+        let typo = QUICKSTART.replace("batch_size", "batch_sise");
+        let err = Manifest::from_toml(&typo).unwrap_err();
+        assert!(matches!(&err, ManifestError::Syntax(s) if s.contains("batch_sise")), "{err}");
+        assert!(matches!(Manifest::parse("{ not json"), Err(ManifestError::Syntax(_))));
+    }
+
+    #[test]
+    fn canonical_bytes_ignore_formatting() {
+        let m = Manifest::parse(QUICKSTART).unwrap();
+        let json = serde_json::to_string_pretty(&m).unwrap();
+        assert_eq!(Manifest::from_json(&json).unwrap().digest(), m.digest());
+    }
+
+    #[test]
+    fn each_refusal_has_its_own_error() {
+        let m = Manifest::parse(QUICKSTART).unwrap();
+        let roster = roster();
+        let good = SignedManifest::sign(m.clone(), &id(20));
+        assert!(good.verify(&roster).is_ok());
+
+        let mut tampered = good.clone();
+        tampered.manifest.averaging.rounds += 1;
+        assert!(matches!(tampered.verify(&roster), Err(ManifestVerifyError::Signature(SignatureError::Invalid { .. }))));
+
+        let outsider = SignedManifest::sign(m.clone(), &id(99));
+        assert!(matches!(outsider.verify(&roster), Err(ManifestVerifyError::Signer(MembershipError::NotAMember(_)))));
+
+        let by_node = SignedManifest::sign(m.clone(), &id(10));
+        assert!(matches!(by_node.verify(&roster), Err(ManifestVerifyError::Signer(MembershipError::WrongRole { .. }))));
+
+        let by_revoked = SignedManifest::sign(m.clone(), &id(21));
+        assert!(matches!(by_revoked.verify(&roster), Err(ManifestVerifyError::Signer(MembershipError::Revoked { .. }))));
+
+        let other_domain = SignedManifest {
+            signature: id(20).sign(Domain::ProgressRecord, &m.canonical_bytes()),
+            ..good.clone()
+        };
+        assert!(matches!(
+            other_domain.verify(&roster),
+            Err(ManifestVerifyError::Signature(SignatureError::WrongDomain { actual: Domain::ProgressRecord, .. }))
+        ));
+
+        let mut foreign = m.clone();
+        foreign.consortium = "other".into();
+        let foreign = SignedManifest::sign(foreign, &id(20));
+        assert!(matches!(foreign.verify(&roster), Err(ManifestVerifyError::ConsortiumMismatch { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn manifests_round_trip(rounds in 1u32..10_000, lr_mantissa in 1u32..10_000, lr_exp in 4i32..9, seed in any::<u64>(), steps in 1u32..1000, fanout in 1u32..64) {
+            let mut m = Manifest::parse(QUICKSTART).unwrap();
+            m.averaging.rounds = rounds;
+            m.averaging.scheme = Scheme::Epidemic;
+            m.averaging.fanout = Some(fanout);
+            // Learning rates as researchers write them (TOML floats are decimal text).
+            m.training.learning_rate = format!("{lr_mantissa}e-{lr_exp}").parse().unwrap();
+            m.training.seed = seed;
+            m.training.local_epochs = None;
+            m.training.local_steps = Some(steps);
+            prop_assert!(m.validate().is_ok());
+            prop_assert_eq!(&Manifest::from_toml(&m.to_toml()).unwrap(), &m);
+            prop_assert_eq!(&Manifest::from_json(&serde_json::to_string(&m).unwrap()).unwrap(), &m);
+            let signed = SignedManifest::sign(m, &id(20));
+            let cfg = bincode::config::standard().with_limit::<{ 1 << 16 }>();
+            let bytes = bincode::serde::encode_to_vec(&signed, cfg).unwrap();
+            let (back, _): (SignedManifest, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+            prop_assert!(back.verify(&roster()).is_ok());
+        }
+
+        #[test]
+        fn manifest_parser_never_panics(text in ".{0,400}") {
+            let _ = Manifest::parse(&text);
+        }
+    }
+}
