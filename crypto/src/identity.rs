@@ -90,7 +90,7 @@ impl Identity {
 
     /// The public key that the roster lists for this member.
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(self.signing.verifying_key())
+        PublicKey(self.signing.verifying_key().to_bytes())
     }
 
     /// The libp2p peer id derived from the same key.
@@ -175,7 +175,8 @@ fn describe_foreign(line: &str) -> String {
 }
 
 fn read_hex_line<const N: usize>(line: Option<&str>, key: &str) -> Result<[u8; N], KeyFileError> {
-    let line = line.ok_or_else(|| KeyFileError::Truncated(format!("the `{key}` line is missing")))?;
+    let line =
+        line.ok_or_else(|| KeyFileError::Truncated(format!("the `{key}` line is missing")))?;
     let value = line
         .strip_prefix(key)
         .and_then(|rest| rest.trim_start().strip_prefix(':'))
@@ -211,20 +212,23 @@ fn read_hex_line<const N: usize>(line: Option<&str>, key: &str) -> Result<[u8; N
 
 /// A member's public key. Displayed and parsed as 64 lowercase hex digits; serialized as hex
 /// in human-readable formats (TOML, JSON) and as 32 raw bytes in bincode.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey(VerifyingKey);
+///
+/// Holds the 32 compressed bytes (checked to be a valid point when constructed), so it is
+/// small to copy, compare and hash; the point is decompressed only to verify.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; PUBLIC_KEY_LEN]);
 
 impl PublicKey {
     /// Parses 32 raw bytes, rejecting those that are not a point on the curve.
     pub fn from_bytes(bytes: &[u8; PUBLIC_KEY_LEN]) -> Result<Self, PublicKeyError> {
         VerifyingKey::from_bytes(bytes)
-            .map(Self)
+            .map(|_| Self(*bytes))
             .map_err(|_| PublicKeyError::InvalidPoint)
     }
 
     /// The 32 raw bytes.
     pub fn to_bytes(&self) -> [u8; PUBLIC_KEY_LEN] {
-        self.0.to_bytes()
+        self.0
     }
 
     /// The libp2p peer id of this key.
@@ -239,25 +243,15 @@ impl PublicKey {
         message: &[u8],
         signature: &Signature,
     ) -> Result<(), crate::signing::SignatureError> {
-        crate::signing::verify(&self.0, domain, message, signature)
-    }
-}
-
-impl PartialOrd for PublicKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for PublicKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.as_bytes().cmp(other.0.as_bytes())
+        let key = VerifyingKey::from_bytes(&self.0)
+            .map_err(|_| crate::signing::SignatureError::Invalid { domain })?;
+        crate::signing::verify(&key, domain, message, signature)
     }
 }
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0.as_bytes()))
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -321,16 +315,27 @@ mod tests {
     fn truncated_key_file_is_named_truncated() {
         let text = sample().to_key_file();
         // Cut in the middle of the secret, at the end of the secret line, and mid-public.
-        for cut in [text.find("secret").unwrap() + 20, text.find("public").unwrap(), text.len() - 10] {
+        for cut in [
+            text.find("secret").unwrap() + 20,
+            text.find("public").unwrap(),
+            text.len() - 10,
+        ] {
             let err = Identity::from_key_file(&text[..cut]).unwrap_err();
-            assert!(matches!(err, KeyFileError::Truncated(_)), "cut at {cut}: {err:?}");
+            assert!(
+                matches!(err, KeyFileError::Truncated(_)),
+                "cut at {cut}: {err:?}"
+            );
         }
-        assert!(matches!(Identity::from_key_file(""), Err(KeyFileError::Truncated(_))));
+        assert!(matches!(
+            Identity::from_key_file(""),
+            Err(KeyFileError::Truncated(_))
+        ));
     }
 
     #[test]
     fn foreign_formats_are_named() {
-        let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+        let pem =
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
         let err = Identity::from_key_file(pem).unwrap_err();
         assert!(err.to_string().contains("PEM"), "{err}");
         let psk = "/key/swarm/psk/1.0.0/\n/base16/\n00\n";

@@ -7,6 +7,9 @@
 //! * [`roster`]: the signed membership list, endorsed by a quorum of stewards.
 //! * [`NetworkKey`]: the 256-bit pre-shared key of the private libp2p network.
 //!
+//! Errors say what went wrong in their own text, including the cause (they expose no
+//! `source()` chain), so a single log line or `{err}` is complete.
+//!
 //! This crate is pure: no I/O, no async runtime. Reading and writing files (and their
 //! permissions) is the node's job; this crate parses and renders their contents.
 //!

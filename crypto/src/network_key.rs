@@ -80,7 +80,9 @@ impl FromStr for NetworkKey {
             return Err(NetworkKeyError::Truncated(lines.len()));
         };
         if *header != HEADER {
-            return Err(NetworkKeyError::WrongHeader(header.chars().take(40).collect()));
+            return Err(NetworkKeyError::WrongHeader(
+                header.chars().take(40).collect(),
+            ));
         }
         if *encoding != ENCODING {
             return Err(NetworkKeyError::UnsupportedEncoding(
@@ -125,17 +127,35 @@ mod tests {
 
     #[test]
     fn generated_keys_differ() {
-        assert_ne!(NetworkKey::generate().unwrap(), NetworkKey::generate().unwrap());
+        assert_ne!(
+            NetworkKey::generate().unwrap(),
+            NetworkKey::generate().unwrap()
+        );
     }
 
     #[test]
     fn each_defect_has_its_own_error() {
         let good = NetworkKey::from_bytes([9; 32]).to_key_file();
-        assert_eq!("/key/swarm/psk/1.0.0/\n".parse::<NetworkKey>(), Err(NetworkKeyError::Truncated(1)));
-        assert!(matches!(good.replace("psk", "xyz").parse::<NetworkKey>(), Err(NetworkKeyError::WrongHeader(_))));
-        assert!(matches!(good.replace("base16", "base64").parse::<NetworkKey>(), Err(NetworkKeyError::UnsupportedEncoding(_))));
-        assert_eq!(good[..good.len() - 3].parse::<NetworkKey>(), Err(NetworkKeyError::WrongLength(62)));
-        assert_eq!(good.replace("09", "zz").parse::<NetworkKey>(), Err(NetworkKeyError::NotHex));
+        assert_eq!(
+            "/key/swarm/psk/1.0.0/\n".parse::<NetworkKey>(),
+            Err(NetworkKeyError::Truncated(1))
+        );
+        assert!(matches!(
+            good.replace("psk", "xyz").parse::<NetworkKey>(),
+            Err(NetworkKeyError::WrongHeader(_))
+        ));
+        assert!(matches!(
+            good.replace("base16", "base64").parse::<NetworkKey>(),
+            Err(NetworkKeyError::UnsupportedEncoding(_))
+        ));
+        assert_eq!(
+            good[..good.len() - 3].parse::<NetworkKey>(),
+            Err(NetworkKeyError::WrongLength(62))
+        );
+        assert_eq!(
+            good.replace("09", "zz").parse::<NetworkKey>(),
+            Err(NetworkKeyError::NotHex)
+        );
     }
 
     #[test]

@@ -74,6 +74,9 @@ mod tests {
     fn printed_form_is_the_familiar_one() {
         let id = Identity::from_seed(&[1u8; 32]).peer_id();
         assert!(id.to_string().starts_with("12D3KooW"), "{id}");
-        assert_eq!(id.ed25519_public_key(), Identity::from_seed(&[1u8; 32]).public_key().to_bytes());
+        assert_eq!(
+            id.ed25519_public_key(),
+            Identity::from_seed(&[1u8; 32]).public_key().to_bytes()
+        );
     }
 }

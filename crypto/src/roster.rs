@@ -111,12 +111,12 @@ pub enum RosterError {
     #[error("roster is malformed: {0}")]
     Malformed(String),
     /// An endorsement from a steward does not verify.
-    #[error("endorsement by steward {steward} is invalid: {source}")]
+    #[error("endorsement by steward {steward} is invalid: {reason}")]
     BadEndorsement {
         /// The steward named in the endorsement.
         steward: PublicKey,
         /// Why the signature failed.
-        source: SignatureError,
+        reason: SignatureError,
     },
     /// Not enough distinct stewards endorsed it.
     #[error("roster v{version} has {valid} valid steward endorsement(s), {required} required")]
@@ -161,7 +161,9 @@ pub enum RosterError {
         key: PublicKey,
     },
     /// Two different, validly endorsed rosters claim the same version.
-    #[error("two different validly endorsed rosters claim version {version}; keeping the current roster")]
+    #[error(
+        "two different validly endorsed rosters claim version {version}; keeping the current roster"
+    )]
     Equivocation {
         /// The contested version.
         version: u64,
@@ -198,7 +200,11 @@ pub enum MembershipError {
 
 impl Roster {
     /// A first, empty roster (version 1) governed by `stewards` with `threshold`.
-    pub fn genesis(consortium: impl Into<String>, stewards: Vec<PublicKey>, threshold: u32) -> Self {
+    pub fn genesis(
+        consortium: impl Into<String>,
+        stewards: Vec<PublicKey>,
+        threshold: u32,
+    ) -> Self {
         Self {
             consortium: consortium.into(),
             version: 1,
@@ -298,7 +304,11 @@ impl Roster {
 
     /// Adds (or replaces the role and site of) a member.
     pub fn upsert_member(&mut self, member: Member) {
-        match self.members.iter_mut().find(|m| m.public_key == member.public_key) {
+        match self
+            .members
+            .iter_mut()
+            .find(|m| m.public_key == member.public_key)
+        {
             Some(existing) => *existing = member,
             None => self.members.push(member),
         }
@@ -341,12 +351,16 @@ impl SignedRoster {
     fn check_endorsed_by(&self, stewards: &[PublicKey], threshold: u32) -> Result<(), RosterError> {
         let bytes = self.roster.canonical_bytes();
         let mut valid = HashSet::new();
-        for e in self.endorsements.iter().filter(|e| stewards.contains(&e.steward)) {
+        for e in self
+            .endorsements
+            .iter()
+            .filter(|e| stewards.contains(&e.steward))
+        {
             e.steward
                 .verify(Domain::Roster, &bytes, &e.signature)
-                .map_err(|source| RosterError::BadEndorsement {
+                .map_err(|reason| RosterError::BadEndorsement {
                     steward: e.steward,
-                    source,
+                    reason,
                 })?;
             valid.insert(e.steward);
         }
@@ -362,7 +376,10 @@ impl SignedRoster {
 
     /// Trusts this roster as a node's starting point: it must be well formed, endorsed by a
     /// threshold of its own stewards, and match `pinned_digest` when one is configured.
-    pub fn into_genesis(self, pinned_digest: Option<&[u8; 32]>) -> Result<TrustedRoster, RosterError> {
+    pub fn into_genesis(
+        self,
+        pinned_digest: Option<&[u8; 32]>,
+    ) -> Result<TrustedRoster, RosterError> {
         self.roster.check()?;
         if let Some(expected) = pinned_digest {
             let actual = self.roster.digest();
@@ -473,16 +490,32 @@ mod tests {
 
     /// Consortium with stewards 1,2,3 (threshold 2), node 10, researcher 20.
     fn genesis() -> TrustedRoster {
-        let mut roster = Roster::genesis("acme-rad", vec![id(1).public_key(), id(2).public_key(), id(3).public_key()], 2);
-        roster.upsert_member(Member { public_key: id(10).public_key(), role: Role::Node, site: "site-a".into() });
-        roster.upsert_member(Member { public_key: id(20).public_key(), role: Role::Researcher, site: "lab".into() });
+        let mut roster = Roster::genesis(
+            "acme-rad",
+            vec![id(1).public_key(), id(2).public_key(), id(3).public_key()],
+            2,
+        );
+        roster.upsert_member(Member {
+            public_key: id(10).public_key(),
+            role: Role::Node,
+            site: "site-a".into(),
+        });
+        roster.upsert_member(Member {
+            public_key: id(20).public_key(),
+            role: Role::Researcher,
+            site: "lab".into(),
+        });
         let mut signed = SignedRoster::unsigned(roster);
         signed.endorse(&id(1));
         signed.endorse(&id(2));
         signed.into_genesis(None).unwrap()
     }
 
-    fn successor(of: &TrustedRoster, edit: impl FnOnce(&mut Roster), endorsers: &[u8]) -> SignedRoster {
+    fn successor(
+        of: &TrustedRoster,
+        edit: impl FnOnce(&mut Roster),
+        endorsers: &[u8],
+    ) -> SignedRoster {
         let mut roster = of.roster().clone();
         roster.version += 1;
         edit(&mut roster);
@@ -497,11 +530,23 @@ mod tests {
     fn authorization_names_each_failure() {
         let mut g = genesis();
         assert!(g.authorize(&id(20).public_key(), Role::Researcher).is_ok());
-        assert!(matches!(g.authorize(&id(99).public_key(), Role::Node), Err(MembershipError::NotAMember(_))));
-        assert!(matches!(g.authorize(&id(10).public_key(), Role::Researcher), Err(MembershipError::WrongRole { .. })));
-        let next = successor(&g, |r| r.revoke(id(20).public_key(), "laptop stolen"), &[1, 3]);
+        assert!(matches!(
+            g.authorize(&id(99).public_key(), Role::Node),
+            Err(MembershipError::NotAMember(_))
+        ));
+        assert!(matches!(
+            g.authorize(&id(10).public_key(), Role::Researcher),
+            Err(MembershipError::WrongRole { .. })
+        ));
+        let next = successor(
+            &g,
+            |r| r.revoke(id(20).public_key(), "laptop stolen"),
+            &[1, 3],
+        );
         g = g.accept_update(&next).unwrap();
-        let err = g.authorize(&id(20).public_key(), Role::Researcher).unwrap_err();
+        let err = g
+            .authorize(&id(20).public_key(), Role::Researcher)
+            .unwrap_err();
         assert!(err.to_string().contains("laptop stolen"), "{err}");
     }
 
@@ -512,18 +557,28 @@ mod tests {
         one.endorsements.truncate(1);
         assert_eq!(
             one.into_genesis(None).unwrap_err(),
-            RosterError::InsufficientEndorsements { version: 1, valid: 1, required: 2 }
+            RosterError::InsufficientEndorsements {
+                version: 1,
+                valid: 1,
+                required: 2
+            }
         );
         let digest = g.roster().digest();
         assert!(g.signed().clone().into_genesis(Some(&digest)).is_ok());
-        assert!(matches!(g.signed().clone().into_genesis(Some(&[0; 32])), Err(RosterError::DigestMismatch { .. })));
+        assert!(matches!(
+            g.signed().clone().into_genesis(Some(&[0; 32])),
+            Err(RosterError::DigestMismatch { .. })
+        ));
     }
 
     #[test]
     fn tampered_roster_fails_its_endorsement() {
         let mut signed = genesis().signed().clone();
         signed.roster.members[0].role = Role::Researcher;
-        assert!(matches!(signed.into_genesis(None), Err(RosterError::BadEndorsement { .. })));
+        assert!(matches!(
+            signed.into_genesis(None),
+            Err(RosterError::BadEndorsement { .. })
+        ));
     }
 
     #[test]
@@ -531,41 +586,122 @@ mod tests {
         let g = genesis();
         // Endorsed by members who are not stewards: refused.
         let by_members = successor(&g, |r| r.version += 0, &[10, 20]);
-        assert!(matches!(g.accept_update(&by_members), Err(RosterError::InsufficientEndorsements { valid: 0, .. })));
+        assert!(matches!(
+            g.accept_update(&by_members),
+            Err(RosterError::InsufficientEndorsements { valid: 0, .. })
+        ));
         // A new steward set endorsing itself is not enough: the current stewards must agree.
-        let takeover = successor(&g, |r| { r.stewards = vec![id(50).public_key()]; r.threshold = 1; }, &[50]);
+        let takeover = successor(
+            &g,
+            |r| {
+                r.stewards = vec![id(50).public_key()];
+                r.threshold = 1;
+            },
+            &[50],
+        );
         assert!(g.accept_update(&takeover).is_err());
-        let ok = successor(&g, |r| r.upsert_member(Member { public_key: id(11).public_key(), role: Role::Node, site: "site-b".into() }), &[2, 3]);
+        let ok = successor(
+            &g,
+            |r| {
+                r.upsert_member(Member {
+                    public_key: id(11).public_key(),
+                    role: Role::Node,
+                    site: "site-b".into(),
+                })
+            },
+            &[2, 3],
+        );
         assert_eq!(g.accept_update(&ok).unwrap().roster().version, 2);
-        assert!(matches!(g.accept_update(g.signed()), Err(RosterError::NotNewer { .. })));
+        assert!(matches!(
+            g.accept_update(g.signed()),
+            Err(RosterError::NotNewer { .. })
+        ));
     }
 
     #[test]
     fn revocations_are_permanent() {
         let g = genesis();
-        let v2 = g.accept_update(&successor(&g, |r| r.revoke(id(10).public_key(), "decommissioned"), &[1, 2])).unwrap();
-        let readmit = successor(&v2, |r| { r.revoked.clear(); r.upsert_member(Member { public_key: id(10).public_key(), role: Role::Node, site: "site-a".into() }); }, &[1, 2]);
-        assert!(matches!(v2.accept_update(&readmit), Err(RosterError::RevocationDropped { .. })));
+        let v2 = g
+            .accept_update(&successor(
+                &g,
+                |r| r.revoke(id(10).public_key(), "decommissioned"),
+                &[1, 2],
+            ))
+            .unwrap();
+        let readmit = successor(
+            &v2,
+            |r| {
+                r.revoked.clear();
+                r.upsert_member(Member {
+                    public_key: id(10).public_key(),
+                    role: Role::Node,
+                    site: "site-a".into(),
+                });
+            },
+            &[1, 2],
+        );
+        assert!(matches!(
+            v2.accept_update(&readmit),
+            Err(RosterError::RevocationDropped { .. })
+        ));
     }
 
     #[test]
     fn advance_walks_versions_and_refuses_equivocation() {
         let g = genesis();
-        let v2 = successor(&g, |r| r.upsert_member(Member { public_key: id(11).public_key(), role: Role::Node, site: "b".into() }), &[1, 2]);
+        let v2 = successor(
+            &g,
+            |r| {
+                r.upsert_member(Member {
+                    public_key: id(11).public_key(),
+                    role: Role::Node,
+                    site: "b".into(),
+                })
+            },
+            &[1, 2],
+        );
         let t2 = g.accept_update(&v2).unwrap();
         // v3 changes the stewards; v4 is endorsed only by the new stewards.
-        let v3 = successor(&t2, |r| { r.stewards = vec![id(4).public_key(), id(5).public_key()]; r.threshold = 1; }, &[1, 3]);
+        let v3 = successor(
+            &t2,
+            |r| {
+                r.stewards = vec![id(4).public_key(), id(5).public_key()];
+                r.threshold = 1;
+            },
+            &[1, 3],
+        );
         let t3 = t2.accept_update(&v3).unwrap();
-        let v4 = successor(&t3, |r| r.upsert_member(Member { public_key: id(12).public_key(), role: Role::Node, site: "c".into() }), &[5]);
+        let v4 = successor(
+            &t3,
+            |r| {
+                r.upsert_member(Member {
+                    public_key: id(12).public_key(),
+                    role: Role::Node,
+                    site: "c".into(),
+                })
+            },
+            &[5],
+        );
         // Out of order, with a stale duplicate: lands on v4.
-        let (newest, refused) = g.advance(&[v4.clone(), v2.clone(), v3.clone(), g.signed().clone()]);
+        let (newest, refused) =
+            g.advance(&[v4.clone(), v2.clone(), v3.clone(), g.signed().clone()]);
         assert_eq!(newest.roster().version, 4);
         assert_eq!(refused.len(), 1, "{refused:?}");
         // Skipping v3 means v4 is endorsed by stewards v2 does not know: stays at v2.
         let (stuck, _) = g.advance(&[v2.clone(), v4]);
         assert_eq!(stuck.roster().version, 2);
         // Two different validly endorsed v2s.
-        let other_v2 = successor(&g, |r| r.upsert_member(Member { public_key: id(13).public_key(), role: Role::Node, site: "d".into() }), &[2, 3]);
+        let other_v2 = successor(
+            &g,
+            |r| {
+                r.upsert_member(Member {
+                    public_key: id(13).public_key(),
+                    role: Role::Node,
+                    site: "d".into(),
+                })
+            },
+            &[2, 3],
+        );
         let (kept, refused) = g.advance(&[v2, other_v2]);
         assert_eq!(kept.roster().version, 1);
         assert!(refused.contains(&RosterError::Equivocation { version: 2 }));
@@ -589,7 +725,10 @@ mod tests {
         (
             "[a-z][a-z0-9-]{0,20}",
             1u64..1_000_000,
-            proptest::collection::vec((any::<[u8; 32]>(), any::<bool>(), "[a-z][a-z ]{0,11}"), 0..8),
+            proptest::collection::vec(
+                (any::<[u8; 32]>(), any::<bool>(), "[a-z][a-z ]{0,11}"),
+                0..8,
+            ),
         )
             .prop_map(|(name, version, members)| {
                 let mut r = Roster::genesis(name, vec![id(1).public_key()], 1);
@@ -597,7 +736,11 @@ mod tests {
                 for (seed, researcher, site) in members {
                     r.upsert_member(Member {
                         public_key: Identity::from_seed(&seed).public_key(),
-                        role: if researcher { Role::Researcher } else { Role::Node },
+                        role: if researcher {
+                            Role::Researcher
+                        } else {
+                            Role::Node
+                        },
                         site,
                     });
                 }

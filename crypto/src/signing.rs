@@ -110,9 +110,9 @@ impl<'de> Deserialize<'de> for Signature {
             // Bounded: bincode callers decode with a byte limit, and the length is checked next.
             serde_bytes_vec(deserializer)?
         };
-        let array: [u8; 64] = bytes
-            .try_into()
-            .map_err(|v: Vec<u8>| D::Error::custom(format!("signature has {} bytes, expected 64", v.len())))?;
+        let array: [u8; 64] = bytes.try_into().map_err(|v: Vec<u8>| {
+            D::Error::custom(format!("signature has {} bytes, expected 64", v.len()))
+        })?;
         Ok(Signature(array))
     }
 }

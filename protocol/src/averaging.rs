@@ -27,7 +27,9 @@ pub enum AveragingError {
         expected: usize,
     },
     /// A weight that is negative, NaN or infinite, or weights summing to zero.
-    #[error("weight {weight} of input {index} is not a finite non-negative number (or all weights are zero)")]
+    #[error(
+        "weight {weight} of input {index} is not a finite non-negative number (or all weights are zero)"
+    )]
     BadWeight {
         /// Offending input.
         index: usize,
@@ -39,11 +41,18 @@ pub enum AveragingError {
     BadGraph(String),
 }
 
-fn check_lengths(inputs: impl Iterator<Item = usize>, expected: usize) -> Result<usize, AveragingError> {
+fn check_lengths(
+    inputs: impl Iterator<Item = usize>,
+    expected: usize,
+) -> Result<usize, AveragingError> {
     let mut count = 0;
     for (index, len) in inputs.enumerate() {
         if len != expected {
-            return Err(AveragingError::LengthMismatch { index, len, expected });
+            return Err(AveragingError::LengthMismatch {
+                index,
+                len,
+                expected,
+            });
         }
         count += 1;
     }
@@ -71,7 +80,10 @@ pub fn weighted_mean(inputs: &[(&[f32], f64)], out: &mut [f32]) -> Result<(), Av
         total += w;
     }
     if total <= 0.0 {
-        return Err(AveragingError::BadWeight { index: 0, weight: 0.0 });
+        return Err(AveragingError::BadWeight {
+            index: 0,
+            weight: 0.0,
+        });
     }
     let coefficients: Vec<f32> = inputs.iter().map(|(_, w)| (w / total) as f32).collect();
     for (start, out_block) in (0..).step_by(BLOCK).zip(out.chunks_mut(BLOCK)) {
@@ -195,19 +207,28 @@ impl PushSum {
 /// `W_ij = 1 / (1 + max(d_i, d_j))` for each edge, `W_ii = 1 - sum_j W_ij`. The matrix is
 /// symmetric and doubly stochastic, so repeated neighbour averaging converges to the mean.
 /// Returns, per node, `(neighbour, weight)` pairs with the node itself first.
-pub fn metropolis_hastings_weights(adjacency: &[Vec<usize>]) -> Result<Vec<Vec<(usize, f64)>>, AveragingError> {
+pub fn metropolis_hastings_weights(
+    adjacency: &[Vec<usize>],
+) -> Result<Vec<Vec<(usize, f64)>>, AveragingError> {
     let n = adjacency.len();
-    let sets: Vec<BTreeSet<usize>> = adjacency.iter().map(|a| a.iter().copied().collect()).collect();
+    let sets: Vec<BTreeSet<usize>> = adjacency
+        .iter()
+        .map(|a| a.iter().copied().collect())
+        .collect();
     for (i, neighbours) in sets.iter().enumerate() {
         for &j in neighbours {
             if j >= n {
-                return Err(AveragingError::BadGraph(format!("node {i} lists node {j}, but there are only {n}")));
+                return Err(AveragingError::BadGraph(format!(
+                    "node {i} lists node {j}, but there are only {n}"
+                )));
             }
             if j == i {
                 return Err(AveragingError::BadGraph(format!("node {i} lists itself")));
             }
             if !sets[j].contains(&i) {
-                return Err(AveragingError::BadGraph(format!("edge {i}->{j} has no {j}->{i}")));
+                return Err(AveragingError::BadGraph(format!(
+                    "edge {i}->{j} has no {j}->{i}"
+                )));
             }
         }
     }
@@ -274,9 +295,18 @@ mod tests {
         let x = [1.0f32; 3];
         let mut out = [0.0; 3];
         assert_eq!(weighted_mean(&[], &mut out), Err(AveragingError::NoInputs));
-        assert!(matches!(weighted_mean(&[(&x[..2], 1.0)], &mut out), Err(AveragingError::LengthMismatch { .. })));
-        assert!(matches!(weighted_mean(&[(&x[..], f64::NAN)], &mut out), Err(AveragingError::BadWeight { .. })));
-        assert!(matches!(weighted_mean(&[(&x[..], 0.0)], &mut out), Err(AveragingError::BadWeight { .. })));
+        assert!(matches!(
+            weighted_mean(&[(&x[..2], 1.0)], &mut out),
+            Err(AveragingError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            weighted_mean(&[(&x[..], f64::NAN)], &mut out),
+            Err(AveragingError::BadWeight { .. })
+        ));
+        assert!(matches!(
+            weighted_mean(&[(&x[..], 0.0)], &mut out),
+            Err(AveragingError::BadWeight { .. })
+        ));
     }
 
     #[test]
@@ -294,7 +324,11 @@ mod tests {
         let xs = [vec![0.0f32], vec![10.0], vec![4.0], vec![2.0]];
         let weights = [1.0, 1.0, 2.0, 4.0];
         let truth = (0.0 + 10.0 + 8.0 + 8.0) / 8.0;
-        let mut nodes: Vec<PushSum> = xs.iter().zip(weights).map(|(x, w)| PushSum::new(x, w).unwrap()).collect();
+        let mut nodes: Vec<PushSum> = xs
+            .iter()
+            .zip(weights)
+            .map(|(x, w)| PushSum::new(x, w).unwrap())
+            .collect();
         for round in 0..60 {
             for i in 0..4 {
                 let share = nodes[i].split(1).remove(0);
@@ -323,8 +357,8 @@ mod tests {
             let row: f64 = dense[i].iter().sum();
             let col: f64 = dense.iter().map(|r| r[i]).sum();
             assert!((row - 1.0).abs() < 1e-12 && (col - 1.0).abs() < 1e-12);
-            for j in 0..4 {
-                assert!((dense[i][j] - dense[j][i]).abs() < 1e-12);
+            for (j, other) in dense.iter().enumerate() {
+                assert!((dense[i][j] - other[i]).abs() < 1e-12);
                 assert!(dense[i][j] >= 0.0);
             }
         }

@@ -28,7 +28,9 @@ pub enum WeightEncoding {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {
     /// Its length does not match the parameter count and encoding.
-    #[error("payload has {actual} bytes, but {expected} are needed for {params} parameters as {encoding:?}")]
+    #[error(
+        "payload has {actual} bytes, but {expected} are needed for {params} parameters as {encoding:?}"
+    )]
     WrongLength {
         /// The parameter count.
         params: u64,
@@ -57,20 +59,47 @@ impl WeightEncoding {
         }
     }
 
-    /// Writes `values` as a payload.
+    /// Writes `values` as a payload into a fresh vector.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(values, &mut out);
+        out
+    }
+
+    /// Writes `values` as a payload into `out` (cleared first), reusing its allocation.
+    pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve_exact(self.payload_len(values.len() as u64) as usize);
         match self {
-            WeightEncoding::F32 => encode_f32(values),
-            WeightEncoding::F16 => values
-                .iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                .collect(),
-            WeightEncoding::Int8 => encode_int8(values),
+            WeightEncoding::F32 => out.extend_from_slice(f32_le_bytes(values).as_ref()),
+            WeightEncoding::F16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
+            ),
+            WeightEncoding::Int8 => encode_int8(values, out),
+        }
+    }
+
+    /// The payload of `values`: on little-endian machines an f32 payload *is* the weights'
+    /// memory, so it is borrowed without a copy; other encodings are written into `scratch`.
+    pub fn payload<'a>(self, values: &'a [f32], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        match (self, f32_le_bytes(values)) {
+            (WeightEncoding::F32, std::borrow::Cow::Borrowed(bytes)) => bytes,
+            _ => {
+                self.encode_into(values, scratch);
+                scratch
+            }
         }
     }
 
     /// Reads a payload of `params` values into `out` (cleared first).
-    pub fn decode_into(self, payload: &[u8], params: u64, out: &mut Vec<f32>) -> Result<(), PayloadError> {
+    pub fn decode_into(
+        self,
+        payload: &[u8],
+        params: u64,
+        out: &mut Vec<f32>,
+    ) -> Result<(), PayloadError> {
         let expected = self.payload_len(params);
         if payload.len() as u64 != expected {
             return Err(PayloadError::WrongLength {
@@ -83,16 +112,7 @@ impl WeightEncoding {
         out.clear();
         out.reserve_exact(params as usize);
         match self {
-            WeightEncoding::F32 => out.extend(
-                payload
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            ),
-            WeightEncoding::F16 => out.extend(
-                payload
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
+            WeightEncoding::F32 | WeightEncoding::F16 => self.decode_elementwise(payload, out),
             WeightEncoding::Int8 => decode_int8(payload, params as usize, out)?,
         }
         Ok(())
@@ -104,20 +124,45 @@ impl WeightEncoding {
         self.decode_into(payload, params, &mut out)?;
         Ok(out)
     }
-}
 
-fn encode_f32(values: &[f32]) -> Vec<u8> {
-    if cfg!(target_endian = "little") {
-        // The in-memory representation already is the wire format: one memcpy.
-        bytemuck::cast_slice(values).to_vec()
-    } else {
-        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    /// Bytes per value for encodings without side data (f32, f16); `None` for int8.
+    pub fn element_size(self) -> Option<usize> {
+        match self {
+            WeightEncoding::F32 => Some(4),
+            WeightEncoding::F16 => Some(2),
+            WeightEncoding::Int8 => None,
+        }
+    }
+
+    /// Appends the values of `bytes` (whole elements of an f32 or f16 payload) to `out`, so a
+    /// receiver can decode chunk by chunk while the chunk is still in cache. Trailing partial
+    /// elements are ignored; int8 payloads are not element-wise and append nothing.
+    pub fn decode_elementwise(self, bytes: &[u8], out: &mut Vec<f32>) {
+        match self {
+            WeightEncoding::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            WeightEncoding::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            WeightEncoding::Int8 => {}
+        }
     }
 }
 
-fn encode_int8(values: &[f32]) -> Vec<u8> {
-    let blocks = values.len().div_ceil(INT8_BLOCK);
-    let mut out = Vec::with_capacity(blocks * 4 + values.len());
+fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+fn encode_int8(values: &[f32], out: &mut Vec<u8>) {
     let scales: Vec<f32> = values
         .chunks(INT8_BLOCK)
         .map(|block| {
@@ -133,15 +178,22 @@ fn encode_int8(values: &[f32]) -> Vec<u8> {
     }
     for (block, scale) in values.chunks(INT8_BLOCK).zip(&scales) {
         let inv = if *scale > 0.0 { 1.0 / scale } else { 0.0 };
-        out.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8));
+        out.extend(
+            block
+                .iter()
+                .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
     }
-    out
 }
 
 fn decode_int8(payload: &[u8], params: usize, out: &mut Vec<f32>) -> Result<(), PayloadError> {
     let blocks = params.div_ceil(INT8_BLOCK);
     let (scales, quantized) = payload.split_at(blocks * 4);
-    for (i, (s, block)) in scales.chunks_exact(4).zip(quantized.chunks(INT8_BLOCK)).enumerate() {
+    for (i, (s, block)) in scales
+        .chunks_exact(4)
+        .zip(quantized.chunks(INT8_BLOCK))
+        .enumerate()
+    {
         let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
         if !scale.is_finite() || scale < 0.0 {
             return Err(PayloadError::BadScale { block: i });
@@ -180,15 +232,39 @@ mod tests {
     }
 
     #[test]
+    fn f32_payload_is_borrowed_and_equals_the_encoding() {
+        let values = [1.5f32, -2.0, 3.25];
+        let mut scratch = Vec::new();
+        let payload = WeightEncoding::F32.payload(&values, &mut scratch);
+        assert_eq!(payload, WeightEncoding::F32.encode(&values).as_slice());
+        let half = WeightEncoding::F16.encode(&values);
+        assert_eq!(
+            WeightEncoding::F16.payload(&values, &mut scratch),
+            half.as_slice()
+        );
+    }
+
+    #[test]
     fn wrong_length_is_reported_before_decoding() {
         let err = WeightEncoding::F32.decode(&[0u8; 7], 2).unwrap_err();
-        assert_eq!(err, PayloadError::WrongLength { params: 2, encoding: WeightEncoding::F32, expected: 8, actual: 7 });
+        assert_eq!(
+            err,
+            PayloadError::WrongLength {
+                params: 2,
+                encoding: WeightEncoding::F32,
+                expected: 8,
+                actual: 7
+            }
+        );
     }
 
     #[test]
     fn nan_scale_is_rejected() {
         let mut payload = WeightEncoding::Int8.encode(&[1.0; 10]);
         payload[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-        assert_eq!(WeightEncoding::Int8.decode(&payload, 10), Err(PayloadError::BadScale { block: 0 }));
+        assert_eq!(
+            WeightEncoding::Int8.decode(&payload, 10),
+            Err(PayloadError::BadScale { block: 0 })
+        );
     }
 }

@@ -8,7 +8,7 @@
 use medmesh_crypto::{Domain, Identity, PublicKey, Signature, SignatureError};
 use serde::{Deserialize, Serialize};
 
-use crate::encoding::WeightEncoding;
+use crate::encoding::{PayloadError, WeightEncoding};
 use crate::layout::ParamLayout;
 
 /// Default payload chunk size: 1 MiB.
@@ -73,7 +73,7 @@ pub struct UpdateExpectation<'a> {
 pub enum UpdateError {
     /// The envelope's signature does not verify.
     #[error("update signature rejected: {0}")]
-    Signature(#[from] SignatureError),
+    Signature(SignatureError),
     /// For another experiment or manifest version.
     #[error("update is for experiment {got:?}, expected {expected:?} (or its manifest differs)")]
     WrongExperiment {
@@ -83,7 +83,9 @@ pub enum UpdateError {
         got: String,
     },
     /// The layout digest or parameter count does not match the local model.
-    #[error("update layout does not match: expected {expected_params} parameters with layout {expected_digest}, got {got_params} with {got_digest}")]
+    #[error(
+        "update layout does not match: expected {expected_params} parameters with layout {expected_digest}, got {got_params} with {got_digest}"
+    )]
     LayoutMismatch {
         /// Local parameter count.
         expected_params: u64,
@@ -110,14 +112,19 @@ pub enum UpdateError {
         /// What layout and encoding imply.
         expected: u64,
     },
-    /// Chunk size out of range.
-    #[error("chunk size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
+    /// Chunk size out of range or not a multiple of 4.
+    #[error("chunk size {0} must be a multiple of 4 in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
     BadChunkSize(u32),
+    /// The payload hashed correctly but does not decode (e.g. a NaN int8 scale).
+    #[error("payload does not decode: {0}")]
+    Payload(PayloadError),
     /// Sample weight NaN, infinite, or not positive.
     #[error("sample weight {0} must be a positive finite number")]
     BadSampleWeight(f64),
     /// A chunk arrived at the wrong offset or with the wrong length.
-    #[error("chunk at offset {offset} with {len} bytes is out of place (expected offset {expected_offset}, {expected_len} bytes)")]
+    #[error(
+        "chunk at offset {offset} with {len} bytes is out of place (expected offset {expected_offset}, {expected_len} bytes)"
+    )]
     ChunkOutOfPlace {
         /// Offered offset.
         offset: u64,
@@ -139,6 +146,12 @@ pub enum UpdateError {
     /// The payload's hash does not match the signed envelope.
     #[error("payload hash mismatch: the payload was altered in transit or by its sender")]
     HashMismatch,
+}
+
+impl From<SignatureError> for UpdateError {
+    fn from(e: SignatureError) -> Self {
+        Self::Signature(e)
+    }
 }
 
 impl UpdateHeader {
@@ -165,9 +178,11 @@ impl UpdateEnvelope {
 
     /// Verifies the sender's signature.
     pub fn verify_signature(&self) -> Result<(), SignatureError> {
-        self.header
-            .sender
-            .verify(Domain::UpdateEnvelope, &self.header.canonical_bytes(), &self.signature)
+        self.header.sender.verify(
+            Domain::UpdateEnvelope,
+            &self.header.canonical_bytes(),
+            &self.signature,
+        )
     }
 
     /// Checks signature and every field against what the receiver expects. Cheap: run it
@@ -202,7 +217,9 @@ impl UpdateEnvelope {
                 expected: expected_len,
             });
         }
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&h.chunk_size) {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&h.chunk_size)
+            || !h.chunk_size.is_multiple_of(4)
+        {
             return Err(UpdateError::BadChunkSize(h.chunk_size));
         }
         if !(h.sample_weight.is_finite() && h.sample_weight > 0.0) {
@@ -217,10 +234,22 @@ fn hex_prefix(digest: &[u8; 32]) -> String {
     digest[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// BLAKE3 of a payload. Large payloads are hashed with BLAKE3's SIMD tree mode, which is
-/// what makes hashing cheaper than copying.
+/// Payloads at least this large are hashed on all cores (BLAKE3's tree mode parallelizes).
+const PARALLEL_HASH_MIN: usize = 128 << 10;
+
+/// BLAKE3 of a payload.
 pub fn hash_payload(payload: &[u8]) -> blake3::Hash {
-    blake3::hash(payload)
+    let mut hasher = blake3::Hasher::new();
+    hash_update(&mut hasher, payload);
+    hasher.finalize()
+}
+
+fn hash_update(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+    if bytes.len() >= PARALLEL_HASH_MIN {
+        hasher.update_rayon(bytes);
+    } else {
+        hasher.update(bytes);
+    }
 }
 
 /// Splits a payload into `(offset, bytes)` chunks of `chunk_size`.
@@ -232,46 +261,71 @@ pub fn chunks(payload: &[u8], chunk_size: u32) -> impl Iterator<Item = (u64, &[u
         .map(move |(i, c)| ((i * size) as u64, c))
 }
 
-/// Receives a payload chunk by chunk for a checked envelope.
+/// Receives a payload chunk by chunk for a checked envelope, hashing and decoding each chunk
+/// while it is still in cache.
 ///
 /// Memory is reserved once, for exactly the size that the *receiver's own* layout and
-/// encoding imply (checked by [`UpdateEnvelope::check`]), never for what a peer claims.
-/// After a dropped connection, ask the sender to resume at [`PayloadAssembler::received`].
+/// encoding imply (checked by [`UpdateEnvelope::check`]), never for what a peer claims; the
+/// output vector can be recycled from an earlier transfer. Decoded values are handed out only
+/// by [`PayloadAssembler::finish`], after the hash matched. After a dropped connection, ask the
+/// sender to resume at [`PayloadAssembler::received`].
 #[derive(Debug)]
 pub struct PayloadAssembler {
     expected_len: u64,
     chunk_size: u32,
+    params: u64,
+    encoding: WeightEncoding,
     expected_hash: [u8; 32],
-    buffer: Vec<u8>,
+    hasher: blake3::Hasher,
+    received: u64,
+    /// Decoded values (f32, f16 payloads).
+    values: Vec<f32>,
+    /// Raw bytes of payloads that only decode whole (int8: scales come first).
+    raw: Vec<u8>,
 }
 
 impl PayloadAssembler {
-    /// Starts receiving the payload of `envelope`, which must already have passed
-    /// [`UpdateEnvelope::check`] against `expect`.
-    pub fn new(envelope: &UpdateEnvelope, expect: &UpdateExpectation<'_>) -> Result<Self, UpdateError> {
+    /// Starts receiving the payload of `envelope`; checks it against `expect` first.
+    /// `recycled` is any vector to reuse for the output (its contents are discarded).
+    pub fn new(
+        envelope: &UpdateEnvelope,
+        expect: &UpdateExpectation<'_>,
+        mut recycled: Vec<f32>,
+    ) -> Result<Self, UpdateError> {
         envelope.check(expect)?;
         let h = &envelope.header;
+        recycled.clear();
+        recycled.reserve_exact(h.num_params as usize);
+        let raw = match h.encoding.element_size() {
+            Some(_) => Vec::new(),
+            None => Vec::with_capacity(h.payload_len as usize),
+        };
         Ok(Self {
             expected_len: h.payload_len,
             chunk_size: h.chunk_size,
+            params: h.num_params,
+            encoding: h.encoding,
             expected_hash: h.payload_hash,
-            buffer: Vec::with_capacity(h.payload_len as usize),
+            hasher: blake3::Hasher::new(),
+            received: 0,
+            values: recycled,
+            raw,
         })
     }
 
     /// Bytes received so far: the offset to resume from.
     pub fn received(&self) -> u64 {
-        self.buffer.len() as u64
+        self.received
     }
 
     /// Whether every byte has arrived.
     pub fn is_complete(&self) -> bool {
-        self.received() == self.expected_len
+        self.received == self.expected_len
     }
 
-    /// Appends the chunk at `offset`. Chunks must arrive in order with the declared size.
+    /// Takes the chunk at `offset`. Chunks must arrive in order with the declared size.
     pub fn push(&mut self, offset: u64, bytes: &[u8]) -> Result<(), UpdateError> {
-        let expected_offset = self.received();
+        let expected_offset = self.received;
         let expected_len = u64::from(self.chunk_size).min(self.expected_len - expected_offset);
         if offset != expected_offset || bytes.len() as u64 != expected_len || expected_len == 0 {
             return Err(UpdateError::ChunkOutOfPlace {
@@ -281,22 +335,43 @@ impl PayloadAssembler {
                 expected_len,
             });
         }
-        self.buffer.extend_from_slice(bytes);
+        let (hasher, encoding) = (&mut self.hasher, self.encoding);
+        match encoding.element_size() {
+            // Hash on one core while the other decodes; chunk sizes are multiples of 4
+            // (checked), so every chunk holds whole elements.
+            Some(_) => {
+                let values = &mut self.values;
+                rayon_core::join(
+                    || hasher.update_rayon(bytes),
+                    || encoding.decode_elementwise(bytes, values),
+                );
+            }
+            None => {
+                hash_update(hasher, bytes);
+                self.raw.extend_from_slice(bytes);
+            }
+        }
+        self.received += expected_len;
         Ok(())
     }
 
-    /// Checks completeness and the hash, and hands over the payload.
-    pub fn finish(self) -> Result<Vec<u8>, UpdateError> {
+    /// Checks completeness and the hash, and hands over the decoded weights.
+    pub fn finish(mut self) -> Result<Vec<f32>, UpdateError> {
         if !self.is_complete() {
             return Err(UpdateError::Incomplete {
-                received: self.received(),
+                received: self.received,
                 expected: self.expected_len,
             });
         }
-        if *hash_payload(&self.buffer).as_bytes() != self.expected_hash {
+        if *self.hasher.finalize().as_bytes() != self.expected_hash {
             return Err(UpdateError::HashMismatch);
         }
-        Ok(self.buffer)
+        if self.encoding.element_size().is_none() {
+            self.encoding
+                .decode_into(&self.raw, self.params, &mut self.values)
+                .map_err(UpdateError::Payload)?;
+        }
+        Ok(self.values)
     }
 }
 
@@ -307,12 +382,26 @@ mod tests {
     use proptest::prelude::*;
 
     fn layout(n: u64) -> ParamLayout {
-        ParamLayout { tensors: vec![TensorSpec { name: "w".into(), shape: vec![n], dtype: DType::F32 }] }
+        ParamLayout {
+            tensors: vec![TensorSpec {
+                name: "w".into(),
+                shape: vec![n],
+                dtype: DType::F32,
+            }],
+        }
     }
 
     fn sealed(values: &[f32], chunk_size: u32) -> (UpdateEnvelope, Vec<u8>) {
+        sealed_as(values, chunk_size, WeightEncoding::F32)
+    }
+
+    fn sealed_as(
+        values: &[f32],
+        chunk_size: u32,
+        encoding: WeightEncoding,
+    ) -> (UpdateEnvelope, Vec<u8>) {
         let sender = Identity::from_seed(&[5; 32]);
-        let payload = WeightEncoding::F32.encode(values);
+        let payload = encoding.encode(values);
         let header = UpdateHeader {
             experiment_id: "exp".into(),
             manifest_digest: [1; 32],
@@ -320,7 +409,7 @@ mod tests {
             sender: sender.public_key(),
             layout_digest: layout(values.len() as u64).digest(),
             num_params: values.len() as u64,
-            encoding: WeightEncoding::F32,
+            encoding,
             sample_weight: 120.0,
             payload_len: 0,
             payload_hash: [0; 32],
@@ -330,11 +419,20 @@ mod tests {
     }
 
     fn expect(layout: &ParamLayout) -> UpdateExpectation<'_> {
-        UpdateExpectation { experiment_id: "exp", manifest_digest: &[1; 32], layout, encoding: WeightEncoding::F32 }
+        UpdateExpectation {
+            experiment_id: "exp",
+            manifest_digest: &[1; 32],
+            layout,
+            encoding: WeightEncoding::F32,
+        }
     }
 
-    fn receive(env: &UpdateEnvelope, payload: &[u8], l: &ParamLayout) -> Result<Vec<u8>, UpdateError> {
-        let mut asm = PayloadAssembler::new(env, &expect(l))?;
+    fn receive(
+        env: &UpdateEnvelope,
+        payload: &[u8],
+        l: &ParamLayout,
+    ) -> Result<Vec<f32>, UpdateError> {
+        let mut asm = PayloadAssembler::new(env, &expect(l), Vec::new())?;
         for (offset, chunk) in chunks(payload, env.header.chunk_size) {
             asm.push(offset, chunk)?;
         }
@@ -346,7 +444,34 @@ mod tests {
         fn payload_survives_chunked_transfer(values in proptest::collection::vec(any::<f32>(), 1..20_000), chunk_kib in 4u32..64) {
             let (env, payload) = sealed(&values, chunk_kib << 10);
             let l = layout(values.len() as u64);
-            prop_assert_eq!(receive(&env, &payload, &l).unwrap(), payload);
+            let got = receive(&env, &payload, &l).unwrap();
+            prop_assert!(got.iter().zip(&values).all(|(a, b)| a.to_bits() == b.to_bits()) && got.len() == values.len());
+        }
+    }
+
+    #[test]
+    fn compressed_payloads_decode_through_the_assembler() {
+        let values: Vec<f32> = (0..10_000).map(|i| (i as f32 * 0.01).sin()).collect();
+        let l = layout(values.len() as u64);
+        for (encoding, tol) in [
+            (WeightEncoding::F16, 1e-3),
+            (WeightEncoding::Int8, 1.0 / 127.0),
+        ] {
+            let (env, payload) = sealed_as(&values, 4096, encoding);
+            let exp = UpdateExpectation {
+                encoding,
+                ..expect(&l)
+            };
+            let mut asm = PayloadAssembler::new(&env, &exp, Vec::new()).unwrap();
+            for (offset, chunk) in chunks(&payload, 4096) {
+                asm.push(offset, chunk).unwrap();
+            }
+            let got = asm.finish().unwrap();
+            assert_eq!(got.len(), values.len());
+            assert!(
+                got.iter().zip(&values).all(|(a, b)| (a - b).abs() <= tol),
+                "{encoding:?}"
+            );
         }
     }
 
@@ -355,25 +480,52 @@ mod tests {
         let values = vec![0.5f32; 5000];
         let (env, mut payload) = sealed(&values, 4096);
         payload[1234] ^= 0x10;
-        assert_eq!(receive(&env, &payload, &layout(5000)), Err(UpdateError::HashMismatch));
+        assert_eq!(
+            receive(&env, &payload, &layout(5000)),
+            Err(UpdateError::HashMismatch)
+        );
     }
 
     #[test]
     fn envelope_defects_are_named() {
         let (env, _) = sealed(&[1.0; 100], 4096);
         let l = layout(100);
-        assert!(matches!(env.check(&expect(&layout(101))), Err(UpdateError::LayoutMismatch { .. })));
+        assert!(matches!(
+            env.check(&expect(&layout(101))),
+            Err(UpdateError::LayoutMismatch { .. })
+        ));
         let mut forged = env.clone();
         forged.header.round = 4;
-        assert!(matches!(forged.check(&expect(&l)), Err(UpdateError::Signature(_))));
+        assert!(matches!(
+            forged.check(&expect(&l)),
+            Err(UpdateError::Signature(_))
+        ));
         let mut huge = env.clone();
         huge.header.payload_len = u64::MAX;
-        assert!(matches!(huge.check(&expect(&l)), Err(UpdateError::WrongPayloadSize { .. })));
+        assert!(matches!(
+            huge.check(&expect(&l)),
+            Err(UpdateError::WrongPayloadSize { .. })
+        ));
         let mut nan = env.clone();
         nan.header.sample_weight = f64::NAN;
-        assert!(matches!(nan.check(&expect(&l)), Err(UpdateError::BadSampleWeight(_))));
-        let other = UpdateExpectation { experiment_id: "other", ..expect(&l) };
-        assert!(matches!(env.check(&other), Err(UpdateError::WrongExperiment { .. })));
+        assert!(matches!(
+            nan.check(&expect(&l)),
+            Err(UpdateError::BadSampleWeight(_))
+        ));
+        let mut odd = env.clone();
+        odd.header.chunk_size = 4097;
+        assert!(matches!(
+            odd.check(&expect(&l)),
+            Err(UpdateError::BadChunkSize(4097))
+        ));
+        let other = UpdateExpectation {
+            experiment_id: "other",
+            ..expect(&l)
+        };
+        assert!(matches!(
+            env.check(&other),
+            Err(UpdateError::WrongExperiment { .. })
+        ));
     }
 
     #[test]
@@ -381,14 +533,23 @@ mod tests {
         let values = vec![2.0f32; 3000];
         let (env, payload) = sealed(&values, 4096);
         let l = layout(3000);
-        let mut asm = PayloadAssembler::new(&env, &expect(&l)).unwrap();
-        assert!(matches!(asm.push(4096, &payload[4096..8192]), Err(UpdateError::ChunkOutOfPlace { .. })));
+        let mut asm = PayloadAssembler::new(&env, &expect(&l), Vec::new()).unwrap();
+        assert!(matches!(
+            asm.push(4096, &payload[4096..8192]),
+            Err(UpdateError::ChunkOutOfPlace { .. })
+        ));
         asm.push(0, &payload[..4096]).unwrap();
         // Connection drops here; the receiver resumes from `received()`.
         let resume_at = asm.received() as usize;
         assert_eq!(resume_at, 4096);
         asm.push(4096, &payload[4096..8192]).unwrap();
         let partial = asm;
-        assert!(matches!(partial.finish(), Err(UpdateError::Incomplete { received: 8192, expected: 12000 })));
+        assert!(matches!(
+            partial.finish(),
+            Err(UpdateError::Incomplete {
+                received: 8192,
+                expected: 12000
+            })
+        ));
     }
 }

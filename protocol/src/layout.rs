@@ -79,12 +79,18 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, shape: &[u64]) -> TensorSpec {
-        TensorSpec { name: name.into(), shape: shape.to_vec(), dtype: DType::F32 }
+        TensorSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+        }
     }
 
     #[test]
     fn offsets_and_counts() {
-        let layout = ParamLayout { tensors: vec![spec("a", &[2, 3]), spec("b", &[4]), spec("c", &[])] };
+        let layout = ParamLayout {
+            tensors: vec![spec("a", &[2, 3]), spec("b", &[4]), spec("c", &[])],
+        };
         assert_eq!(layout.num_params(), 11);
         let offsets: Vec<u64> = layout.offsets().map(|(o, _)| o).collect();
         assert_eq!(offsets, vec![0, 6, 10]);
@@ -92,10 +98,18 @@ mod tests {
 
     #[test]
     fn digest_sees_names_shapes_and_order() {
-        let a = ParamLayout { tensors: vec![spec("a", &[2, 3]), spec("b", &[4])] };
-        let renamed = ParamLayout { tensors: vec![spec("x", &[2, 3]), spec("b", &[4])] };
-        let reshaped = ParamLayout { tensors: vec![spec("a", &[3, 2]), spec("b", &[4])] };
-        let reordered = ParamLayout { tensors: vec![spec("b", &[4]), spec("a", &[2, 3])] };
+        let a = ParamLayout {
+            tensors: vec![spec("a", &[2, 3]), spec("b", &[4])],
+        };
+        let renamed = ParamLayout {
+            tensors: vec![spec("x", &[2, 3]), spec("b", &[4])],
+        };
+        let reshaped = ParamLayout {
+            tensors: vec![spec("a", &[3, 2]), spec("b", &[4])],
+        };
+        let reordered = ParamLayout {
+            tensors: vec![spec("b", &[4]), spec("a", &[2, 3])],
+        };
         for other in [renamed, reshaped, reordered] {
             assert_ne!(a.digest(), other.digest());
         }

@@ -9,6 +9,9 @@
 //! * [`averaging`] and [`robust`]: the averaging rules, as pure functions over flat slices,
 //!   used by the node and the simulator alike.
 //!
+//! Errors say what went wrong in their own text, including the cause (they expose no
+//! `source()` chain), so a single log line or `{err}` is complete.
+//!
 //! Pure: no I/O, no async runtime, no ML framework.
 
 pub mod averaging;
@@ -21,7 +24,9 @@ pub mod progress;
 pub mod robust;
 
 pub use encoding::WeightEncoding;
-pub use envelope::{PayloadAssembler, UpdateEnvelope, UpdateError, UpdateExpectation, UpdateHeader};
+pub use envelope::{
+    PayloadAssembler, UpdateEnvelope, UpdateError, UpdateExpectation, UpdateHeader,
+};
 pub use layout::{DType, ParamLayout, TensorSpec};
 pub use manifest::{Manifest, ManifestError, ManifestVerifyError, SignedManifest};
 pub use messages::{Message, WireError};

@@ -7,7 +7,9 @@
 
 use std::fmt;
 
-use medmesh_crypto::{Domain, Identity, MembershipError, PublicKey, Role, Roster, Signature, SignatureError};
+use medmesh_crypto::{
+    Domain, Identity, MembershipError, PublicKey, Role, Roster, Signature, SignatureError,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::encoding::WeightEncoding;
@@ -255,7 +257,11 @@ pub enum ManifestError {
 }
 
 fn join(errors: &[FieldError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Why a signed manifest was refused.
@@ -271,19 +277,38 @@ pub enum ManifestVerifyError {
     },
     /// The signer may not submit experiments.
     #[error("manifest signer not allowed: {0}")]
-    Signer(#[from] MembershipError),
+    Signer(MembershipError),
     /// The signature does not verify (tampered, forged, or made for another kind of object).
     #[error("manifest signature rejected: {0}")]
-    Signature(#[from] SignatureError),
+    Signature(SignatureError),
     /// Signed correctly, but the fields are invalid.
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Manifest(ManifestError),
+}
+
+impl From<MembershipError> for ManifestVerifyError {
+    fn from(e: MembershipError) -> Self {
+        Self::Signer(e)
+    }
+}
+
+impl From<SignatureError> for ManifestVerifyError {
+    fn from(e: SignatureError) -> Self {
+        Self::Signature(e)
+    }
+}
+
+impl From<ManifestError> for ManifestVerifyError {
+    fn from(e: ManifestError) -> Self {
+        Self::Manifest(e)
+    }
 }
 
 impl Manifest {
     /// Parses TOML and validates.
     pub fn from_toml(text: &str) -> Result<Self, ManifestError> {
-        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -307,7 +332,8 @@ impl Manifest {
 
     /// Renders TOML (as a researcher would write it).
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| unreachable!("a manifest always renders as TOML: {e}"))
+        toml::to_string(self)
+            .unwrap_or_else(|e| unreachable!("a manifest always renders as TOML: {e}"))
     }
 
     /// The bytes a researcher signs: bincode (standard config) of the parsed manifest, so
@@ -333,7 +359,13 @@ impl Manifest {
         };
 
         if !valid_id(&self.id) {
-            bad("id", format!("{:?} must be 1-64 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit", self.id));
+            bad(
+                "id",
+                format!(
+                    "{:?} must be 1-64 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit",
+                    self.id
+                ),
+            );
         }
         if self.title.trim().is_empty() || self.title.len() > 200 {
             bad("title", "must be 1-200 characters".into());
@@ -350,35 +382,64 @@ impl Manifest {
         let divisor = 1u32 << (levels - 1);
         for (i, side) in t.input_size.iter().enumerate() {
             if !(16..=1024).contains(side) {
-                bad("task.input_size", format!("side {i} is {side}, must be 16 to 1024"));
+                bad(
+                    "task.input_size",
+                    format!("side {i} is {side}, must be 16 to 1024"),
+                );
             } else if side % divisor != 0 {
-                bad("task.input_size", format!("side {i} is {side}, must be divisible by {divisor} for a depth-{levels} UNet"));
+                bad(
+                    "task.input_size",
+                    format!(
+                        "side {i} is {side}, must be divisible by {divisor} for a depth-{levels} UNet"
+                    ),
+                );
             }
         }
         if !(1..=16).contains(&t.channels) {
             bad("task.channels", format!("{} must be 1 to 16", t.channels));
         }
         if !(2..=32).contains(&t.classes) {
-            bad("task.classes", format!("{} must be 2 to 32 (background included)", t.classes));
+            bad(
+                "task.classes",
+                format!("{} must be 2 to 32 (background included)", t.classes),
+            );
         }
 
         if !(3..=5).contains(&self.model.depth) {
-            bad("model.depth", format!("{} must be 3 to 5", self.model.depth));
+            bad(
+                "model.depth",
+                format!("{} must be 3 to 5", self.model.depth),
+            );
         }
         if !(8..=64).contains(&self.model.base_channels) {
-            bad("model.base_channels", format!("{} must be 8 to 64", self.model.base_channels));
+            bad(
+                "model.base_channels",
+                format!("{} must be 8 to 64", self.model.base_channels),
+            );
         }
 
         let tr = &self.training;
         if !(tr.learning_rate.is_finite() && tr.learning_rate > 0.0 && tr.learning_rate <= 1.0) {
-            bad("training.learning_rate", format!("{} must be in (0, 1]", tr.learning_rate));
+            bad(
+                "training.learning_rate",
+                format!("{} must be in (0, 1]", tr.learning_rate),
+            );
         }
         if !(1..=1024).contains(&tr.batch_size) {
-            bad("training.batch_size", format!("{} must be 1 to 1024", tr.batch_size));
+            bad(
+                "training.batch_size",
+                format!("{} must be 1 to 1024", tr.batch_size),
+            );
         }
         match (tr.local_epochs, tr.local_steps) {
-            (Some(_), Some(_)) => bad("training.local_epochs", "give either local_epochs or local_steps, not both".into()),
-            (None, None) => bad("training.local_epochs", "give one of local_epochs or local_steps".into()),
+            (Some(_), Some(_)) => bad(
+                "training.local_epochs",
+                "give either local_epochs or local_steps, not both".into(),
+            ),
+            (None, None) => bad(
+                "training.local_epochs",
+                "give one of local_epochs or local_steps".into(),
+            ),
             (Some(0), None) => bad("training.local_epochs", "must be at least 1".into()),
             (None, Some(0)) => bad("training.local_steps", "must be at least 1".into()),
             _ => {}
@@ -391,64 +452,98 @@ impl Manifest {
         if let Some(c) = tr.grad_clip
             && !(c.is_finite() && c > 0.0)
         {
-            bad("training.grad_clip", format!("{c} must be a positive number"));
+            bad(
+                "training.grad_clip",
+                format!("{c} must be a positive number"),
+            );
         }
 
         let av = &self.averaging;
         match (av.scheme, av.fanout) {
-            (Scheme::Epidemic, None) => bad("averaging.fanout", "the epidemic scheme needs a fanout".into()),
+            (Scheme::Epidemic, None) => bad(
+                "averaging.fanout",
+                "the epidemic scheme needs a fanout".into(),
+            ),
             (Scheme::Epidemic, Some(f)) if !(1..=64).contains(&f) => {
                 bad("averaging.fanout", format!("{f} must be 1 to 64"))
             }
-            (s, Some(_)) if s != Scheme::Epidemic => {
-                bad("averaging.fanout", "only the epidemic scheme takes a fanout".into())
-            }
+            (s, Some(_)) if s != Scheme::Epidemic => bad(
+                "averaging.fanout",
+                "only the epidemic scheme takes a fanout".into(),
+            ),
             _ => {}
         }
         if !(1..=10_000).contains(&av.rounds) {
-            bad("averaging.rounds", format!("{} must be 1 to 10000", av.rounds));
+            bad(
+                "averaging.rounds",
+                format!("{} must be 1 to 10000", av.rounds),
+            );
         }
         if !(1..=86_400).contains(&av.round_timeout_secs) {
-            bad("averaging.round_timeout_secs", format!("{} must be 1 to 86400", av.round_timeout_secs));
+            bad(
+                "averaging.round_timeout_secs",
+                format!("{} must be 1 to 86400", av.round_timeout_secs),
+            );
         }
         if av.min_peers > 10_000 {
-            bad("averaging.min_peers", format!("{} is more than any consortium", av.min_peers));
+            bad(
+                "averaging.min_peers",
+                format!("{} is more than any consortium", av.min_peers),
+            );
         }
         match (av.aggregation, av.trim_fraction) {
-            (Aggregation::TrimmedMean, None) => {
-                bad("averaging.trim_fraction", "trimmed-mean needs a trim_fraction".into())
-            }
+            (Aggregation::TrimmedMean, None) => bad(
+                "averaging.trim_fraction",
+                "trimmed-mean needs a trim_fraction".into(),
+            ),
             (Aggregation::TrimmedMean, Some(f)) if !(f.is_finite() && (0.0..0.5).contains(&f)) => {
-                bad("averaging.trim_fraction", format!("{f} must be in [0, 0.5)"))
+                bad(
+                    "averaging.trim_fraction",
+                    format!("{f} must be in [0, 0.5)"),
+                )
             }
-            (a, Some(_)) if a != Aggregation::TrimmedMean => {
-                bad("averaging.trim_fraction", "only trimmed-mean takes a trim_fraction".into())
-            }
+            (a, Some(_)) if a != Aggregation::TrimmedMean => bad(
+                "averaging.trim_fraction",
+                "only trimmed-mean takes a trim_fraction".into(),
+            ),
             _ => {}
         }
         if let Some(b) = av.norm_bound
             && !(b.is_finite() && b > 0.0)
         {
-            bad("averaging.norm_bound", format!("{b} must be a positive number"));
+            bad(
+                "averaging.norm_bound",
+                format!("{b} must be a positive number"),
+            );
         }
 
         let p = &self.privacy;
         if let Some(c) = p.clip_norm
             && !(c.is_finite() && c > 0.0)
         {
-            bad("privacy.clip_norm", format!("{c} must be a positive number"));
+            bad(
+                "privacy.clip_norm",
+                format!("{c} must be a positive number"),
+            );
         }
         match (p.noise_multiplier, p.clip_norm) {
-            (Some(_), None) => bad("privacy.noise_multiplier", "noise needs privacy.clip_norm to scale it".into()),
-            (Some(m), Some(_)) if !(m.is_finite() && m >= 0.0) => {
-                bad("privacy.noise_multiplier", format!("{m} must be a non-negative number"))
-            }
+            (Some(_), None) => bad(
+                "privacy.noise_multiplier",
+                "noise needs privacy.clip_norm to scale it".into(),
+            ),
+            (Some(m), Some(_)) if !(m.is_finite() && m >= 0.0) => bad(
+                "privacy.noise_multiplier",
+                format!("{m} must be a non-negative number"),
+            ),
             _ => {}
         }
 
         let v = self.evaluation.validation_fraction;
         if !(v.is_finite() && v > 0.0 && v < 1.0) {
-            bad("evaluation.validation_fraction", format!("{v} must be in (0, 1)"));
+            bad(
+                "evaluation.validation_fraction",
+                format!("{v} must be in (0, 1)"),
+            );
         }
 
         let s = &self.stop;
@@ -475,7 +570,9 @@ impl Manifest {
 fn valid_id(id: &str) -> bool {
     let mut chars = id.chars();
     id.len() <= 64
-        && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
 }
 
@@ -510,8 +607,11 @@ impl SignedManifest {
             });
         }
         roster.authorize(&self.signer, Role::Researcher)?;
-        self.signer
-            .verify(Domain::Manifest, &self.manifest.canonical_bytes(), &self.signature)?;
+        self.signer.verify(
+            Domain::Manifest,
+            &self.manifest.canonical_bytes(),
+            &self.signature,
+        )?;
         self.manifest.validate()?;
         Ok(&self.manifest)
     }
@@ -533,8 +633,16 @@ mod tests {
 
     fn roster() -> Roster {
         let mut r = Roster::genesis("demo", vec![id(1).public_key()], 1);
-        for (n, role) in [(10, Role::Node), (20, Role::Researcher), (21, Role::Researcher)] {
-            r.upsert_member(Member { public_key: id(n).public_key(), role, site: format!("site-{n}") });
+        for (n, role) in [
+            (10, Role::Node),
+            (20, Role::Researcher),
+            (21, Role::Researcher),
+        ] {
+            r.upsert_member(Member {
+                public_key: id(n).public_key(),
+                role,
+                site: format!("site-{n}"),
+            });
         }
         r.revoke(id(21).public_key(), "left the project");
         r
@@ -557,9 +665,18 @@ mod tests {
         m.model.depth = 9;
         m.averaging.scheme = Scheme::Epidemic;
         m.privacy.noise_multiplier = Some(1.0);
-        let Err(ManifestError::Invalid(errors)) = m.validate() else { panic!("accepted") };
+        let Err(ManifestError::Invalid(errors)) = m.validate() else {
+            panic!("accepted")
+        };
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-        for f in ["id", "training.learning_rate", "training.local_epochs", "model.depth", "averaging.fanout", "privacy.noise_multiplier"] {
+        for f in [
+            "id",
+            "training.learning_rate",
+            "training.local_epochs",
+            "model.depth",
+            "averaging.fanout",
+            "privacy.noise_multiplier",
+        ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
     }
@@ -568,8 +685,14 @@ mod tests {
     fn typos_and_bad_syntax_are_syntax_errors() {
         let typo = QUICKSTART.replace("batch_size", "batch_sise");
         let err = Manifest::from_toml(&typo).unwrap_err();
-        assert!(matches!(&err, ManifestError::Syntax(s) if s.contains("batch_sise")), "{err}");
-        assert!(matches!(Manifest::parse("{ not json"), Err(ManifestError::Syntax(_))));
+        assert!(
+            matches!(&err, ManifestError::Syntax(s) if s.contains("batch_sise")),
+            "{err}"
+        );
+        assert!(matches!(
+            Manifest::parse("{ not json"),
+            Err(ManifestError::Syntax(_))
+        ));
     }
 
     #[test]
@@ -588,16 +711,32 @@ mod tests {
 
         let mut tampered = good.clone();
         tampered.manifest.averaging.rounds += 1;
-        assert!(matches!(tampered.verify(&roster), Err(ManifestVerifyError::Signature(SignatureError::Invalid { .. }))));
+        assert!(matches!(
+            tampered.verify(&roster),
+            Err(ManifestVerifyError::Signature(
+                SignatureError::Invalid { .. }
+            ))
+        ));
 
         let outsider = SignedManifest::sign(m.clone(), &id(99));
-        assert!(matches!(outsider.verify(&roster), Err(ManifestVerifyError::Signer(MembershipError::NotAMember(_)))));
+        assert!(matches!(
+            outsider.verify(&roster),
+            Err(ManifestVerifyError::Signer(MembershipError::NotAMember(_)))
+        ));
 
         let by_node = SignedManifest::sign(m.clone(), &id(10));
-        assert!(matches!(by_node.verify(&roster), Err(ManifestVerifyError::Signer(MembershipError::WrongRole { .. }))));
+        assert!(matches!(
+            by_node.verify(&roster),
+            Err(ManifestVerifyError::Signer(
+                MembershipError::WrongRole { .. }
+            ))
+        ));
 
         let by_revoked = SignedManifest::sign(m.clone(), &id(21));
-        assert!(matches!(by_revoked.verify(&roster), Err(ManifestVerifyError::Signer(MembershipError::Revoked { .. }))));
+        assert!(matches!(
+            by_revoked.verify(&roster),
+            Err(ManifestVerifyError::Signer(MembershipError::Revoked { .. }))
+        ));
 
         let other_domain = SignedManifest {
             signature: id(20).sign(Domain::ProgressRecord, &m.canonical_bytes()),
@@ -605,13 +744,21 @@ mod tests {
         };
         assert!(matches!(
             other_domain.verify(&roster),
-            Err(ManifestVerifyError::Signature(SignatureError::WrongDomain { actual: Domain::ProgressRecord, .. }))
+            Err(ManifestVerifyError::Signature(
+                SignatureError::WrongDomain {
+                    actual: Domain::ProgressRecord,
+                    ..
+                }
+            ))
         ));
 
         let mut foreign = m.clone();
         foreign.consortium = "other".into();
         let foreign = SignedManifest::sign(foreign, &id(20));
-        assert!(matches!(foreign.verify(&roster), Err(ManifestVerifyError::ConsortiumMismatch { .. })));
+        assert!(matches!(
+            foreign.verify(&roster),
+            Err(ManifestVerifyError::ConsortiumMismatch { .. })
+        ));
     }
 
     proptest! {

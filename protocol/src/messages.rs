@@ -147,7 +147,8 @@ impl Message {
             message: self,
         };
         // bincode enforces its limit only when decoding; check the size ourselves.
-        let bytes = bincode::serde::encode_to_vec(&frame, WIRE).map_err(|_| EncodeError::TooLarge)?;
+        let bytes =
+            bincode::serde::encode_to_vec(&frame, WIRE).map_err(|_| EncodeError::TooLarge)?;
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(EncodeError::TooLarge);
         }
@@ -192,7 +193,8 @@ mod tests {
 
     fn samples() -> Vec<Message> {
         let node = Identity::from_seed(&[1; 32]);
-        let manifest = Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
+        let manifest =
+            Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
         let digest = manifest.digest();
         let header = UpdateHeader {
             experiment_id: manifest.id.clone(),
@@ -220,19 +222,47 @@ mod tests {
             unix_ms: 1_700_000_000_000,
         };
         let progress = SignedProgress::sign(record, &node);
-        let mut roster = medmesh_crypto::SignedRoster::unsigned(Roster::genesis("demo", vec![node.public_key()], 1));
+        let mut roster = medmesh_crypto::SignedRoster::unsigned(Roster::genesis(
+            "demo",
+            vec![node.public_key()],
+            1,
+        ));
         roster.endorse(&node);
         vec![
-            Message::ManifestAnnouncement(crate::manifest::SignedManifest::sign(manifest.clone(), &node)),
-            Message::ManifestAck { experiment_id: manifest.id.clone(), manifest_digest: digest, rejection: Some("no".into()) },
+            Message::ManifestAnnouncement(crate::manifest::SignedManifest::sign(
+                manifest.clone(),
+                &node,
+            )),
+            Message::ManifestAck {
+                experiment_id: manifest.id.clone(),
+                manifest_digest: digest,
+                rejection: Some("no".into()),
+            },
             Message::RosterAnnouncement(roster),
             Message::Progress(progress.clone()),
             Message::UpdateOffer(UpdateEnvelope::seal(header, &[0u8; 20], &node)),
-            Message::UpdateRequest { experiment_id: "e".into(), round: None, offset: 4096 },
-            Message::UpdateChunk(UpdateChunk { experiment_id: "e".into(), round: 1, offset: 0, bytes: vec![7; 1 << 20] }),
-            Message::UpdateUnavailable { experiment_id: "e".into(), reason: "not yet".into() },
-            Message::StatusQuery { experiment_id: None },
-            Message::StatusAnswer { node: node.public_key(), records: vec![progress; 3] },
+            Message::UpdateRequest {
+                experiment_id: "e".into(),
+                round: None,
+                offset: 4096,
+            },
+            Message::UpdateChunk(UpdateChunk {
+                experiment_id: "e".into(),
+                round: 1,
+                offset: 0,
+                bytes: vec![7; 1 << 20],
+            }),
+            Message::UpdateUnavailable {
+                experiment_id: "e".into(),
+                reason: "not yet".into(),
+            },
+            Message::StatusQuery {
+                experiment_id: None,
+            },
+            Message::StatusAnswer {
+                node: node.public_key(),
+                records: vec![progress; 3],
+            },
         ]
     }
 
@@ -247,20 +277,44 @@ mod tests {
 
     #[test]
     fn chunk_bytes_are_raw_not_element_wise() {
-        let m = Message::UpdateChunk(UpdateChunk { experiment_id: "e".into(), round: 1, offset: 0, bytes: vec![0xff; 1000] });
+        let m = Message::UpdateChunk(UpdateChunk {
+            experiment_id: "e".into(),
+            round: 1,
+            offset: 0,
+            bytes: vec![0xff; 1000],
+        });
         assert!(m.encode().unwrap().len() < 1020);
     }
 
     #[test]
     fn other_versions_trailing_bytes_and_oversize_are_named() {
-        let mut bytes = Message::StatusQuery { experiment_id: None }.encode().unwrap();
+        let mut bytes = Message::StatusQuery {
+            experiment_id: None,
+        }
+        .encode()
+        .unwrap();
         bytes[0] = 9;
-        assert_eq!(Message::decode(&bytes), Err(WireError::UnsupportedVersion { got: 9 }));
-        let mut bytes = Message::StatusQuery { experiment_id: None }.encode().unwrap();
+        assert_eq!(
+            Message::decode(&bytes),
+            Err(WireError::UnsupportedVersion { got: 9 })
+        );
+        let mut bytes = Message::StatusQuery {
+            experiment_id: None,
+        }
+        .encode()
+        .unwrap();
         bytes.push(0);
         assert_eq!(Message::decode(&bytes), Err(WireError::TrailingBytes(1)));
-        assert!(matches!(Message::decode(&vec![0u8; MAX_MESSAGE_BYTES + 1]), Err(WireError::TooLarge { .. })));
-        let too_big = Message::UpdateChunk(UpdateChunk { experiment_id: "e".into(), round: 1, offset: 0, bytes: vec![0; MAX_MESSAGE_BYTES] });
+        assert!(matches!(
+            Message::decode(&vec![0u8; MAX_MESSAGE_BYTES + 1]),
+            Err(WireError::TooLarge { .. })
+        ));
+        let too_big = Message::UpdateChunk(UpdateChunk {
+            experiment_id: "e".into(),
+            round: 1,
+            offset: 0,
+            bytes: vec![0; MAX_MESSAGE_BYTES],
+        });
         assert!(matches!(too_big.encode(), Err(EncodeError::TooLarge)));
     }
 
@@ -269,11 +323,17 @@ mod tests {
         // version 1, variant UpdateChunk (6), then a string length of 2^64-1 (varint 0xff + u64).
         let mut bytes = vec![1u8, 6, 0xff];
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(Message::decode(&bytes), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            Message::decode(&bytes),
+            Err(WireError::Malformed(_))
+        ));
         // A chunk claiming 2^40 bytes.
         let mut bytes = vec![1u8, 6, 1, b'e', 1, 0, 0xfd];
         bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(matches!(Message::decode(&bytes), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            Message::decode(&bytes),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -286,7 +346,62 @@ mod tests {
         }
     }
 
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                "[a-z0-9-]{0,40}",
+                proptest::option::of(any::<u64>()),
+                any::<u64>()
+            )
+                .prop_map(|(experiment_id, round, offset)| Message::UpdateRequest {
+                    experiment_id,
+                    round,
+                    offset
+                }),
+            (
+                "[a-z0-9-]{0,40}",
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..5000)
+            )
+                .prop_map(
+                    |(experiment_id, round, offset, bytes)| Message::UpdateChunk(UpdateChunk {
+                        experiment_id,
+                        round,
+                        offset,
+                        bytes
+                    })
+                ),
+            proptest::option::of(".{0,60}")
+                .prop_map(|experiment_id| Message::StatusQuery { experiment_id }),
+            (
+                ".{0,60}",
+                any::<[u8; 32]>(),
+                proptest::option::of(".{0,200}")
+            )
+                .prop_map(|(experiment_id, manifest_digest, rejection)| {
+                    Message::ManifestAck {
+                        experiment_id,
+                        manifest_digest,
+                        rejection,
+                    }
+                }),
+            (".{0,60}", ".{0,200}").prop_map(|(experiment_id, reason)| {
+                Message::UpdateUnavailable {
+                    experiment_id,
+                    reason,
+                }
+            }),
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_messages_round_trip(m in arb_message()) {
+            let bytes = m.encode().unwrap();
+            prop_assert_eq!(Message::decode(&bytes).unwrap(), m);
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = Message::decode(&bytes);

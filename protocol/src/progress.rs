@@ -1,6 +1,8 @@
 //! Signed per-round progress records: what `medmesh experiment status` shows for each site.
 
-use medmesh_crypto::{Domain, Identity, MembershipError, PublicKey, Role, Roster, Signature, SignatureError};
+use medmesh_crypto::{
+    Domain, Identity, MembershipError, PublicKey, Role, Roster, Signature, SignatureError,
+};
 use serde::{Deserialize, Serialize};
 
 /// One site's state after a round.
@@ -42,10 +44,22 @@ pub struct SignedProgress {
 pub enum ProgressError {
     /// The reporting key is not an active node of the roster.
     #[error("progress reporter not allowed: {0}")]
-    Reporter(#[from] MembershipError),
+    Reporter(MembershipError),
     /// The signature does not verify.
     #[error("progress signature rejected: {0}")]
-    Signature(#[from] SignatureError),
+    Signature(SignatureError),
+}
+
+impl From<MembershipError> for ProgressError {
+    fn from(e: MembershipError) -> Self {
+        Self::Reporter(e)
+    }
+}
+
+impl From<SignatureError> for ProgressError {
+    fn from(e: SignatureError) -> Self {
+        Self::Signature(e)
+    }
 }
 
 impl SignedProgress {
@@ -59,9 +73,11 @@ impl SignedProgress {
     /// Checks that an active node signed it.
     pub fn verify(&self, roster: &Roster) -> Result<(), ProgressError> {
         roster.authorize(&self.record.node, Role::Node)?;
-        self.record
-            .node
-            .verify(Domain::ProgressRecord, &canonical(&self.record), &self.signature)?;
+        self.record.node.verify(
+            Domain::ProgressRecord,
+            &canonical(&self.record),
+            &self.signature,
+        )?;
         Ok(())
     }
 }
@@ -81,8 +97,16 @@ mod tests {
         let node = Identity::from_seed(&[1; 32]);
         let researcher = Identity::from_seed(&[2; 32]);
         let mut roster = Roster::genesis("demo", vec![researcher.public_key()], 1);
-        roster.upsert_member(Member { public_key: node.public_key(), role: Role::Node, site: "a".into() });
-        roster.upsert_member(Member { public_key: researcher.public_key(), role: Role::Researcher, site: "lab".into() });
+        roster.upsert_member(Member {
+            public_key: node.public_key(),
+            role: Role::Node,
+            site: "a".into(),
+        });
+        roster.upsert_member(Member {
+            public_key: researcher.public_key(),
+            role: Role::Researcher,
+            site: "lab".into(),
+        });
         let record = ProgressRecord {
             experiment_id: "e".into(),
             manifest_digest: [0; 32],
@@ -99,8 +123,14 @@ mod tests {
         assert!(signed.verify(&roster).is_ok());
         let mut forged = signed.clone();
         forged.record.metric = 0.99;
-        assert!(matches!(forged.verify(&roster), Err(ProgressError::Signature(_))));
+        assert!(matches!(
+            forged.verify(&roster),
+            Err(ProgressError::Signature(_))
+        ));
         let by_researcher = SignedProgress::sign(record, &researcher);
-        assert!(matches!(by_researcher.verify(&roster), Err(ProgressError::Reporter(_))));
+        assert!(matches!(
+            by_researcher.verify(&roster),
+            Err(ProgressError::Reporter(_))
+        ));
     }
 }

@@ -74,7 +74,10 @@ pub fn check_update(
 
 /// L2 norm, accumulated in f64.
 pub fn l2_norm(x: &[f32]) -> f64 {
-    x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt()
+    x.iter()
+        .map(|v| f64::from(*v) * f64::from(*v))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// L2 distance between two vectors of equal length, accumulated in f64.
@@ -231,16 +234,36 @@ mod tests {
     fn update_checks_name_the_problem() {
         let layout = ParamLayout {
             tensors: vec![
-                TensorSpec { name: "a".into(), shape: vec![2], dtype: DType::F32 },
-                TensorSpec { name: "b".into(), shape: vec![2], dtype: DType::F32 },
+                TensorSpec {
+                    name: "a".into(),
+                    shape: vec![2],
+                    dtype: DType::F32,
+                },
+                TensorSpec {
+                    name: "b".into(),
+                    shape: vec![2],
+                    dtype: DType::F32,
+                },
             ],
         };
         let reference = [0.0f32; 4];
         assert!(check_update(&[0.0, 1.0, 0.0, 0.0], &layout, &reference, Some(2.0)).is_ok());
-        assert!(matches!(check_update(&[0.0; 3], &layout, &reference, None), Err(UpdateRejection::LayoutMismatch { .. })));
+        assert!(matches!(
+            check_update(&[0.0; 3], &layout, &reference, None),
+            Err(UpdateRejection::LayoutMismatch { .. })
+        ));
         let err = check_update(&[0.0, 0.0, f32::NAN, 0.0], &layout, &reference, None).unwrap_err();
-        assert!(matches!(&err, UpdateRejection::NonFinite { index: 2, tensor, .. } if tensor == "b"), "{err}");
-        assert!(matches!(check_update(&[0.0, 0.0, f32::INFINITY, 0.0], &layout, &reference, None), Err(UpdateRejection::NonFinite { .. })));
-        assert!(matches!(check_update(&[100.0, 0.0, 0.0, 0.0], &layout, &reference, Some(2.0)), Err(UpdateRejection::NormExceeded { .. })));
+        assert!(
+            matches!(&err, UpdateRejection::NonFinite { index: 2, tensor, .. } if tensor == "b"),
+            "{err}"
+        );
+        assert!(matches!(
+            check_update(&[0.0, 0.0, f32::INFINITY, 0.0], &layout, &reference, None),
+            Err(UpdateRejection::NonFinite { .. })
+        ));
+        assert!(matches!(
+            check_update(&[100.0, 0.0, 0.0, 0.0], &layout, &reference, Some(2.0)),
+            Err(UpdateRejection::NormExceeded { .. })
+        ));
     }
 }

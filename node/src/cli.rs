@@ -1,0 +1,162 @@
+//! The `medmesh` command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// medmesh: train one segmentation model across a consortium of clinics, without moving an
+/// image and without a central server.
+#[derive(Debug, Parser)]
+#[command(name = "medmesh", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a node or researcher identity (an ed25519 key, saved with mode 0600).
+    Keygen {
+        /// Where to write the key file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key and peer id of an identity file.
+    Whoami {
+        /// The key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Generate the consortium's pre-shared network key (libp2p swarm.key format).
+    NetworkKey {
+        /// Where to write the key file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create, edit, endorse and inspect the consortium roster.
+    Roster {
+        /// The roster operation.
+        #[command(subcommand)]
+        command: RosterCommand,
+    },
+    /// Check, sign and verify experiment manifests.
+    Experiment {
+        /// The experiment operation.
+        #[command(subcommand)]
+        command: ExperimentCommand,
+    },
+}
+
+/// Member roles, as accepted on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    /// A clinic's node.
+    Node,
+    /// A researcher who signs manifests.
+    Researcher,
+}
+
+/// Roster operations. Editing an endorsed roster starts the next version.
+#[derive(Debug, Subcommand)]
+pub enum RosterCommand {
+    /// Start a new consortium roster (version 1, no members, no endorsements).
+    Create {
+        /// Consortium name (a-z, 0-9, '-').
+        #[arg(long)]
+        consortium: String,
+        /// A steward's public key (hex) or key file; repeat for each steward.
+        #[arg(long = "steward", required = true)]
+        stewards: Vec<String>,
+        /// Distinct steward endorsements needed for each roster version.
+        #[arg(long, default_value_t = 1)]
+        threshold: u32,
+        /// Where to write the roster.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a member, or change a member's role or site.
+    Add {
+        /// The roster file (edited in place).
+        #[arg(long)]
+        roster: PathBuf,
+        /// The member's public key (hex) or key file.
+        #[arg(long)]
+        member: String,
+        /// The member's role.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The member's site name.
+        #[arg(long)]
+        site: String,
+    },
+    /// Revoke a key for good.
+    Revoke {
+        /// The roster file (edited in place).
+        #[arg(long)]
+        roster: PathBuf,
+        /// The public key (hex) or key file to revoke.
+        #[arg(long)]
+        member: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Endorse the roster as a steward.
+    Endorse {
+        /// The roster file (edited in place).
+        #[arg(long)]
+        roster: PathBuf,
+        /// The steward's identity file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify a roster and print it. With --previous, verify it as an update of that roster.
+    Show {
+        /// The roster file.
+        #[arg(long)]
+        roster: PathBuf,
+        /// The roster currently trusted; the shown one must be a valid successor.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+    },
+}
+
+/// Experiment manifest operations.
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    /// Validate a manifest (TOML or JSON) and print its digest; lists every invalid field.
+    Check {
+        /// The manifest file.
+        #[arg(long)]
+        manifest: PathBuf,
+    },
+    /// Sign a manifest with a researcher key.
+    Sign {
+        /// The manifest file (TOML or JSON).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The researcher's identity file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the signed manifest (TOML).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify a signed manifest against a roster, as a node does before it starts training.
+    Verify {
+        /// The signed manifest file.
+        #[arg(long)]
+        signed: PathBuf,
+        /// The roster file.
+        #[arg(long)]
+        roster: PathBuf,
+    },
+}

@@ -1,0 +1,72 @@
+//! `medmesh experiment check|sign|verify`: the researcher's side of manifests.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use medmesh_protocol::{Manifest, SignedManifest};
+
+use super::read_text;
+use crate::keystore;
+
+/// Validates a manifest and prints a summary with its digest.
+pub fn check(path: &Path) -> Result<()> {
+    let manifest = load_manifest(path)?;
+    print_summary(&manifest);
+    Ok(())
+}
+
+/// Signs a manifest with a researcher key and writes the signed manifest as TOML.
+pub fn sign(manifest: &Path, key: &Path, out: &Path) -> Result<()> {
+    let manifest = load_manifest(manifest)?;
+    let researcher = keystore::load_identity(key)?;
+    let signed = SignedManifest::sign(manifest, &researcher);
+    let text = toml::to_string(&signed).context("rendering the signed manifest")?;
+    keystore::write_atomic(out, text.as_bytes(), 0o644)?;
+    println!(
+        "wrote {} signed by {}",
+        out.display(),
+        researcher.public_key()
+    );
+    print_summary(&signed.manifest);
+    Ok(())
+}
+
+/// Verifies a signed manifest against a trusted roster, as a node would.
+pub fn verify(signed: &Path, roster: &Path) -> Result<()> {
+    let signed: SignedManifest = toml::from_str(&read_text(signed)?)
+        .with_context(|| format!("{} is not a signed manifest", signed.display()))?;
+    let roster = keystore::load_roster(roster)?
+        .into_genesis(None)
+        .with_context(|| format!("roster {} is not trusted", roster.display()))?;
+    let manifest = signed.verify(roster.roster())?;
+    println!("valid: signed by researcher {}", signed.signer);
+    print_summary(manifest);
+    Ok(())
+}
+
+fn load_manifest(path: &Path) -> Result<Manifest> {
+    Manifest::parse(&read_text(path)?)
+        .with_context(|| format!("{} is not a valid manifest", path.display()))
+}
+
+fn print_summary(m: &Manifest) {
+    println!(
+        "experiment {} ({:?}) in consortium {}",
+        m.id, m.title, m.consortium
+    );
+    println!(
+        "  task {} {}x{}x{} -> {} classes; UNet depth {} base {}",
+        m.task.dataset,
+        m.task.channels,
+        m.task.input_size[0],
+        m.task.input_size[1],
+        m.task.classes,
+        m.model.depth,
+        m.model.base_channels
+    );
+    println!(
+        "  {:?} for {} rounds, aggregation {:?}, encoding {:?}",
+        m.averaging.scheme, m.averaging.rounds, m.averaging.aggregation, m.averaging.encoding
+    );
+    println!("  digest {}", hex::encode(m.digest()));
+}
