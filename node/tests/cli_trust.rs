@@ -46,6 +46,21 @@ impl Consortium {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// Signs the quickstart manifest with `key` into `out`.
+    fn sign(&self, key: &str, out: &str) {
+        let manifest = manifest();
+        self.ok(&[
+            "experiment",
+            "sign",
+            "--manifest",
+            &manifest,
+            "--key",
+            key,
+            "--out",
+            out,
+        ]);
+    }
+
     /// Steward, two nodes, a researcher, an endorsed roster.
     fn set_up(&self) {
         for k in ["steward", "node-a", "node-b", "researcher"] {
@@ -147,16 +162,7 @@ fn roster_needs_endorsement_then_verifies_manifests() {
         "{shown}"
     );
 
-    c.ok(&[
-        "experiment",
-        "sign",
-        "--manifest",
-        &manifest(),
-        "--key",
-        "researcher.key",
-        "--out",
-        "signed.toml",
-    ]);
+    c.sign("researcher.key", "signed.toml");
     let verified = c.ok(&[
         "experiment",
         "verify",
@@ -170,16 +176,7 @@ fn roster_needs_endorsement_then_verifies_manifests() {
         "{verified}"
     );
 
-    c.ok(&[
-        "experiment",
-        "sign",
-        "--manifest",
-        &manifest(),
-        "--key",
-        "node-a.key",
-        "--out",
-        "by-node.toml",
-    ]);
+    c.sign("node-a.key", "by-node.toml");
     let err = c.fails(&[
         "experiment",
         "verify",
@@ -254,16 +251,7 @@ fn editing_an_endorsed_roster_starts_a_new_version() {
     ]);
     assert!(out.contains("valid successor"), "{out}");
 
-    c.ok(&[
-        "experiment",
-        "sign",
-        "--manifest",
-        &manifest(),
-        "--key",
-        "researcher.key",
-        "--out",
-        "signed.toml",
-    ]);
+    c.sign("researcher.key", "signed.toml");
     let err = c.fails(&[
         "experiment",
         "verify",
