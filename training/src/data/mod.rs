@@ -1,0 +1,156 @@
+//! Medical images and masks: volumes as loaded, and the 2D slice sets the model trains on.
+//!
+//! * [`msd`]: the Medical Segmentation Decathlon layout (`dataset.json`, NIfTI files).
+//! * [`png_pairs`]: `images/NAME.png` with `masks/NAME.png`.
+//! * [`synthetic`]: seeded, non-IID multi-site data with scanner and annotator effects.
+//! * [`brain`]: semi-real brain extraction cases built from a public T1 template.
+//! * [`slices`]: volumes to normalized, resized 2D training slices.
+
+pub mod brain;
+pub mod msd;
+pub mod png_pairs;
+pub mod slices;
+pub mod synthetic;
+
+use std::path::PathBuf;
+
+/// An image volume: `channels` stacked 3D volumes, x fastest, then y, z, channel
+/// (NIfTI's order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume {
+    /// Size along x, y, z.
+    pub dims: [usize; 3],
+    /// Number of channels (modalities).
+    pub channels: usize,
+    /// Voxel values.
+    pub data: Vec<f32>,
+}
+
+/// A label volume of class indices, x fastest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelVolume {
+    /// Size along x, y, z.
+    pub dims: [usize; 3],
+    /// Class index per voxel.
+    pub data: Vec<u8>,
+}
+
+/// One case: an image and its mask, with a name for reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Case {
+    /// Case name (file stem).
+    pub name: String,
+    /// The image.
+    pub image: Volume,
+    /// Its segmentation.
+    pub label: LabelVolume,
+}
+
+impl Volume {
+    /// Number of voxels per channel.
+    pub fn voxels(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// Why data could not be loaded or written. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Not a readable NIfTI file (corrupt, truncated, unsupported).
+    #[error("{path}: not a readable NIfTI volume: {reason}")]
+    Nifti {
+        /// The file.
+        path: PathBuf,
+        /// The reader's complaint.
+        reason: String,
+    },
+    /// A volume with an unsupported number of dimensions.
+    #[error("{path}: expected a 3D volume (or 4D with channels), found shape {shape:?}")]
+    Dimensions {
+        /// The file.
+        path: PathBuf,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// Image and label disagree in size.
+    #[error("{label}: label shape {label_shape:?} does not match image {image} shape {image_shape:?}")]
+    ShapeMismatch {
+        /// The image file.
+        image: PathBuf,
+        /// The label file.
+        label: PathBuf,
+        /// Image shape.
+        image_shape: Vec<usize>,
+        /// Label shape.
+        label_shape: Vec<usize>,
+    },
+    /// A label value that is not a class of the task.
+    #[error("{path}: label value {value} is outside the task's {classes} classes (0..{classes})")]
+    LabelOutOfRange {
+        /// The file.
+        path: PathBuf,
+        /// The value found.
+        value: f32,
+        /// The task's class count.
+        classes: usize,
+    },
+    /// An image whose channel count differs from the task's.
+    #[error("{path}: image has {found} channel(s), the task expects {expected}")]
+    Channels {
+        /// The file.
+        path: PathBuf,
+        /// Channels found.
+        found: usize,
+        /// Channels expected.
+        expected: usize,
+    },
+    /// No cases at all.
+    #[error("{path}: dataset is empty (no cases found)")]
+    Empty {
+        /// The dataset directory.
+        path: PathBuf,
+    },
+    /// A malformed `dataset.json`.
+    #[error("{path}: invalid dataset.json: {reason}")]
+    DatasetJson {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A PNG that cannot be used.
+    #[error("{path}: {reason}")]
+    Png {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (bit depth, colour type, corruption).
+        reason: String,
+    },
+    /// A PNG image without a mask or the other way round.
+    #[error("{path}: no matching {missing}")]
+    Unpaired {
+        /// The file that has no partner.
+        path: PathBuf,
+        /// What is missing.
+        missing: &'static str,
+    },
+    /// A source file that the brain task needs is not installed.
+    #[error("{path}: not found; install the Debian package `mricron-data` (apt-get install mricron-data)")]
+    TemplateMissing {
+        /// The expected template path.
+        path: PathBuf,
+    },
+}
+
+pub(crate) fn io_error(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
+    let path = path.into();
+    move |source| DataError::Io { path, source }
+}

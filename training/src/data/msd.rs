@@ -1,0 +1,271 @@
+//! The Medical Segmentation Decathlon layout: `dataset.json`, `imagesTr/*.nii.gz`,
+//! `labelsTr/*.nii.gz`. Also written by `medmesh data prepare`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array, ShapeBuilder};
+use nifti::writer::WriterOptions;
+use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
+use serde::{Deserialize, Serialize};
+
+use super::{Case, DataError, LabelVolume, Volume, io_error};
+
+/// The parts of `dataset.json` medmesh reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetJson {
+    /// Dataset name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Channel index -> modality name.
+    #[serde(default)]
+    pub modality: std::collections::BTreeMap<String, String>,
+    /// Class index -> class name.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Number of training cases.
+    #[serde(rename = "numTraining", default)]
+    pub num_training: usize,
+    /// Training pairs, paths relative to the dataset directory.
+    pub training: Vec<TrainingPair>,
+}
+
+/// One image/label pair of `dataset.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingPair {
+    /// Image path, e.g. `./imagesTr/case_000.nii.gz`.
+    pub image: String,
+    /// Label path, e.g. `./labelsTr/case_000.nii.gz`.
+    pub label: String,
+}
+
+/// Reads every training case of an MSD-layout dataset, checking channels and label range.
+pub fn read_dataset(dir: &Path, channels: usize, classes: usize) -> Result<Vec<Case>, DataError> {
+    let json_path = dir.join("dataset.json");
+    let text = fs::read_to_string(&json_path).map_err(io_error(&json_path))?;
+    let meta: DatasetJson = serde_json::from_str(&text).map_err(|e| DataError::DatasetJson {
+        path: json_path.clone(),
+        reason: e.to_string(),
+    })?;
+    if meta.training.is_empty() {
+        return Err(DataError::Empty { path: dir.to_owned() });
+    }
+    meta.training
+        .iter()
+        .map(|pair| {
+            let image_path = dir.join(&pair.image);
+            let label_path = dir.join(&pair.label);
+            let image = read_image(&image_path)?;
+            if image.channels != channels {
+                return Err(DataError::Channels {
+                    path: image_path,
+                    found: image.channels,
+                    expected: channels,
+                });
+            }
+            let label = read_label(&label_path, classes)?;
+            if label.dims != image.dims {
+                return Err(DataError::ShapeMismatch {
+                    image: image_path,
+                    label: label_path,
+                    image_shape: image.dims.to_vec(),
+                    label_shape: label.dims.to_vec(),
+                });
+            }
+            Ok(Case {
+                name: case_name(&image_path),
+                image,
+                label,
+            })
+        })
+        .collect()
+}
+
+fn case_name(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.trim_end_matches(".gz").trim_end_matches(".nii").to_owned()
+}
+
+/// Reads a NIfTI volume as f32 with x fastest: `[x, y, z]` or `[x, y, z, channels]`.
+pub(crate) fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
+    if !path.exists() {
+        return Err(DataError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+        });
+    }
+    let nifti_err = |e: nifti::NiftiError| DataError::Nifti {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let object = ReaderOptions::new().read_file(path).map_err(nifti_err)?;
+    let array = object.into_volume().into_ndarray::<f32>().map_err(nifti_err)?;
+    let shape = array.shape().to_vec();
+    // Reversing the axes makes logical iteration order x-fastest, whatever the memory order.
+    let data: Vec<f32> = array.reversed_axes().iter().copied().collect();
+    Ok((shape, data))
+}
+
+fn read_image(path: &Path) -> Result<Volume, DataError> {
+    let (shape, data) = read_nifti(path)?;
+    let (dims, channels) = match shape.as_slice() {
+        [x, y, z] => ([*x, *y, *z], 1),
+        [x, y, z, c] => ([*x, *y, *z], *c),
+        [x, y] => ([*x, *y, 1], 1),
+        _ => return Err(DataError::Dimensions { path: path.to_owned(), shape }),
+    };
+    if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
+        return Err(DataError::Nifti {
+            path: path.to_owned(),
+            reason: format!("contains a non-finite voxel value ({bad})"),
+        });
+    }
+    Ok(Volume { dims, channels, data })
+}
+
+fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
+    let (shape, data) = read_nifti(path)?;
+    let dims = match shape.as_slice() {
+        [x, y, z] => [*x, *y, *z],
+        [x, y] => [*x, *y, 1],
+        [x, y, z, 1] => [*x, *y, *z],
+        _ => return Err(DataError::Dimensions { path: path.to_owned(), shape }),
+    };
+    let labels = data
+        .iter()
+        .map(|v| {
+            if v.fract() == 0.0 && *v >= 0.0 && (*v as usize) < classes {
+                Ok(*v as u8)
+            } else {
+                Err(DataError::LabelOutOfRange {
+                    path: path.to_owned(),
+                    value: *v,
+                    classes,
+                })
+            }
+        })
+        .collect::<Result<Vec<u8>, _>>()?;
+    Ok(LabelVolume { dims, data: labels })
+}
+
+/// Writes cases as an MSD-layout dataset in `dir` (created if needed).
+pub fn write_dataset(
+    dir: &Path,
+    name: &str,
+    description: &str,
+    class_names: &[&str],
+    cases: &[Case],
+) -> Result<(), DataError> {
+    for sub in ["imagesTr", "labelsTr"] {
+        let p = dir.join(sub);
+        fs::create_dir_all(&p).map_err(io_error(&p))?;
+    }
+    let mut training = Vec::with_capacity(cases.len());
+    for case in cases {
+        let file = format!("{}.nii.gz", case.name);
+        write_volume(&dir.join("imagesTr").join(&file), &case.image)?;
+        write_labels(&dir.join("labelsTr").join(&file), &case.label)?;
+        training.push(TrainingPair {
+            image: format!("./imagesTr/{file}"),
+            label: format!("./labelsTr/{file}"),
+        });
+    }
+    let meta = DatasetJson {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        modality: (0..cases.first().map_or(1, |c| c.image.channels))
+            .map(|c| (c.to_string(), "MRI".to_owned()))
+            .collect(),
+        labels: class_names.iter().enumerate().map(|(i, n)| (i.to_string(), (*n).to_owned())).collect(),
+        num_training: cases.len(),
+        training,
+    };
+    let path = dir.join("dataset.json");
+    let text = serde_json::to_string_pretty(&meta).map_err(|e| DataError::DatasetJson {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    fs::write(&path, text).map_err(io_error(&path))
+}
+
+fn write_volume(path: &PathBuf, v: &Volume) -> Result<(), DataError> {
+    let [x, y, z] = v.dims;
+    let write_err = |e: nifti::NiftiError| DataError::Nifti { path: path.clone(), reason: e.to_string() };
+    if v.channels == 1 {
+        let array = Array::from_shape_vec((x, y, z).f(), v.data.clone()).map_err(|e| DataError::Nifti {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        WriterOptions::new(path).write_nifti(&array).map_err(write_err)
+    } else {
+        let array = Array::from_shape_vec((x, y, z, v.channels).f(), v.data.clone()).map_err(|e| {
+            DataError::Nifti { path: path.clone(), reason: e.to_string() }
+        })?;
+        WriterOptions::new(path).write_nifti(&array).map_err(write_err)
+    }
+}
+
+fn write_labels(path: &PathBuf, l: &LabelVolume) -> Result<(), DataError> {
+    let [x, y, z] = l.dims;
+    let array = Array::from_shape_vec((x, y, z).f(), l.data.clone())
+        .map_err(|e| DataError::Nifti { path: path.clone(), reason: e.to_string() })?;
+    WriterOptions::new(path)
+        .write_nifti(&array)
+        .map_err(|e| DataError::Nifti { path: path.clone(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(name: &str, dims: [usize; 3]) -> Case {
+        let n: usize = dims.iter().product();
+        Case {
+            name: name.into(),
+            image: Volume { dims, channels: 1, data: (0..n).map(|i| i as f32 * 0.5).collect() },
+            label: LabelVolume { dims, data: (0..n).map(|i| (i % 3 == 0) as u8).collect() },
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_orientation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = vec![case("a", [5, 4, 3]), case("b", [6, 2, 2])];
+        write_dataset(dir.path(), "t", "test", &["background", "lesion"], &cases).unwrap();
+        let back = read_dataset(dir.path(), 1, 2).unwrap();
+        assert_eq!(back, cases);
+    }
+
+    #[test]
+    fn defects_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(dir.path(), "t", "test", &["bg", "fg"], &[case("a", [4, 4, 2])]).unwrap();
+
+        let err = read_dataset(dir.path(), 1, 1).unwrap_err();
+        assert!(matches!(err, DataError::LabelOutOfRange { value, .. } if value == 1.0), "{err}");
+        assert!(err.to_string().contains("labelsTr/a.nii.gz"), "{err}");
+
+        let err = read_dataset(dir.path(), 2, 2).unwrap_err();
+        assert!(matches!(err, DataError::Channels { found: 1, expected: 2, .. }), "{err}");
+
+        let img = dir.path().join("imagesTr/a.nii.gz");
+        let bytes = fs::read(&img).unwrap();
+        fs::write(&img, &bytes[..bytes.len() / 2]).unwrap();
+        let err = read_dataset(dir.path(), 1, 2).unwrap_err();
+        assert!(matches!(err, DataError::Nifti { .. }), "{err}");
+        assert!(err.to_string().contains("imagesTr/a.nii.gz"), "{err}");
+
+        // A label of another shape.
+        write_labels(&dir.path().join("labelsTr/a.nii.gz"), &case("a", [4, 3, 2]).label).unwrap();
+        write_volume(&img, &case("a", [4, 4, 2]).image).unwrap();
+        let err = read_dataset(dir.path(), 1, 2).unwrap_err();
+        assert!(matches!(err, DataError::ShapeMismatch { .. }), "{err}");
+
+        fs::write(dir.path().join("dataset.json"), r#"{"name":"x","training":[]}"#).unwrap();
+        assert!(matches!(read_dataset(dir.path(), 1, 2), Err(DataError::Empty { .. })));
+        fs::write(dir.path().join("dataset.json"), "{").unwrap();
+        assert!(matches!(read_dataset(dir.path(), 1, 2), Err(DataError::DatasetJson { .. })));
+    }
+}

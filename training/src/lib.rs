@@ -1,0 +1,24 @@
+//! medmesh's segmentation training engine: a 2D UNet on burn, the data it reads, and the
+//! weights path the network and the simulator use.
+//!
+//! * [`data`]: NIfTI (Medical Segmentation Decathlon layout) and PNG loaders, the synthetic
+//!   multi-site generator and the brain-extraction task, slicing and normalization.
+//! * [`model`]: the UNet and its seeded initialization.
+//! * [`trainer`]: local training rounds and evaluation; [`loss`] and [`metrics`].
+//! * [`params`]: weights as one flat vector with a stable layout (FedBN selection).
+//! * [`checkpoint`] and [`export`]: atomic checkpoints; safetensors export.
+//! * [`device`]: the compute device named in configuration.
+
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod export;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod params;
+pub mod rng;
+pub mod trainer;
+
+pub use device::DeviceSpec;
+pub use trainer::{Evaluation, RoundStats, TrainSettings, Trainer};

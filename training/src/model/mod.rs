@@ -1,0 +1,6 @@
+//! The segmentation network and its deterministic initialization.
+
+pub mod init;
+pub mod unet;
+
+pub use unet::{UNet, UNetConfig};

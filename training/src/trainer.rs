@@ -1,0 +1,334 @@
+//! Local training and evaluation of one site's model: the inner loop of every node and of
+//! every simulated site.
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use burn::tensor::Bytes;
+use medmesh_protocol::manifest::{Manifest, Optimizer};
+use serde::Serialize;
+
+use crate::data::slices::SliceSet;
+use crate::loss::{dice_ce_loss, one_hot};
+use crate::metrics::Scores;
+use crate::model::{UNet, UNetConfig, init};
+use crate::params::{self, ParamsError, Selection};
+use crate::rng::Rng;
+
+/// Training hyper-parameters, from the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSettings {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Local epochs per round, if the manifest counts epochs.
+    pub local_epochs: Option<usize>,
+    /// Local steps per round, if the manifest counts steps.
+    pub local_steps: Option<usize>,
+    /// Seed of initialization and shuffling.
+    pub seed: u64,
+    /// Optimizer.
+    pub optimizer: Optimizer,
+    /// Weight decay.
+    pub weight_decay: Option<f64>,
+    /// Gradient norm clipping.
+    pub grad_clip: Option<f64>,
+    /// Rounds planned (for the learning-rate schedule).
+    pub rounds: usize,
+}
+
+impl TrainSettings {
+    /// The settings a manifest asks for.
+    pub fn from_manifest(m: &Manifest) -> Self {
+        let t = &m.training;
+        Self {
+            learning_rate: t.learning_rate,
+            batch_size: t.batch_size as usize,
+            local_epochs: t.local_epochs.map(|e| e as usize),
+            local_steps: t.local_steps.map(|s| s as usize),
+            seed: t.seed,
+            optimizer: t.optimizer,
+            weight_decay: t.weight_decay,
+            grad_clip: t.grad_clip,
+            rounds: m.averaging.rounds as usize,
+        }
+    }
+
+    /// Cosine decay from the peak rate to a tenth of it over the planned rounds.
+    pub fn learning_rate_at(&self, round: u64) -> f64 {
+        let progress = (round as f64 / self.rounds.max(1) as f64).min(1.0);
+        self.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+    }
+
+    fn optimizer(&self) -> ModuleOptimizer {
+        let clip = self.grad_clip.map(|c| GradientClippingConfig::Norm(c as f32));
+        match self.optimizer {
+            Optimizer::Adam => AdamConfig::new()
+                .with_weight_decay(self.weight_decay.map(|p| WeightDecayConfig::new(p as f32)))
+                .with_grad_clipping(clip)
+                .init(),
+            Optimizer::Adamw => AdamWConfig::new()
+                .with_weight_decay(self.weight_decay.unwrap_or(0.0) as f32)
+                .with_grad_clipping(clip)
+                .init(),
+        }
+    }
+}
+
+/// What one round of local training did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RoundStats {
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Mean training loss over those steps.
+    pub mean_loss: f64,
+    /// Training samples (slices) seen.
+    pub samples: usize,
+}
+
+/// Per-case and mean validation scores.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// Mean over cases of the mean foreground Dice.
+    pub mean_dice: f64,
+    /// Mean over cases of the mean foreground IoU.
+    pub mean_iou: f64,
+    /// Each case's scores.
+    pub cases: Vec<CaseScore>,
+}
+
+/// One case's scores (all its slices together, i.e. a 3D Dice).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CaseScore {
+    /// Case name.
+    pub case: String,
+    /// Mean foreground Dice.
+    pub dice: f64,
+    /// Dice per foreground class.
+    pub dice_per_class: Vec<f64>,
+    /// Mean foreground IoU.
+    pub iou: f64,
+}
+
+/// Training progress, for progress bars and logs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    /// Step within the round (1-based).
+    pub step: usize,
+    /// Steps in the round.
+    pub of: usize,
+    /// This step's loss.
+    pub loss: f64,
+}
+
+/// One site's model, optimizer and schedule position.
+pub struct Trainer {
+    pub(crate) model: UNet,
+    pub(crate) optim: ModuleOptimizer,
+    pub(crate) config: UNetConfig,
+    pub(crate) settings: TrainSettings,
+    pub(crate) device: Device,
+    pub(crate) round: u64,
+    pub(crate) rng: Rng,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .field("round", &self.round)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// A freshly initialized site model for `manifest` on `device` (a plain device; autodiff
+    /// is added here).
+    pub fn new(manifest: &Manifest, device: Device) -> Self {
+        Self::with(UNetConfig::from_manifest(manifest), TrainSettings::from_manifest(manifest), device)
+    }
+
+    /// A freshly initialized model of `config` trained with `settings`.
+    pub fn with(config: UNetConfig, settings: TrainSettings, device: Device) -> Self {
+        let train_device = device.clone().autodiff();
+        let model = init::seeded(&config, settings.seed, &train_device);
+        Self {
+            optim: settings.optimizer(),
+            rng: Rng::derive(settings.seed, 0x5A3B_1E),
+            model,
+            config,
+            settings,
+            device,
+            round: 0,
+        }
+    }
+
+    /// The network's shape.
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Rounds of local training completed.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The model, with batch-norm running statistics brought up to date.
+    pub fn model(&self) -> UNet {
+        // Running statistics update lazily (per thread) and sync when the mode is set; the
+        // clone shares their storage, so this syncs `self.model` too.
+        self.model.clone().train()
+    }
+
+    /// The flat weights of `selection`.
+    pub fn weights(&self, selection: Selection) -> Vec<f32> {
+        params::flatten(&self.model(), selection)
+    }
+
+    /// Replaces the weights of `selection` (e.g. with an average); the optimizer state is kept.
+    pub fn set_weights(&mut self, values: &[f32], selection: Selection) -> Result<(), ParamsError> {
+        // Module clones share their parameter storage, so this is cheap.
+        self.model = params::load_flat(self.model.clone(), values, selection)?;
+        Ok(())
+    }
+
+    /// One round of local training on `data`: the manifest's epochs or steps.
+    pub fn train_round(&mut self, data: &SliceSet, mut on_step: impl FnMut(StepInfo)) -> RoundStats {
+        let n = data.len();
+        let batch = self.settings.batch_size.min(n.max(1));
+        let steps = match (self.settings.local_steps, self.settings.local_epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * n.div_ceil(batch),
+            (None, None) => n.div_ceil(batch),
+        };
+        if n == 0 {
+            self.round += 1;
+            return RoundStats { steps: 0, mean_loss: 0.0, samples: 0 };
+        }
+        let lr = self.settings.learning_rate_at(self.round);
+        let train_device = self.device.clone().autodiff();
+        let mut order: Vec<usize> = Vec::new();
+        let mut total_loss = 0.0;
+        for step in 0..steps {
+            let mut indices = Vec::with_capacity(batch);
+            while indices.len() < batch {
+                if order.is_empty() {
+                    order = (0..n).collect();
+                    self.rng.shuffle(&mut order);
+                }
+                indices.extend(order.pop());
+            }
+            let (images, targets) = self.batch(data, &indices, &train_device, true);
+            let logits = self.model.forward(images);
+            let loss = dice_ce_loss(logits, targets);
+            let loss_value: f64 = loss.clone().into_scalar::<f32>().into();
+            let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+            self.model = self.optim.step(lr, self.model.clone(), grads);
+            total_loss += loss_value;
+            on_step(StepInfo { step: step + 1, of: steps, loss: loss_value });
+        }
+        self.round += 1;
+        RoundStats { steps, mean_loss: total_loss / steps as f64, samples: steps * batch }
+    }
+
+    /// Builds a batch: images `[b, c, h, w]` and one-hot targets, with random flips when
+    /// `augment` is set.
+    fn batch(&mut self, data: &SliceSet, indices: &[usize], device: &Device, augment: bool) -> (Tensor<4>, Tensor<4>) {
+        let (c, h, w) = (data.channels, data.height, data.width);
+        let classes = self.config.classes;
+        let mut images = Vec::with_capacity(indices.len() * c * h * w);
+        let mut labels = Vec::with_capacity(indices.len() * h * w);
+        for &i in indices {
+            let flip = augment && self.rng.uniform() < 0.5;
+            let (img, lab) = (data.image(i), data.label(i));
+            if flip {
+                for plane in img.chunks(h * w) {
+                    images.extend(plane.chunks(w).flat_map(|row| row.iter().rev()));
+                }
+                labels.extend(lab.chunks(w).flat_map(|row| row.iter().rev()));
+            } else {
+                images.extend_from_slice(img);
+                labels.extend_from_slice(lab);
+            }
+        }
+        let b = indices.len();
+        let images = Tensor::<4>::from_data(TensorData::new(images, [b, c, h, w]), device);
+        let targets = Tensor::<4>::from_data(TensorData::new(one_hot(&labels, b, classes, h, w), [b, classes, h, w]), device);
+        (images, targets)
+    }
+
+    /// Predicted label maps for every slice of `data`, in order.
+    pub fn predict(&self, data: &SliceSet) -> Vec<u8> {
+        predict(&self.model.valid(), data, &self.device)
+    }
+
+    /// Validation scores on `data`, per case and mean.
+    pub fn evaluate(&self, data: &SliceSet) -> Evaluation {
+        evaluate(&self.model.valid(), data, &self.device, self.config.classes)
+    }
+
+    /// Serializes model record and optimizer state (with ParamIds, so they stay matched).
+    pub(crate) fn state_bytes(&self) -> Result<(Vec<u8>, Vec<u8>), burn::store::RecordError> {
+        let model = self.model().into_record().into_bytes()?;
+        let optim = self.optim.into_bytes()?;
+        Ok((model.to_vec(), optim.to_vec()))
+    }
+
+    /// Restores from [`Trainer::state_bytes`] output.
+    pub(crate) fn restore(
+        config: UNetConfig,
+        settings: TrainSettings,
+        device: Device,
+        model: Vec<u8>,
+        optim: Vec<u8>,
+        round: u64,
+        rng_state: u64,
+    ) -> Result<Self, burn::store::RecordError> {
+        let record = burn::store::ModuleRecord::from_bytes(Bytes::from_bytes_vec(model))?;
+        // Records carry the mode flags of whoever saved them; training resumes in training mode.
+        let model = config.init(&device.clone().autodiff()).try_load_record(record)?.train();
+        let optim = settings.optimizer().from_bytes(Bytes::from_bytes_vec(optim))?;
+        Ok(Self { model, optim, config, settings, device, round, rng: Rng::from_state(rng_state) })
+    }
+}
+
+/// Predicted label maps of `model` (in validation mode) for every slice of `data`.
+pub fn predict(model: &UNet, data: &SliceSet, device: &Device) -> Vec<u8> {
+    let (c, h, w) = (data.channels, data.height, data.width);
+    let mut out = Vec::with_capacity(data.len() * h * w);
+    for start in (0..data.len()).step_by(16) {
+        let end = (start + 16).min(data.len());
+        let images = data.images[start * c * h * w..end * c * h * w].to_vec();
+        let x = Tensor::<4>::from_data(TensorData::new(images, [end - start, c, h, w]), device);
+        let pred = model.forward(x).argmax(1).into_data();
+        out.extend(pred.iter::<i64>().map(|v| v as u8));
+    }
+    out
+}
+
+/// Per-case and mean validation scores of `model` on `data`.
+pub fn evaluate(model: &UNet, data: &SliceSet, device: &Device, classes: usize) -> Evaluation {
+    let pred = predict(model, data, device);
+    let plane = data.height * data.width;
+    let cases: Vec<CaseScore> = (0..data.case_names.len())
+        .filter_map(|case| {
+            let slices: Vec<usize> = (0..data.len()).filter(|&i| data.case_of[i] == case).collect();
+            if slices.is_empty() {
+                return None;
+            }
+            let p: Vec<u8> = slices.iter().flat_map(|&i| pred[i * plane..(i + 1) * plane].iter().copied()).collect();
+            let t: Vec<u8> = slices.iter().flat_map(|&i| data.label(i).iter().copied()).collect();
+            let s = Scores::of(&p, &t, classes);
+            Some(CaseScore { case: data.case_names[case].clone(), dice: s.mean_dice(), iou: s.mean_iou(), dice_per_class: s.dice })
+        })
+        .collect();
+    let n = cases.len().max(1) as f64;
+    Evaluation {
+        mean_dice: cases.iter().map(|c| c.dice).sum::<f64>() / n,
+        mean_iou: cases.iter().map(|c| c.iou).sum::<f64>() / n,
+        cases,
+    }
+}

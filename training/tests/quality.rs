@@ -1,0 +1,145 @@
+//! Training quality on small models and images, so these run in minutes on 2 CPU cores.
+
+use burn::tensor::Device;
+use medmesh_protocol::Manifest;
+use medmesh_training::data::brain::{self, BrainTemplate};
+use medmesh_training::data::slices::{SliceOptions, SliceSet, slice_cases};
+use medmesh_training::data::synthetic::{Preset, generate_site, site_profile};
+use medmesh_training::params::Selection;
+use medmesh_training::{Trainer, checkpoint, export};
+
+fn manifest(rounds: u32) -> Manifest {
+    let mut m = Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
+    m.averaging.rounds = rounds;
+    m
+}
+
+fn synthetic_site(site: usize, preset: Preset, cases: usize) -> (SliceSet, SliceSet) {
+    let profile = site_profile(preset, site, cases, 11);
+    let cases = generate_site(&profile, 64, 12, 11, site);
+    let set = slice_cases(&cases, &SliceOptions::new([64, 64], 11)).unwrap();
+    set.split(0.2, 11)
+}
+
+fn train(trainer: &mut Trainer, data: &SliceSet, rounds: usize) {
+    for r in 0..rounds {
+        let stats = trainer.train_round(data, |_| {});
+        eprintln!("round {r}: loss {:.4} over {} steps", stats.mean_loss, stats.steps);
+    }
+}
+
+#[test]
+fn synthetic_site_alone_reaches_dice_085() {
+    let (train_set, val) = synthetic_site(0, Preset::Iid, 20);
+    let m = manifest(8);
+    let mut trainer = Trainer::new(&m, Device::flex());
+    let t0 = std::time::Instant::now();
+    train(&mut trainer, &train_set, 8);
+    let eval = trainer.evaluate(&val);
+    eprintln!("synthetic: {} train slices, {:?}, dice {:.4}", train_set.len(), t0.elapsed(), eval.mean_dice);
+    assert!(eval.mean_dice >= 0.85, "validation Dice {:.4}", eval.mean_dice);
+}
+
+#[test]
+fn brain_site_alone_reaches_dice_090() {
+    let template = BrainTemplate::load_default().expect("mricron-data is installed by .ci/run");
+    let scanner = site_profile(Preset::FeatureShift, 2, 0, 5).scanner;
+    let cases = brain::generate_site(&template, &scanner, 14, 64, 8, 5, 2);
+    let (train_set, val) = slice_cases(&cases, &SliceOptions::new([64, 64], 5)).unwrap().split(0.2, 5);
+    let m = manifest(6);
+    let mut trainer = Trainer::new(&m, Device::flex());
+    let t0 = std::time::Instant::now();
+    train(&mut trainer, &train_set, 6);
+    let eval = trainer.evaluate(&val);
+    eprintln!("brain: {} train slices, {:?}, dice {:.4}", train_set.len(), t0.elapsed(), eval.mean_dice);
+    assert!(eval.mean_dice >= 0.90, "validation Dice {:.4}", eval.mean_dice);
+}
+
+#[test]
+fn averaged_weights_of_two_sites_make_a_working_model() {
+    let (train_a, val_a) = synthetic_site(0, Preset::FeatureShift, 14);
+    let (train_b, val_b) = synthetic_site(1, Preset::FeatureShift, 14);
+    let m = manifest(6);
+    // Same seed: both sites start from the same initial model, as in a real experiment.
+    let mut a = Trainer::new(&m, Device::flex());
+    let mut b = Trainer::new(&m, Device::flex());
+    let weight = |t: &SliceSet| t.len() as f64;
+    // FedAvg by hand through the flat weights path: train a round each, average, load back.
+    for _ in 0..6 {
+        a.train_round(&train_a, |_| {});
+        b.train_round(&train_b, |_| {});
+        let (wa, wb) = (a.weights(Selection::All), b.weights(Selection::All));
+        let mut mean = vec![0.0; wa.len()];
+        medmesh_protocol::averaging::weighted_mean(&[(&wa, weight(&train_a)), (&wb, weight(&train_b))], &mut mean).unwrap();
+        a.set_weights(&mean, Selection::All).unwrap();
+        b.set_weights(&mean, Selection::All).unwrap();
+        assert_eq!(a.weights(Selection::All), mean);
+    }
+    let (da, db) = (a.evaluate(&val_a).mean_dice, a.evaluate(&val_b).mean_dice);
+    eprintln!("averaged model: dice site A {da:.4}, site B {db:.4}");
+    assert!(da > 0.8 && db > 0.8, "averaged model: {da:.4} / {db:.4}");
+}
+
+#[test]
+fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
+    let (train_set, _) = synthetic_site(3, Preset::Iid, 6);
+    let mut m = manifest(4);
+    m.training.local_epochs = None;
+    m.training.local_steps = Some(3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.ckpt");
+
+    let mut straight = Trainer::new(&m, Device::flex());
+    train(&mut straight, &train_set, 4);
+
+    let mut first = Trainer::new(&m, Device::flex());
+    train(&mut first, &train_set, 2);
+    checkpoint::save(&first, &path).unwrap();
+    drop(first);
+    let mut resumed = checkpoint::load(
+        &path,
+        *straight.config(),
+        medmesh_training::TrainSettings::from_manifest(&m),
+        Device::flex(),
+    )
+    .unwrap();
+    assert_eq!(resumed.round(), 2);
+    train(&mut resumed, &train_set, 2);
+    let (x, y) = (straight.weights(Selection::All), resumed.weights(Selection::All));
+    let max_diff = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert_eq!(max_diff, 0.0, "resumed run differs by up to {max_diff}");
+
+    // A damaged checkpoint is refused with a clear error; the good one still loads.
+    let bytes = std::fs::read(&path).unwrap();
+    let broken = dir.path().join("broken.ckpt");
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+    let err = checkpoint::load(&broken, *straight.config(), medmesh_training::TrainSettings::from_manifest(&m), Device::flex()).unwrap_err();
+    assert!(err.to_string().contains("corrupt checkpoint"), "{err}");
+}
+
+#[test]
+fn exported_safetensors_are_readable_by_the_safetensors_crate() {
+    let m = manifest(1);
+    let trainer = Trainer::new(&m, Device::flex());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    export::save(&trainer.model(), trainer.config(), &[("manifest_digest", "abc".into())], &path).unwrap();
+
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let w = st.tensor("encoder.0.conv1.weight").unwrap();
+    assert_eq!(w.shape(), &[8, 1, 3, 3]);
+    assert_eq!(st.tensor("head.weight").unwrap().shape(), &[2, 8, 1, 1]);
+    assert_eq!(st.tensor("head.bias").unwrap().shape(), &[2]);
+    assert!(st.tensor("encoder.0.norm1.weight").is_ok(), "norm scale uses PyTorch's name");
+    assert!(st.tensor("encoder.0.norm1.running_var").is_ok());
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().unwrap()["manifest_digest"], "abc");
+
+    let (model, config) = export::load(&path, &Device::flex()).unwrap();
+    assert_eq!(config, *trainer.config());
+    assert_eq!(
+        medmesh_training::params::flatten(&model, Selection::All),
+        trainer.weights(Selection::All)
+    );
+}
