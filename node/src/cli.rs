@@ -9,9 +9,21 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "medmesh", version, about, long_about = None)]
 pub struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// Top-level commands.
@@ -47,11 +59,91 @@ pub enum Command {
         #[command(subcommand)]
         command: RosterCommand,
     },
+    /// Prepare datasets: synthetic multi-site data or the brain-extraction task.
+    Data {
+        /// The data operation.
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Train one site alone (the local-only baseline) and export the model as safetensors.
+    TrainLocal {
+        /// Dataset directory (MSD layout with dataset.json, or images/ + masks/ PNG pairs).
+        #[arg(long)]
+        data: PathBuf,
+        /// Experiment manifest (TOML or JSON): model, training, rounds, validation split.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Where to write the trained model.
+        #[arg(long)]
+        out: PathBuf,
+        /// Compute device: flex (CPU), cpu, cuda:N, wgpu.
+        #[arg(long, default_value = "flex")]
+        device: String,
+        /// Checkpoint file: resumed from if present, rewritten after every round.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Evaluate a model on a dataset; prints JSON with per-case Dice and the mean.
+    Evaluate {
+        /// The model (safetensors written by medmesh).
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Manifest giving the input size (defaults to the size recorded in the model).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Compute device.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
     /// Check, sign and verify experiment manifests.
     Experiment {
         /// The experiment operation.
         #[command(subcommand)]
         command: ExperimentCommand,
+    },
+}
+
+/// Tasks `medmesh data prepare` can build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskArg {
+    /// Synthetic lesion segmentation with per-site scanner and annotator effects.
+    Synthetic,
+    /// Brain extraction from the MNI ch2 template (Debian package mricron-data).
+    Brain,
+}
+
+/// Dataset operations.
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Write one MSD-layout dataset per site: DIR/site-1, DIR/site-2, ...
+    Prepare {
+        /// Which task.
+        #[arg(long, value_enum)]
+        task: TaskArg,
+        /// Number of sites.
+        #[arg(long, default_value_t = 4)]
+        sites: usize,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// How sites differ: iid, feature-shift, label-skew, realistic.
+        #[arg(long, default_value = "realistic")]
+        preset: String,
+        /// Seed; the same seed gives the same data.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Cases per site (before the preset's uneven sizes).
+        #[arg(long, default_value_t = 16)]
+        cases: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Slices per case.
+        #[arg(long, default_value_t = 12)]
+        slices: usize,
     },
 }
 

@@ -3,12 +3,48 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use medmesh_node::cli::{Cli, Command, ExperimentCommand};
-use medmesh_node::commands::{experiment, keys, roster};
+use medmesh_node::cli::{Cli, Command, DataCommand, ExperimentCommand, LogFormat};
+use medmesh_node::commands::{data, experiment, keys, roster, train};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Data {
+            command:
+                DataCommand::Prepare {
+                    task,
+                    sites,
+                    out,
+                    preset,
+                    seed,
+                    cases,
+                    size,
+                    slices,
+                },
+        } => data::prepare(&data::Prepare {
+            task,
+            sites,
+            out: &out,
+            preset: &preset,
+            seed,
+            cases,
+            size,
+            slices,
+        }),
+        Command::TrainLocal {
+            data,
+            manifest,
+            out,
+            device,
+            checkpoint,
+        } => train::train_local(&data, &manifest, &out, &device, checkpoint.as_deref()),
+        Command::Evaluate {
+            model,
+            data,
+            manifest,
+            device,
+        } => train::evaluate(&model, &data, manifest.as_deref(), &device),
         Command::Keygen { out, force } => keys::keygen(&out, force),
         Command::Whoami { key } => keys::whoami(&key),
         Command::NetworkKey { out, force } => keys::network_key(&out, force),
@@ -27,5 +63,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs go to standard error (stdout carries results), filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }

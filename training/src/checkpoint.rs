@@ -62,10 +62,12 @@ struct Header {
 /// Writes `trainer`'s state to `path` atomically (temp file, fsync, rename, fsync dir). On any
 /// failure the previous checkpoint at `path` is left untouched.
 pub fn save(trainer: &Trainer, path: &Path) -> Result<(), CheckpointError> {
-    let (model, optim) = trainer.state_bytes().map_err(|e| CheckpointError::Corrupt {
-        path: path.to_owned(),
-        reason: format!("cannot serialize the model: {e}"),
-    })?;
+    let (model, optim) = trainer
+        .state_bytes()
+        .map_err(|e| CheckpointError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("cannot serialize the model: {e}"),
+        })?;
     let c = trainer.config();
     let header = Header {
         round: trainer.round,
@@ -95,9 +97,18 @@ pub fn save(trainer: &Trainer, path: &Path) -> Result<(), CheckpointError> {
 
 /// Writes `bytes` to `path` through a temp file in the same directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let io = |source| CheckpointError::Io { path: path.to_owned(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let io = |source| CheckpointError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
@@ -113,9 +124,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 /// Loads a checkpoint for a model of `config`, trained with `settings`, onto `device`.
-pub fn load(path: &Path, config: UNetConfig, settings: TrainSettings, device: Device) -> Result<Trainer, CheckpointError> {
-    let bytes = fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_owned(), source })?;
-    let corrupt = |reason: &str| CheckpointError::Corrupt { path: path.to_owned(), reason: reason.to_owned() };
+pub fn load(
+    path: &Path,
+    config: UNetConfig,
+    settings: TrainSettings,
+    device: Device,
+) -> Result<Trainer, CheckpointError> {
+    let bytes = fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let corrupt = |reason: &str| CheckpointError::Corrupt {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
     if bytes.len() < 8 + 4 + 32 || &bytes[..8] != MAGIC {
         return Err(corrupt("not a medmesh checkpoint (bad magic or too short)"));
     }
@@ -124,18 +146,36 @@ pub fn load(path: &Path, config: UNetConfig, settings: TrainSettings, device: De
         return Err(corrupt("checksum mismatch (truncated or altered)"));
     }
     let header_len = u32::from_le_bytes([body[8], body[9], body[10], body[11]]) as usize;
-    let header_end = 12usize.checked_add(header_len).filter(|e| *e <= body.len()).ok_or_else(|| corrupt("header length out of range"))?;
-    let header: Header = serde_json::from_slice(&body[12..header_end]).map_err(|e| corrupt(&format!("bad header: {e}")))?;
+    let header_end = 12usize
+        .checked_add(header_len)
+        .filter(|e| *e <= body.len())
+        .ok_or_else(|| corrupt("header length out of range"))?;
+    let header: Header = serde_json::from_slice(&body[12..header_end])
+        .map_err(|e| corrupt(&format!("bad header: {e}")))?;
     let model_end = header_end + header.model_len as usize;
     if model_end + header.optim_len as usize != body.len() {
         return Err(corrupt("section lengths do not add up"));
     }
-    let expected = (config.in_channels, config.classes, config.depth, config.base_channels, config.normalization == Normalization::Batch);
-    let found = (header.in_channels, header.classes, header.depth, header.base_channels, header.batch_norm);
+    let expected = (
+        config.in_channels,
+        config.classes,
+        config.depth,
+        config.base_channels,
+        config.normalization == Normalization::Batch,
+    );
+    let found = (
+        header.in_channels,
+        header.classes,
+        header.depth,
+        header.base_channels,
+        header.batch_norm,
+    );
     if expected != found {
         return Err(CheckpointError::Mismatch {
             path: path.to_owned(),
-            reason: format!("(channels, classes, depth, base, batch-norm) {found:?}, expected {expected:?}"),
+            reason: format!(
+                "(channels, classes, depth, base, batch-norm) {found:?}, expected {expected:?}"
+            ),
         });
     }
     Trainer::restore(

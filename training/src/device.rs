@@ -72,7 +72,10 @@ impl fmt::Display for DeviceSpec {
 impl DeviceSpec {
     /// The burn device, if this build includes its backend.
     pub fn device(self) -> Result<Device, DeviceError> {
-        let missing = |feature| DeviceError::NotCompiled { name: self.to_string(), feature };
+        let missing = |feature| DeviceError::NotCompiled {
+            name: self.to_string(),
+            feature,
+        };
         match self {
             DeviceSpec::Flex => Ok(Device::flex()),
             #[cfg(feature = "cpu-jit")]
@@ -104,9 +107,18 @@ mod tests {
     fn names_parse_and_missing_backends_say_which_feature() {
         assert_eq!("cuda:1".parse(), Ok(DeviceSpec::Cuda(1)));
         assert_eq!("flex".parse(), Ok(DeviceSpec::Flex));
-        assert!(matches!("tpu".parse::<DeviceSpec>(), Err(DeviceError::Unknown(_))));
+        assert!(matches!(
+            "tpu".parse::<DeviceSpec>(),
+            Err(DeviceError::Unknown(_))
+        ));
         assert!(DeviceSpec::Flex.device().is_ok());
         #[cfg(not(feature = "cuda"))]
-        assert!(DeviceSpec::Cuda(0).device().unwrap_err().to_string().contains("--features cuda"));
+        assert!(
+            DeviceSpec::Cuda(0)
+                .device()
+                .unwrap_err()
+                .to_string()
+                .contains("--features cuda")
+        );
     }
 }

@@ -12,7 +12,10 @@ pub fn dice_ce_loss(logits: Tensor<4>, targets: Tensor<4>) -> Tensor<1> {
     let [batch, classes, height, width] = logits.dims();
     let log_p = log_softmax(logits, 1);
     let pixels = (batch * height * width) as f64;
-    let cross_entropy = (log_p.clone() * targets.clone()).sum().neg().div_scalar(pixels);
+    let cross_entropy = (log_p.clone() * targets.clone())
+        .sum()
+        .neg()
+        .div_scalar(pixels);
     let p = log_p.exp();
     let intersection = (p.clone() * targets.clone()).sum_dims(&[0, 2, 3]);
     let total = p.sum_dims(&[0, 2, 3]) + targets.sum_dims(&[0, 2, 3]);
@@ -23,7 +26,13 @@ pub fn dice_ce_loss(logits: Tensor<4>, targets: Tensor<4>) -> Tensor<1> {
 
 /// One-hot encodes class indices `[batch * height * width]` into `[batch, classes, h, w]`
 /// float data (host side, before upload).
-pub fn one_hot(labels: &[u8], batch: usize, classes: usize, height: usize, width: usize) -> Vec<f32> {
+pub fn one_hot(
+    labels: &[u8],
+    batch: usize,
+    classes: usize,
+    height: usize,
+    width: usize,
+) -> Vec<f32> {
     let plane = height * width;
     let mut out = vec![0f32; batch * classes * plane];
     for (i, &l) in labels.iter().enumerate() {
@@ -41,7 +50,10 @@ mod tests {
     fn perfect_logits_give_a_small_loss_and_wrong_ones_a_large_one() {
         let device = Device::flex();
         let labels: Vec<u8> = (0..32).map(|i| u8::from(i % 4 == 0)).collect();
-        let targets = Tensor::<4>::from_data(TensorData::new(one_hot(&labels, 2, 2, 4, 4), [2, 2, 4, 4]), &device);
+        let targets = Tensor::<4>::from_data(
+            TensorData::new(one_hot(&labels, 2, 2, 4, 4), [2, 2, 4, 4]),
+            &device,
+        );
         let good = targets.clone().mul_scalar(20.0);
         let bad = targets.clone().neg().add_scalar(1.0).mul_scalar(20.0);
         let good_loss: f32 = dice_ce_loss(good, targets.clone()).into_scalar();

@@ -46,7 +46,11 @@ impl Scores {
 }
 
 fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() { 1.0 } else { v.iter().sum::<f64>() / v.len() as f64 }
+    if v.is_empty() {
+        1.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
 }
 
 #[cfg(test)]
@@ -56,7 +60,11 @@ mod tests {
     #[test]
     fn dice_and_iou_basics() {
         assert_eq!(dice_iou(&[1, 1, 0, 0], &[1, 1, 0, 0], 1), (1.0, 1.0));
-        assert_eq!(dice_iou(&[0, 0], &[0, 0], 1), (1.0, 1.0), "empty vs empty is perfect");
+        assert_eq!(
+            dice_iou(&[0, 0], &[0, 0], 1),
+            (1.0, 1.0),
+            "empty vs empty is perfect"
+        );
         assert_eq!(dice_iou(&[1, 0], &[0, 0], 1), (0.0, 0.0));
         let (d, i) = dice_iou(&[1, 1, 0, 0], &[1, 0, 1, 0], 1);
         assert!((d - 0.5).abs() < 1e-12 && (i - 1.0 / 3.0).abs() < 1e-12);

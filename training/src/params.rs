@@ -21,7 +21,11 @@ pub enum Selection {
 impl Selection {
     /// The selection a manifest's `keep_normalization_local` implies.
     pub fn for_manifest(keep_normalization_local: bool) -> Self {
-        if keep_normalization_local { Selection::WithoutNormalization } else { Selection::All }
+        if keep_normalization_local {
+            Selection::WithoutNormalization
+        } else {
+            Selection::All
+        }
     }
 
     fn includes(self, in_norm: bool) -> bool {
@@ -123,7 +127,12 @@ impl ModuleVisitor for Collector {
 
 /// The layout of `selection` in `model`.
 pub fn layout<M: Module>(model: &M, selection: Selection) -> ParamLayout {
-    let mut c = Collector { path: PathTracker::default(), selection, layout: Vec::new(), values: None };
+    let mut c = Collector {
+        path: PathTracker::default(),
+        selection,
+        layout: Vec::new(),
+        values: None,
+    };
     model.visit(&mut c);
     ParamLayout { tensors: c.layout }
 }
@@ -167,7 +176,8 @@ impl ModuleMapper for Loader<'_> {
             let slice = &values[*offset..*offset + n];
             *offset += n;
             let grad = tensor.is_require_grad();
-            let fresh = Tensor::<D>::from_data(TensorData::new(slice.to_vec(), shape), &tensor.device());
+            let fresh =
+                Tensor::<D>::from_data(TensorData::new(slice.to_vec(), shape), &tensor.device());
             if grad { fresh.require_grad() } else { fresh }
         })
     }
@@ -175,15 +185,27 @@ impl ModuleMapper for Loader<'_> {
 
 /// Loads flat `values` (in `layout(model, selection)` order) into `model`; parameters
 /// outside the selection keep their values. Checks length and finiteness first.
-pub fn load_flat<M: Module>(model: M, values: &[f32], selection: Selection) -> Result<M, ParamsError> {
+pub fn load_flat<M: Module>(
+    model: M,
+    values: &[f32],
+    selection: Selection,
+) -> Result<M, ParamsError> {
     let expected = layout(&model, selection).num_params() as usize;
     if values.len() != expected {
-        return Err(ParamsError::Length { expected, got: values.len() });
+        return Err(ParamsError::Length {
+            expected,
+            got: values.len(),
+        });
     }
     if let Some(index) = values.iter().position(|v| !v.is_finite()) {
         return Err(ParamsError::NonFinite { index });
     }
-    let mut loader = Loader { path: PathTracker::default(), selection, values, offset: 0 };
+    let mut loader = Loader {
+        path: PathTracker::default(),
+        selection,
+        values,
+        offset: 0,
+    };
     Ok(model.map(&mut loader))
 }
 
@@ -194,7 +216,13 @@ mod tests {
     use medmesh_protocol::manifest::Normalization;
 
     fn config(norm: Normalization) -> UNetConfig {
-        UNetConfig { in_channels: 1, classes: 2, depth: 3, base_channels: 8, normalization: norm }
+        UNetConfig {
+            in_channels: 1,
+            classes: 2,
+            depth: 3,
+            base_channels: 8,
+            normalization: norm,
+        }
     }
 
     #[test]
@@ -207,7 +235,11 @@ mod tests {
             assert_ne!(wa, flatten(&b, Selection::All));
             let b = load_flat(b, &wa, Selection::All).unwrap();
             let back = flatten(&b, Selection::All);
-            assert!(back.iter().zip(&wa).all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert!(
+                back.iter()
+                    .zip(&wa)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+            );
             assert_eq!(layout(&a, Selection::All).num_params() as usize, wa.len());
         }
     }
@@ -219,9 +251,22 @@ mod tests {
         let all = layout(&a, Selection::All);
         let shared = layout(&a, Selection::WithoutNormalization);
         assert!(shared.num_params() < all.num_params());
-        assert!(all.tensors.iter().any(|t| t.name == "encoder.0.norm1.running_var"), "{:?}", all.tensors.iter().map(|t| &t.name).collect::<Vec<_>>());
+        assert!(
+            all.tensors
+                .iter()
+                .any(|t| t.name == "encoder.0.norm1.running_var"),
+            "{:?}",
+            all.tensors.iter().map(|t| &t.name).collect::<Vec<_>>()
+        );
         assert!(shared.tensors.iter().all(|t| !t.name.contains("norm")));
-        assert!(all.tensors.iter().any(|t| t.name == "encoder.0.conv1.weight" && t.shape == vec![8, 1, 3, 3]));
-        assert!(matches!(load_flat(a, &[0.0; 3], Selection::All), Err(ParamsError::Length { .. })));
+        assert!(
+            all.tensors
+                .iter()
+                .any(|t| t.name == "encoder.0.conv1.weight" && t.shape == vec![8, 1, 3, 3])
+        );
+        assert!(matches!(
+            load_flat(a, &[0.0; 3], Selection::All),
+            Err(ParamsError::Length { .. })
+        ));
     }
 }

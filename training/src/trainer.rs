@@ -64,7 +64,9 @@ impl TrainSettings {
     }
 
     fn optimizer(&self) -> ModuleOptimizer {
-        let clip = self.grad_clip.map(|c| GradientClippingConfig::Norm(c as f32));
+        let clip = self
+            .grad_clip
+            .map(|c| GradientClippingConfig::Norm(c as f32));
         match self.optimizer {
             Optimizer::Adam => AdamConfig::new()
                 .with_weight_decay(self.weight_decay.map(|p| WeightDecayConfig::new(p as f32)))
@@ -148,7 +150,11 @@ impl Trainer {
     /// A freshly initialized site model for `manifest` on `device` (a plain device; autodiff
     /// is added here).
     pub fn new(manifest: &Manifest, device: Device) -> Self {
-        Self::with(UNetConfig::from_manifest(manifest), TrainSettings::from_manifest(manifest), device)
+        Self::with(
+            UNetConfig::from_manifest(manifest),
+            TrainSettings::from_manifest(manifest),
+            device,
+        )
     }
 
     /// A freshly initialized model of `config` trained with `settings`.
@@ -157,7 +163,7 @@ impl Trainer {
         let model = init::seeded(&config, settings.seed, &train_device);
         Self {
             optim: settings.optimizer(),
-            rng: Rng::derive(settings.seed, 0x5A3B_1E),
+            rng: Rng::derive(settings.seed, 0x005A_3B1E),
             model,
             config,
             settings,
@@ -196,7 +202,11 @@ impl Trainer {
     }
 
     /// One round of local training on `data`: the manifest's epochs or steps.
-    pub fn train_round(&mut self, data: &SliceSet, mut on_step: impl FnMut(StepInfo)) -> RoundStats {
+    pub fn train_round(
+        &mut self,
+        data: &SliceSet,
+        mut on_step: impl FnMut(StepInfo),
+    ) -> RoundStats {
         let n = data.len();
         let batch = self.settings.batch_size.min(n.max(1));
         let steps = match (self.settings.local_steps, self.settings.local_epochs) {
@@ -206,7 +216,11 @@ impl Trainer {
         };
         if n == 0 {
             self.round += 1;
-            return RoundStats { steps: 0, mean_loss: 0.0, samples: 0 };
+            return RoundStats {
+                steps: 0,
+                mean_loss: 0.0,
+                samples: 0,
+            };
         }
         let lr = self.settings.learning_rate_at(self.round);
         let train_device = self.device.clone().autodiff();
@@ -228,15 +242,29 @@ impl Trainer {
             let grads = GradientsParams::from_grads(loss.backward(), &self.model);
             self.model = self.optim.step(lr, self.model.clone(), grads);
             total_loss += loss_value;
-            on_step(StepInfo { step: step + 1, of: steps, loss: loss_value });
+            on_step(StepInfo {
+                step: step + 1,
+                of: steps,
+                loss: loss_value,
+            });
         }
         self.round += 1;
-        RoundStats { steps, mean_loss: total_loss / steps as f64, samples: steps * batch }
+        RoundStats {
+            steps,
+            mean_loss: total_loss / steps as f64,
+            samples: steps * batch,
+        }
     }
 
     /// Builds a batch: images `[b, c, h, w]` and one-hot targets, with random flips when
     /// `augment` is set.
-    fn batch(&mut self, data: &SliceSet, indices: &[usize], device: &Device, augment: bool) -> (Tensor<4>, Tensor<4>) {
+    fn batch(
+        &mut self,
+        data: &SliceSet,
+        indices: &[usize],
+        device: &Device,
+        augment: bool,
+    ) -> (Tensor<4>, Tensor<4>) {
         let (c, h, w) = (data.channels, data.height, data.width);
         let classes = self.config.classes;
         let mut images = Vec::with_capacity(indices.len() * c * h * w);
@@ -256,7 +284,10 @@ impl Trainer {
         }
         let b = indices.len();
         let images = Tensor::<4>::from_data(TensorData::new(images, [b, c, h, w]), device);
-        let targets = Tensor::<4>::from_data(TensorData::new(one_hot(&labels, b, classes, h, w), [b, classes, h, w]), device);
+        let targets = Tensor::<4>::from_data(
+            TensorData::new(one_hot(&labels, b, classes, h, w), [b, classes, h, w]),
+            device,
+        );
         (images, targets)
     }
 
@@ -289,9 +320,22 @@ impl Trainer {
     ) -> Result<Self, burn::store::RecordError> {
         let record = burn::store::ModuleRecord::from_bytes(Bytes::from_bytes_vec(model))?;
         // Records carry the mode flags of whoever saved them; training resumes in training mode.
-        let model = config.init(&device.clone().autodiff()).try_load_record(record)?.train();
-        let optim = settings.optimizer().from_bytes(Bytes::from_bytes_vec(optim))?;
-        Ok(Self { model, optim, config, settings, device, round, rng: Rng::from_state(rng_state) })
+        let model = config
+            .init(&device.clone().autodiff())
+            .try_load_record(record)?
+            .train();
+        let optim = settings
+            .optimizer()
+            .from_bytes(Bytes::from_bytes_vec(optim))?;
+        Ok(Self {
+            model,
+            optim,
+            config,
+            settings,
+            device,
+            round,
+            rng: Rng::from_state(rng_state),
+        })
     }
 }
 
@@ -315,14 +359,27 @@ pub fn evaluate(model: &UNet, data: &SliceSet, device: &Device, classes: usize) 
     let plane = data.height * data.width;
     let cases: Vec<CaseScore> = (0..data.case_names.len())
         .filter_map(|case| {
-            let slices: Vec<usize> = (0..data.len()).filter(|&i| data.case_of[i] == case).collect();
+            let slices: Vec<usize> = (0..data.len())
+                .filter(|&i| data.case_of[i] == case)
+                .collect();
             if slices.is_empty() {
                 return None;
             }
-            let p: Vec<u8> = slices.iter().flat_map(|&i| pred[i * plane..(i + 1) * plane].iter().copied()).collect();
-            let t: Vec<u8> = slices.iter().flat_map(|&i| data.label(i).iter().copied()).collect();
+            let p: Vec<u8> = slices
+                .iter()
+                .flat_map(|&i| pred[i * plane..(i + 1) * plane].iter().copied())
+                .collect();
+            let t: Vec<u8> = slices
+                .iter()
+                .flat_map(|&i| data.label(i).iter().copied())
+                .collect();
             let s = Scores::of(&p, &t, classes);
-            Some(CaseScore { case: data.case_names[case].clone(), dice: s.mean_dice(), iou: s.mean_iou(), dice_per_class: s.dice })
+            Some(CaseScore {
+                case: data.case_names[case].clone(),
+                dice: s.mean_dice(),
+                iou: s.mean_iou(),
+                dice_per_class: s.dice,
+            })
         })
         .collect();
     let n = cases.len().max(1) as f64;

@@ -24,7 +24,10 @@ fn synthetic_site(site: usize, preset: Preset, cases: usize) -> (SliceSet, Slice
 fn train(trainer: &mut Trainer, data: &SliceSet, rounds: usize) {
     for r in 0..rounds {
         let stats = trainer.train_round(data, |_| {});
-        eprintln!("round {r}: loss {:.4} over {} steps", stats.mean_loss, stats.steps);
+        eprintln!(
+            "round {r}: loss {:.4} over {} steps",
+            stats.mean_loss, stats.steps
+        );
     }
 }
 
@@ -36,8 +39,17 @@ fn synthetic_site_alone_reaches_dice_085() {
     let t0 = std::time::Instant::now();
     train(&mut trainer, &train_set, 8);
     let eval = trainer.evaluate(&val);
-    eprintln!("synthetic: {} train slices, {:?}, dice {:.4}", train_set.len(), t0.elapsed(), eval.mean_dice);
-    assert!(eval.mean_dice >= 0.85, "validation Dice {:.4}", eval.mean_dice);
+    eprintln!(
+        "synthetic: {} train slices, {:?}, dice {:.4}",
+        train_set.len(),
+        t0.elapsed(),
+        eval.mean_dice
+    );
+    assert!(
+        eval.mean_dice >= 0.85,
+        "validation Dice {:.4}",
+        eval.mean_dice
+    );
 }
 
 #[test]
@@ -45,14 +57,25 @@ fn brain_site_alone_reaches_dice_090() {
     let template = BrainTemplate::load_default().expect("mricron-data is installed by .ci/run");
     let scanner = site_profile(Preset::FeatureShift, 2, 0, 5).scanner;
     let cases = brain::generate_site(&template, &scanner, 14, 64, 8, 5, 2);
-    let (train_set, val) = slice_cases(&cases, &SliceOptions::new([64, 64], 5)).unwrap().split(0.2, 5);
+    let (train_set, val) = slice_cases(&cases, &SliceOptions::new([64, 64], 5))
+        .unwrap()
+        .split(0.2, 5);
     let m = manifest(6);
     let mut trainer = Trainer::new(&m, Device::flex());
     let t0 = std::time::Instant::now();
     train(&mut trainer, &train_set, 6);
     let eval = trainer.evaluate(&val);
-    eprintln!("brain: {} train slices, {:?}, dice {:.4}", train_set.len(), t0.elapsed(), eval.mean_dice);
-    assert!(eval.mean_dice >= 0.90, "validation Dice {:.4}", eval.mean_dice);
+    eprintln!(
+        "brain: {} train slices, {:?}, dice {:.4}",
+        train_set.len(),
+        t0.elapsed(),
+        eval.mean_dice
+    );
+    assert!(
+        eval.mean_dice >= 0.90,
+        "validation Dice {:.4}",
+        eval.mean_dice
+    );
 }
 
 #[test]
@@ -70,7 +93,11 @@ fn averaged_weights_of_two_sites_make_a_working_model() {
         b.train_round(&train_b, |_| {});
         let (wa, wb) = (a.weights(Selection::All), b.weights(Selection::All));
         let mut mean = vec![0.0; wa.len()];
-        medmesh_protocol::averaging::weighted_mean(&[(&wa, weight(&train_a)), (&wb, weight(&train_b))], &mut mean).unwrap();
+        medmesh_protocol::averaging::weighted_mean(
+            &[(&wa, weight(&train_a)), (&wb, weight(&train_b))],
+            &mut mean,
+        )
+        .unwrap();
         a.set_weights(&mean, Selection::All).unwrap();
         b.set_weights(&mean, Selection::All).unwrap();
         assert_eq!(a.weights(Selection::All), mean);
@@ -105,15 +132,28 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
     .unwrap();
     assert_eq!(resumed.round(), 2);
     train(&mut resumed, &train_set, 2);
-    let (x, y) = (straight.weights(Selection::All), resumed.weights(Selection::All));
-    let max_diff = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let (x, y) = (
+        straight.weights(Selection::All),
+        resumed.weights(Selection::All),
+    );
+    let max_diff = x
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert_eq!(max_diff, 0.0, "resumed run differs by up to {max_diff}");
 
     // A damaged checkpoint is refused with a clear error; the good one still loads.
     let bytes = std::fs::read(&path).unwrap();
     let broken = dir.path().join("broken.ckpt");
     std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
-    let err = checkpoint::load(&broken, *straight.config(), medmesh_training::TrainSettings::from_manifest(&m), Device::flex()).unwrap_err();
+    let err = checkpoint::load(
+        &broken,
+        *straight.config(),
+        medmesh_training::TrainSettings::from_manifest(&m),
+        Device::flex(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("corrupt checkpoint"), "{err}");
 }
 
@@ -123,7 +163,13 @@ fn exported_safetensors_are_readable_by_the_safetensors_crate() {
     let trainer = Trainer::new(&m, Device::flex());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
-    export::save(&trainer.model(), trainer.config(), &[("manifest_digest", "abc".into())], &path).unwrap();
+    export::save(
+        &trainer.model(),
+        trainer.config(),
+        &[("manifest_digest", "abc".into())],
+        &path,
+    )
+    .unwrap();
 
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -131,7 +177,10 @@ fn exported_safetensors_are_readable_by_the_safetensors_crate() {
     assert_eq!(w.shape(), &[8, 1, 3, 3]);
     assert_eq!(st.tensor("head.weight").unwrap().shape(), &[2, 8, 1, 1]);
     assert_eq!(st.tensor("head.bias").unwrap().shape(), &[2]);
-    assert!(st.tensor("encoder.0.norm1.weight").is_ok(), "norm scale uses PyTorch's name");
+    assert!(
+        st.tensor("encoder.0.norm1.weight").is_ok(),
+        "norm scale uses PyTorch's name"
+    );
     assert!(st.tensor("encoder.0.norm1.running_var").is_ok());
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(meta.metadata().as_ref().unwrap()["manifest_digest"], "abc");

@@ -64,7 +64,8 @@ impl BrainTemplate {
         let (fx, fy) = (x - x0 as f64, y - y0 as f64);
         let at = |xx: usize, yy: usize| xx + nx * (yy + ny * z);
         let v = |xx, yy| f64::from(self.head[at(xx, yy)]);
-        let value = (v(x0, y0) * (1.0 - fx) + v(x1, y0) * fx) * (1.0 - fy) + (v(x0, y1) * (1.0 - fx) + v(x1, y1) * fx) * fy;
+        let value = (v(x0, y0) * (1.0 - fx) + v(x1, y0) * fx) * (1.0 - fy)
+            + (v(x0, y1) * (1.0 - fx) + v(x1, y1) * fx) * fy;
         let nearest = at(x.round() as usize, y.round() as usize);
         (value, self.mask[nearest])
     }
@@ -83,12 +84,26 @@ pub fn generate_site(
     (0..cases)
         .map(|i| {
             let mut rng = Rng::derive(seed, 0xB8A1_0000_0000 | ((site as u64) << 16) | i as u64);
-            generate_case(template, scanner, &format!("site{}_brain{:03}", site + 1, i), size, slices, &mut rng)
+            generate_case(
+                template,
+                scanner,
+                &format!("site{}_brain{:03}", site + 1, i),
+                size,
+                slices,
+                &mut rng,
+            )
         })
         .collect()
 }
 
-fn generate_case(t: &BrainTemplate, scanner: &Scanner, name: &str, size: usize, slices: usize, rng: &mut Rng) -> Case {
+fn generate_case(
+    t: &BrainTemplate,
+    scanner: &Scanner,
+    name: &str,
+    size: usize,
+    slices: usize,
+    rng: &mut Rng,
+) -> Case {
     let [nx, ny, nz] = t.dims;
     // Axial slices through the middle of the brain, where most of it is.
     let z_lo = (nz as f64 * 0.30) as usize;
@@ -97,7 +112,14 @@ fn generate_case(t: &BrainTemplate, scanner: &Scanner, name: &str, size: usize, 
     let scale = rng.range(0.9, 1.1);
     let shift = (rng.range(-8.0, 8.0), rng.range(-8.0, 8.0));
     let waves: Vec<(f64, f64, f64, f64)> = (0..3)
-        .map(|_| (rng.range(0.5, 2.0), rng.range(0.5, 2.0), rng.range(0.0, 6.3), rng.range(1.5, 4.0)))
+        .map(|_| {
+            (
+                rng.range(0.5, 2.0),
+                rng.range(0.5, 2.0),
+                rng.range(0.0, 6.3),
+                rng.range(1.5, 4.0),
+            )
+        })
         .collect();
     let half_span = 0.5 * nx.max(ny) as f64 * 1.05;
     let (cx, cy) = (nx as f64 / 2.0, ny as f64 / 2.0);
@@ -118,7 +140,10 @@ fn generate_case(t: &BrainTemplate, scanner: &Scanner, name: &str, size: usize, 
                     dx += amp * (a * u * 3.0 + b * v * 2.0 + phase).sin();
                     dy += amp * (b * u * 2.0 - a * v * 3.0 + phase).cos();
                 }
-                let (ru, rv) = (angle.cos() * u - angle.sin() * v, angle.sin() * u + angle.cos() * v);
+                let (ru, rv) = (
+                    angle.cos() * u - angle.sin() * v,
+                    angle.sin() * u + angle.cos() * v,
+                );
                 let x = cx + ru * half_span / scale + shift.0 + dx;
                 let y = cy + rv * half_span / scale + shift.1 + dy;
                 let (value, inside) = t.sample(x, y, z.min(nz - 1));
@@ -127,13 +152,23 @@ fn generate_case(t: &BrainTemplate, scanner: &Scanner, name: &str, size: usize, 
             }
         }
         apply_scanner(&mut img, size, size, scanner, rng);
-        image[s * plane..(s + 1) * plane].iter_mut().zip(&img).for_each(|(o, v)| *o = *v as f32);
+        image[s * plane..(s + 1) * plane]
+            .iter_mut()
+            .zip(&img)
+            .for_each(|(o, v)| *o = *v as f32);
         label[s * plane..(s + 1) * plane].copy_from_slice(&lab);
     }
     Case {
         name: name.to_owned(),
-        image: Volume { dims: [size, size, slices], channels: 1, data: image },
-        label: LabelVolume { dims: [size, size, slices], data: label },
+        image: Volume {
+            dims: [size, size, slices],
+            channels: 1,
+            data: image,
+        },
+        label: LabelVolume {
+            dims: [size, size, slices],
+            data: label,
+        },
     }
 }
 
@@ -152,10 +187,18 @@ mod tests {
     #[test]
     fn cases_have_brain_and_background() {
         let t = BrainTemplate::load_default().expect("mricron-data is installed by .ci/run");
-        let scanner = Scanner { gain: 1.0, gamma: 1.0, bias: 0.1, noise: Noise::Gaussian, noise_level: 0.03, blur: 0 };
+        let scanner = Scanner {
+            gain: 1.0,
+            gamma: 1.0,
+            bias: 0.1,
+            noise: Noise::Gaussian,
+            noise_level: 0.03,
+            blur: 0,
+        };
         let cases = generate_site(&t, &scanner, 2, 32, 3, 5, 0);
         for case in &cases {
-            let brain = case.label.data.iter().filter(|&&l| l == 1).count() as f64 / case.label.data.len() as f64;
+            let brain = case.label.data.iter().filter(|&&l| l == 1).count() as f64
+                / case.label.data.len() as f64;
             assert!((0.15..0.8).contains(&brain), "brain fraction {brain}");
         }
         assert_ne!(cases[0].image.data, cases[1].image.data);

@@ -81,7 +81,9 @@ pub enum DataError {
         shape: Vec<usize>,
     },
     /// Image and label disagree in size.
-    #[error("{label}: label shape {label_shape:?} does not match image {image} shape {image_shape:?}")]
+    #[error(
+        "{label}: label shape {label_shape:?} does not match image {image} shape {image_shape:?}"
+    )]
     ShapeMismatch {
         /// The image file.
         image: PathBuf,
@@ -142,12 +144,38 @@ pub enum DataError {
         /// What is missing.
         missing: &'static str,
     },
+    /// A directory that holds neither layout.
+    #[error("{path}: not a dataset directory (no dataset.json, and no images/ + masks/ folders)")]
+    NotADataset {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A source file that the brain task needs is not installed.
-    #[error("{path}: not found; install the Debian package `mricron-data` (apt-get install mricron-data)")]
+    #[error(
+        "{path}: not found; install the Debian package `mricron-data` (apt-get install mricron-data)"
+    )]
     TemplateMissing {
         /// The expected template path.
         path: PathBuf,
     },
+}
+
+/// Loads every case of a dataset directory: the MSD layout if it has a `dataset.json`,
+/// PNG pairs if it has `images/` and `masks/`.
+pub fn load_dir(
+    dir: &std::path::Path,
+    channels: usize,
+    classes: usize,
+) -> Result<Vec<Case>, DataError> {
+    if dir.join("dataset.json").exists() {
+        msd::read_dataset(dir, channels, classes)
+    } else if dir.join("images").is_dir() {
+        png_pairs::read_pairs(dir, classes)
+    } else {
+        Err(DataError::NotADataset {
+            path: dir.to_owned(),
+        })
+    }
 }
 
 pub(crate) fn io_error(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {

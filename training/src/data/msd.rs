@@ -50,7 +50,9 @@ pub fn read_dataset(dir: &Path, channels: usize, classes: usize) -> Result<Vec<C
         reason: e.to_string(),
     })?;
     if meta.training.is_empty() {
-        return Err(DataError::Empty { path: dir.to_owned() });
+        return Err(DataError::Empty {
+            path: dir.to_owned(),
+        });
     }
     meta.training
         .iter()
@@ -84,8 +86,13 @@ pub fn read_dataset(dir: &Path, channels: usize, classes: usize) -> Result<Vec<C
 }
 
 fn case_name(path: &Path) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    name.trim_end_matches(".gz").trim_end_matches(".nii").to_owned()
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.trim_end_matches(".gz")
+        .trim_end_matches(".nii")
+        .to_owned()
 }
 
 /// Reads a NIfTI volume as f32 with x fastest: `[x, y, z]` or `[x, y, z, channels]`.
@@ -101,7 +108,10 @@ pub(crate) fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataErro
         reason: e.to_string(),
     };
     let object = ReaderOptions::new().read_file(path).map_err(nifti_err)?;
-    let array = object.into_volume().into_ndarray::<f32>().map_err(nifti_err)?;
+    let array = object
+        .into_volume()
+        .into_ndarray::<f32>()
+        .map_err(nifti_err)?;
     let shape = array.shape().to_vec();
     // Reversing the axes makes logical iteration order x-fastest, whatever the memory order.
     let data: Vec<f32> = array.reversed_axes().iter().copied().collect();
@@ -114,7 +124,12 @@ fn read_image(path: &Path) -> Result<Volume, DataError> {
         [x, y, z] => ([*x, *y, *z], 1),
         [x, y, z, c] => ([*x, *y, *z], *c),
         [x, y] => ([*x, *y, 1], 1),
-        _ => return Err(DataError::Dimensions { path: path.to_owned(), shape }),
+        _ => {
+            return Err(DataError::Dimensions {
+                path: path.to_owned(),
+                shape,
+            });
+        }
     };
     if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
         return Err(DataError::Nifti {
@@ -122,7 +137,11 @@ fn read_image(path: &Path) -> Result<Volume, DataError> {
             reason: format!("contains a non-finite voxel value ({bad})"),
         });
     }
-    Ok(Volume { dims, channels, data })
+    Ok(Volume {
+        dims,
+        channels,
+        data,
+    })
 }
 
 fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
@@ -131,7 +150,12 @@ fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
         [x, y, z] => [*x, *y, *z],
         [x, y] => [*x, *y, 1],
         [x, y, z, 1] => [*x, *y, *z],
-        _ => return Err(DataError::Dimensions { path: path.to_owned(), shape }),
+        _ => {
+            return Err(DataError::Dimensions {
+                path: path.to_owned(),
+                shape,
+            });
+        }
     };
     let labels = data
         .iter()
@@ -178,7 +202,11 @@ pub fn write_dataset(
         modality: (0..cases.first().map_or(1, |c| c.image.channels))
             .map(|c| (c.to_string(), "MRI".to_owned()))
             .collect(),
-        labels: class_names.iter().enumerate().map(|(i, n)| (i.to_string(), (*n).to_owned())).collect(),
+        labels: class_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i.to_string(), (*n).to_owned()))
+            .collect(),
         num_training: cases.len(),
         training,
     };
@@ -192,28 +220,46 @@ pub fn write_dataset(
 
 fn write_volume(path: &PathBuf, v: &Volume) -> Result<(), DataError> {
     let [x, y, z] = v.dims;
-    let write_err = |e: nifti::NiftiError| DataError::Nifti { path: path.clone(), reason: e.to_string() };
+    let write_err = |e: nifti::NiftiError| DataError::Nifti {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
     if v.channels == 1 {
-        let array = Array::from_shape_vec((x, y, z).f(), v.data.clone()).map_err(|e| DataError::Nifti {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        WriterOptions::new(path).write_nifti(&array).map_err(write_err)
+        let array =
+            Array::from_shape_vec((x, y, z).f(), v.data.clone()).map_err(|e| DataError::Nifti {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        WriterOptions::new(path)
+            .write_nifti(&array)
+            .map_err(write_err)
     } else {
-        let array = Array::from_shape_vec((x, y, z, v.channels).f(), v.data.clone()).map_err(|e| {
-            DataError::Nifti { path: path.clone(), reason: e.to_string() }
-        })?;
-        WriterOptions::new(path).write_nifti(&array).map_err(write_err)
+        let array =
+            Array::from_shape_vec((x, y, z, v.channels).f(), v.data.clone()).map_err(|e| {
+                DataError::Nifti {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        WriterOptions::new(path)
+            .write_nifti(&array)
+            .map_err(write_err)
     }
 }
 
 fn write_labels(path: &PathBuf, l: &LabelVolume) -> Result<(), DataError> {
     let [x, y, z] = l.dims;
-    let array = Array::from_shape_vec((x, y, z).f(), l.data.clone())
-        .map_err(|e| DataError::Nifti { path: path.clone(), reason: e.to_string() })?;
+    let array =
+        Array::from_shape_vec((x, y, z).f(), l.data.clone()).map_err(|e| DataError::Nifti {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     WriterOptions::new(path)
         .write_nifti(&array)
-        .map_err(|e| DataError::Nifti { path: path.clone(), reason: e.to_string() })
+        .map_err(|e| DataError::Nifti {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -224,8 +270,15 @@ mod tests {
         let n: usize = dims.iter().product();
         Case {
             name: name.into(),
-            image: Volume { dims, channels: 1, data: (0..n).map(|i| i as f32 * 0.5).collect() },
-            label: LabelVolume { dims, data: (0..n).map(|i| (i % 3 == 0) as u8).collect() },
+            image: Volume {
+                dims,
+                channels: 1,
+                data: (0..n).map(|i| i as f32 * 0.5).collect(),
+            },
+            label: LabelVolume {
+                dims,
+                data: (0..n).map(|i| (i % 3 == 0) as u8).collect(),
+            },
         }
     }
 
@@ -241,14 +294,34 @@ mod tests {
     #[test]
     fn defects_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        write_dataset(dir.path(), "t", "test", &["bg", "fg"], &[case("a", [4, 4, 2])]).unwrap();
+        write_dataset(
+            dir.path(),
+            "t",
+            "test",
+            &["bg", "fg"],
+            &[case("a", [4, 4, 2])],
+        )
+        .unwrap();
 
         let err = read_dataset(dir.path(), 1, 1).unwrap_err();
-        assert!(matches!(err, DataError::LabelOutOfRange { value, .. } if value == 1.0), "{err}");
+        assert!(
+            matches!(err, DataError::LabelOutOfRange { value, .. } if value == 1.0),
+            "{err}"
+        );
         assert!(err.to_string().contains("labelsTr/a.nii.gz"), "{err}");
 
         let err = read_dataset(dir.path(), 2, 2).unwrap_err();
-        assert!(matches!(err, DataError::Channels { found: 1, expected: 2, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DataError::Channels {
+                    found: 1,
+                    expected: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         let img = dir.path().join("imagesTr/a.nii.gz");
         let bytes = fs::read(&img).unwrap();
@@ -258,14 +331,28 @@ mod tests {
         assert!(err.to_string().contains("imagesTr/a.nii.gz"), "{err}");
 
         // A label of another shape.
-        write_labels(&dir.path().join("labelsTr/a.nii.gz"), &case("a", [4, 3, 2]).label).unwrap();
+        write_labels(
+            &dir.path().join("labelsTr/a.nii.gz"),
+            &case("a", [4, 3, 2]).label,
+        )
+        .unwrap();
         write_volume(&img, &case("a", [4, 4, 2]).image).unwrap();
         let err = read_dataset(dir.path(), 1, 2).unwrap_err();
         assert!(matches!(err, DataError::ShapeMismatch { .. }), "{err}");
 
-        fs::write(dir.path().join("dataset.json"), r#"{"name":"x","training":[]}"#).unwrap();
-        assert!(matches!(read_dataset(dir.path(), 1, 2), Err(DataError::Empty { .. })));
+        fs::write(
+            dir.path().join("dataset.json"),
+            r#"{"name":"x","training":[]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            read_dataset(dir.path(), 1, 2),
+            Err(DataError::Empty { .. })
+        ));
         fs::write(dir.path().join("dataset.json"), "{").unwrap();
-        assert!(matches!(read_dataset(dir.path(), 1, 2), Err(DataError::DatasetJson { .. })));
+        assert!(matches!(
+            read_dataset(dir.path(), 1, 2),
+            Err(DataError::DatasetJson { .. })
+        ));
     }
 }

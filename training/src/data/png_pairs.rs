@@ -19,10 +19,16 @@ pub fn read_pairs(dir: &Path, classes: usize) -> Result<Vec<Case>, DataError> {
     if names.is_empty() {
         return Err(DataError::Empty { path: images_dir });
     }
-    for mask in fs::read_dir(&masks_dir).map_err(io_error(&masks_dir))?.filter_map(|e| e.ok()) {
+    for mask in fs::read_dir(&masks_dir)
+        .map_err(io_error(&masks_dir))?
+        .filter_map(|e| e.ok())
+    {
         let partner = images_dir.join(mask.file_name());
         if !partner.exists() {
-            return Err(DataError::Unpaired { path: mask.path(), missing: "image in images/" });
+            return Err(DataError::Unpaired {
+                path: mask.path(),
+                missing: "image in images/",
+            });
         }
     }
     names
@@ -30,7 +36,10 @@ pub fn read_pairs(dir: &Path, classes: usize) -> Result<Vec<Case>, DataError> {
         .map(|image_path| {
             let mask_path = masks_dir.join(image_path.file_name().unwrap_or_default());
             if !mask_path.exists() {
-                return Err(DataError::Unpaired { path: image_path.clone(), missing: "mask in masks/" });
+                return Err(DataError::Unpaired {
+                    path: image_path.clone(),
+                    missing: "mask in masks/",
+                });
             }
             let (w, h, pixels) = read_gray(image_path, &[8, 16])?;
             let (mw, mh, mask) = read_gray(&mask_path, &[8])?;
@@ -48,14 +57,28 @@ pub fn read_pairs(dir: &Path, classes: usize) -> Result<Vec<Case>, DataError> {
                     if (v as usize) < classes {
                         Ok(v as u8)
                     } else {
-                        Err(DataError::LabelOutOfRange { path: mask_path.clone(), value: v, classes })
+                        Err(DataError::LabelOutOfRange {
+                            path: mask_path.clone(),
+                            value: v,
+                            classes,
+                        })
                     }
                 })
                 .collect::<Result<Vec<u8>, _>>()?;
             Ok(Case {
-                name: image_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-                image: Volume { dims: [w, h, 1], channels: 1, data: pixels },
-                label: LabelVolume { dims: [w, h, 1], data: label },
+                name: image_path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                image: Volume {
+                    dims: [w, h, 1],
+                    channels: 1,
+                    data: pixels,
+                },
+                label: LabelVolume {
+                    dims: [w, h, 1],
+                    data: label,
+                },
             })
         })
         .collect()
@@ -63,24 +86,49 @@ pub fn read_pairs(dir: &Path, classes: usize) -> Result<Vec<Case>, DataError> {
 
 /// Reads a grayscale PNG of one of `depths` bits, row-major (which is x fastest).
 fn read_gray(path: &Path, depths: &[u8]) -> Result<(usize, usize, Vec<f32>), DataError> {
-    let png_err = |reason: String| DataError::Png { path: path.to_owned(), reason };
+    let png_err = |reason: String| DataError::Png {
+        path: path.to_owned(),
+        reason,
+    };
     let file = File::open(path).map_err(io_error(path))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let mut reader = decoder.read_info().map_err(|e| png_err(format!("not a readable PNG: {e}")))?;
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| png_err(format!("not a readable PNG: {e}")))?;
     let info = reader.info();
     let depth = info.bit_depth as u8;
     if info.color_type != png::ColorType::Grayscale {
-        return Err(png_err(format!("colour type {:?}; expected grayscale", info.color_type)));
+        return Err(png_err(format!(
+            "colour type {:?}; expected grayscale",
+            info.color_type
+        )));
     }
     if !depths.contains(&depth) {
-        return Err(png_err(format!("bit depth {depth}; expected {}", depths.iter().map(u8::to_string).collect::<Vec<_>>().join(" or "))));
+        return Err(png_err(format!(
+            "bit depth {depth}; expected {}",
+            depths
+                .iter()
+                .map(u8::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
     }
     let (w, h) = (info.width as usize, info.height as usize);
-    let mut buf = vec![0; reader.output_buffer_size().ok_or_else(|| png_err("image too large".into()))?];
-    let frame = reader.next_frame(&mut buf).map_err(|e| png_err(format!("corrupt image data: {e}")))?;
+    let mut buf = vec![
+        0;
+        reader
+            .output_buffer_size()
+            .ok_or_else(|| png_err("image too large".into()))?
+    ];
+    let frame = reader
+        .next_frame(&mut buf)
+        .map_err(|e| png_err(format!("corrupt image data: {e}")))?;
     let bytes = &buf[..frame.buffer_size()];
     let pixels = if depth == 16 {
-        bytes.chunks_exact(2).map(|b| f32::from(u16::from_be_bytes([b[0], b[1]]))).collect()
+        bytes
+            .chunks_exact(2)
+            .map(|b| f32::from(u16::from_be_bytes([b[0], b[1]])))
+            .collect()
     } else {
         bytes.iter().map(|&b| f32::from(b)).collect()
     };
@@ -91,7 +139,14 @@ fn read_gray(path: &Path, depths: &[u8]) -> Result<(usize, usize, Vec<f32>), Dat
 mod tests {
     use super::*;
 
-    fn write_png(path: &Path, w: u32, h: u32, depth: png::BitDepth, color: png::ColorType, data: &[u8]) {
+    fn write_png(
+        path: &Path,
+        w: u32,
+        h: u32,
+        depth: png::BitDepth,
+        color: png::ColorType,
+        data: &[u8],
+    ) {
         let file = File::create(path).unwrap();
         let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
         enc.set_color(color);
@@ -111,8 +166,22 @@ mod tests {
         let dir = layout();
         let img: Vec<u8> = (0..16).collect();
         let mask: Vec<u8> = (0..16).map(|i| u8::from(i > 8)).collect();
-        write_png(&dir.path().join("images/a.png"), 4, 4, png::BitDepth::Eight, png::ColorType::Grayscale, &img);
-        write_png(&dir.path().join("masks/a.png"), 4, 4, png::BitDepth::Eight, png::ColorType::Grayscale, &mask);
+        write_png(
+            &dir.path().join("images/a.png"),
+            4,
+            4,
+            png::BitDepth::Eight,
+            png::ColorType::Grayscale,
+            &img,
+        );
+        write_png(
+            &dir.path().join("masks/a.png"),
+            4,
+            4,
+            png::BitDepth::Eight,
+            png::ColorType::Grayscale,
+            &mask,
+        );
         let cases = read_pairs(dir.path(), 2).unwrap();
         assert_eq!(cases[0].image.data[5], 5.0);
         assert_eq!(cases[0].label.data.iter().filter(|&&l| l == 1).count(), 7);
@@ -121,28 +190,73 @@ mod tests {
         assert!(matches!(err, DataError::LabelOutOfRange { .. }), "{err}");
 
         // A 16-bit mask is the wrong bit depth.
-        write_png(&dir.path().join("masks/a.png"), 4, 4, png::BitDepth::Sixteen, png::ColorType::Grayscale, &[0; 32]);
+        write_png(
+            &dir.path().join("masks/a.png"),
+            4,
+            4,
+            png::BitDepth::Sixteen,
+            png::ColorType::Grayscale,
+            &[0; 32],
+        );
         let err = read_pairs(dir.path(), 2).unwrap_err();
-        assert!(err.to_string().contains("bit depth 16") && err.to_string().contains("masks/a.png"), "{err}");
+        assert!(
+            err.to_string().contains("bit depth 16") && err.to_string().contains("masks/a.png"),
+            "{err}"
+        );
 
         // An RGB image.
-        write_png(&dir.path().join("masks/a.png"), 4, 4, png::BitDepth::Eight, png::ColorType::Grayscale, &mask);
-        write_png(&dir.path().join("images/a.png"), 4, 4, png::BitDepth::Eight, png::ColorType::Rgb, &[0; 48]);
-        assert!(read_pairs(dir.path(), 2).unwrap_err().to_string().contains("colour type"));
+        write_png(
+            &dir.path().join("masks/a.png"),
+            4,
+            4,
+            png::BitDepth::Eight,
+            png::ColorType::Grayscale,
+            &mask,
+        );
+        write_png(
+            &dir.path().join("images/a.png"),
+            4,
+            4,
+            png::BitDepth::Eight,
+            png::ColorType::Rgb,
+            &[0; 48],
+        );
+        assert!(
+            read_pairs(dir.path(), 2)
+                .unwrap_err()
+                .to_string()
+                .contains("colour type")
+        );
 
         // A truncated file.
         let bytes = fs::read(dir.path().join("masks/a.png")).unwrap();
-        write_png(&dir.path().join("images/a.png"), 4, 4, png::BitDepth::Eight, png::ColorType::Grayscale, &img);
+        write_png(
+            &dir.path().join("images/a.png"),
+            4,
+            4,
+            png::BitDepth::Eight,
+            png::ColorType::Grayscale,
+            &img,
+        );
         fs::write(dir.path().join("masks/a.png"), &bytes[..bytes.len() - 20]).unwrap();
-        assert!(matches!(read_pairs(dir.path(), 2), Err(DataError::Png { .. })));
+        assert!(matches!(
+            read_pairs(dir.path(), 2),
+            Err(DataError::Png { .. })
+        ));
 
         fs::remove_file(dir.path().join("masks/a.png")).unwrap();
-        assert!(matches!(read_pairs(dir.path(), 2), Err(DataError::Unpaired { .. })));
+        assert!(matches!(
+            read_pairs(dir.path(), 2),
+            Err(DataError::Unpaired { .. })
+        ));
     }
 
     #[test]
     fn empty_folder_is_an_error() {
         let dir = layout();
-        assert!(matches!(read_pairs(dir.path(), 2), Err(DataError::Empty { .. })));
+        assert!(matches!(
+            read_pairs(dir.path(), 2),
+            Err(DataError::Empty { .. })
+        ));
     }
 }

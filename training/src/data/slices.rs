@@ -121,7 +121,7 @@ pub fn slice_cases(cases: &[Case], opts: &SliceOptions) -> Result<SliceSet, Data
         case_names: cases.iter().map(|c| c.name.clone()).collect(),
         ..Default::default()
     };
-    let mut rng = Rng::derive(opts.seed, 0x511C_E5);
+    let mut rng = Rng::derive(opts.seed, 0x0051_1CE5);
     for (case_index, case) in cases.iter().enumerate() {
         let normalized = normalize(case, opts.clip_percentiles);
         let dims = case.image.dims;
@@ -139,15 +139,21 @@ pub fn slice_cases(cases: &[Case], opts: &SliceOptions) -> Result<SliceSet, Data
             p[0] + dims[0] * (p[1] + dims[1] * p[2])
         };
         for s in 0..dims[opts.axis.min(2)] {
-            let label: Vec<u8> = (0..rows * cols).map(|i| case.label.data[index(i / cols, i % cols, s)]).collect();
+            let label: Vec<u8> = (0..rows * cols)
+                .map(|i| case.label.data[index(i / cols, i % cols, s)])
+                .collect();
             if label.iter().all(|&l| l == 0) && rng.uniform() >= opts.keep_empty {
                 continue;
             }
-            set.labels.extend(resize_nearest(&label, rows, cols, height, width));
+            set.labels
+                .extend(resize_nearest(&label, rows, cols, height, width));
             for ch in 0..channels {
                 let plane = &normalized[ch * case.image.voxels()..(ch + 1) * case.image.voxels()];
-                let img: Vec<f32> = (0..rows * cols).map(|i| plane[index(i / cols, i % cols, s)]).collect();
-                set.images.extend(resize_bilinear(&img, rows, cols, height, width));
+                let img: Vec<f32> = (0..rows * cols)
+                    .map(|i| plane[index(i / cols, i % cols, s)])
+                    .collect();
+                set.images
+                    .extend(resize_bilinear(&img, rows, cols, height, width));
             }
             set.case_of.push(case_index);
         }
@@ -165,9 +171,17 @@ fn normalize(case: &Case, (lo_pct, hi_pct): (f64, f64)) -> Vec<f32> {
         let hi = percentile(plane, hi_pct);
         let clipped: Vec<f32> = plane.iter().map(|v| v.clamp(lo, hi.max(lo))).collect();
         let mean = clipped.iter().map(|v| f64::from(*v)).sum::<f64>() / clipped.len().max(1) as f64;
-        let var = clipped.iter().map(|v| (f64::from(*v) - mean).powi(2)).sum::<f64>() / clipped.len().max(1) as f64;
+        let var = clipped
+            .iter()
+            .map(|v| (f64::from(*v) - mean).powi(2))
+            .sum::<f64>()
+            / clipped.len().max(1) as f64;
         let std = var.sqrt().max(1e-6);
-        out.extend(clipped.iter().map(|v| ((f64::from(*v) - mean) / std) as f32));
+        out.extend(
+            clipped
+                .iter()
+                .map(|v| ((f64::from(*v) - mean) / std) as f32),
+        );
     }
     out
 }
@@ -222,10 +236,18 @@ mod tests {
     fn cube(name: &str, n: usize) -> Case {
         let dims = [n, n, n];
         let voxels = n * n * n;
-        let label: Vec<u8> = (0..voxels).map(|i| u8::from(i / (n * n) == n / 2)).collect();
+        let label: Vec<u8> = (0..voxels)
+            .map(|i| u8::from(i / (n * n) == n / 2))
+            .collect();
         Case {
             name: name.into(),
-            image: Volume { dims, channels: 1, data: (0..voxels).map(|i| (i % 97) as f32 * 10.0 + 1000.0).collect() },
+            image: Volume {
+                dims,
+                channels: 1,
+                data: (0..voxels)
+                    .map(|i| (i % 97) as f32 * 10.0 + 1000.0)
+                    .collect(),
+            },
             label: LabelVolume { dims, data: label },
         }
     }

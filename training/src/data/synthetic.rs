@@ -27,7 +27,12 @@ pub enum Preset {
 
 impl Preset {
     /// All presets, for help texts and scenarios.
-    pub const ALL: [Preset; 4] = [Preset::Iid, Preset::FeatureShift, Preset::LabelSkew, Preset::Realistic];
+    pub const ALL: [Preset; 4] = [
+        Preset::Iid,
+        Preset::FeatureShift,
+        Preset::LabelSkew,
+        Preset::Realistic,
+    ];
 
     /// The preset's name on the command line.
     pub fn name(self) -> &'static str {
@@ -53,7 +58,11 @@ impl FromStr for Preset {
         Preset::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| format!("unknown preset {s:?}; choose one of iid, feature-shift, label-skew, realistic"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown preset {s:?}; choose one of iid, feature-shift, label-skew, realistic"
+                )
+            })
     }
 }
 
@@ -104,7 +113,14 @@ pub struct SiteProfile {
 pub fn site_profile(preset: Preset, site: usize, base_cases: usize, seed: u64) -> SiteProfile {
     let mut rng = Rng::derive(seed, 0x517E_0000 + site as u64);
     let reference = SiteProfile {
-        scanner: Scanner { gain: 1.0, gamma: 1.0, bias: 0.1, noise: Noise::Gaussian, noise_level: 0.05, blur: 0 },
+        scanner: Scanner {
+            gain: 1.0,
+            gamma: 1.0,
+            bias: 0.1,
+            noise: Noise::Gaussian,
+            noise_level: 0.05,
+            blur: 0,
+        },
         lesions_mean: 2.0,
         lesion_radius: (0.06, 0.12),
         prevalence: 0.9,
@@ -115,7 +131,11 @@ pub fn site_profile(preset: Preset, site: usize, base_cases: usize, seed: u64) -
         gain: rng.range(0.6, 1.6),
         gamma: rng.range(0.7, 1.4),
         bias: rng.range(0.05, 0.35),
-        noise: if rng.uniform() < 0.5 { Noise::Gaussian } else { Noise::Rician },
+        noise: if rng.uniform() < 0.5 {
+            Noise::Gaussian
+        } else {
+            Noise::Rician
+        },
         noise_level: rng.range(0.02, 0.09),
         blur: rng.below(3),
     };
@@ -142,11 +162,23 @@ pub fn site_profile(preset: Preset, site: usize, base_cases: usize, seed: u64) -
 }
 
 /// Generates site `site`'s cases: volumes of `size x size x slices`.
-pub fn generate_site(profile: &SiteProfile, size: usize, slices: usize, seed: u64, site: usize) -> Vec<Case> {
+pub fn generate_site(
+    profile: &SiteProfile,
+    size: usize,
+    slices: usize,
+    seed: u64,
+    site: usize,
+) -> Vec<Case> {
     (0..profile.cases)
         .map(|i| {
             let mut rng = Rng::derive(seed, ((site as u64) << 32) | i as u64);
-            generate_case(&format!("site{}_case{:03}", site + 1, i), profile, size, slices, &mut rng)
+            generate_case(
+                &format!("site{}_case{:03}", site + 1, i),
+                profile,
+                size,
+                slices,
+                &mut rng,
+            )
         })
         .collect()
 }
@@ -163,7 +195,9 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
     let organ_center = [n * rng.range(0.45, 0.55), n * rng.range(0.45, 0.55)];
     let organ_radii = [n * rng.range(0.32, 0.44), n * rng.range(0.30, 0.42)];
     let organ_level = rng.range(0.40, 0.50);
-    let texture_phase: Vec<f64> = (0..4).map(|_| rng.range(0.0, std::f64::consts::TAU)).collect();
+    let texture_phase: Vec<f64> = (0..4)
+        .map(|_| rng.range(0.0, std::f64::consts::TAU))
+        .collect();
 
     let mut lesions = Vec::new();
     if rng.uniform() < p.prevalence {
@@ -197,7 +231,8 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
                 let i = y * size + x;
                 if dx * dx + dy * dy <= 1.0 {
                     let texture = 0.04
-                        * ((fx * 0.31 + texture_phase[0]).sin() * (fy * 0.27 + texture_phase[1]).cos()
+                        * ((fx * 0.31 + texture_phase[0]).sin()
+                            * (fy * 0.27 + texture_phase[1]).cos()
                             + (fx * 0.11 + fy * 0.07 + texture_phase[2] + z as f64 * 0.3).sin());
                     img[i] = organ_level + texture;
                 }
@@ -214,13 +249,23 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
         }
         apply_scanner(&mut img, size, size, &p.scanner, rng);
         let lab = annotate(&lab, size, size, p.annotator);
-        image[z * plane..(z + 1) * plane].iter_mut().zip(&img).for_each(|(o, v)| *o = *v as f32);
+        image[z * plane..(z + 1) * plane]
+            .iter_mut()
+            .zip(&img)
+            .for_each(|(o, v)| *o = *v as f32);
         label[z * plane..(z + 1) * plane].copy_from_slice(&lab);
     }
     Case {
         name: name.to_owned(),
-        image: Volume { dims: [size, size, slices], channels: 1, data: image },
-        label: LabelVolume { dims: [size, size, slices], data: label },
+        image: Volume {
+            dims: [size, size, slices],
+            channels: 1,
+            data: image,
+        },
+        label: LabelVolume {
+            dims: [size, size, slices],
+            data: label,
+        },
     }
 }
 
@@ -228,7 +273,10 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
 pub fn apply_scanner(img: &mut [f64], rows: usize, cols: usize, s: &Scanner, rng: &mut Rng) {
     let bias_phase = (rng.range(0.0, 6.3), rng.range(0.0, 6.3));
     for (i, v) in img.iter_mut().enumerate() {
-        let (y, x) = ((i / cols) as f64 / rows as f64, (i % cols) as f64 / cols as f64);
+        let (y, x) = (
+            (i / cols) as f64 / rows as f64,
+            (i % cols) as f64 / cols as f64,
+        );
         let bias = 1.0 + s.bias * ((x * 2.1 + bias_phase.0).sin() * (y * 1.7 + bias_phase.1).cos());
         *v = s.gain * v.max(0.0).powf(s.gamma) * bias;
     }
@@ -239,7 +287,9 @@ pub fn apply_scanner(img: &mut [f64], rows: usize, cols: usize, s: &Scanner, rng
     for v in img.iter_mut() {
         *v = match s.noise {
             Noise::Gaussian => *v + sigma * rng.normal(),
-            Noise::Rician => ((*v + sigma * rng.normal()).powi(2) + (sigma * rng.normal()).powi(2)).sqrt(),
+            Noise::Rician => {
+                ((*v + sigma * rng.normal()).powi(2) + (sigma * rng.normal()).powi(2)).sqrt()
+            }
         };
     }
 }
@@ -276,7 +326,7 @@ pub fn annotate(label: &[u8], rows: usize, cols: usize, bias: i32) -> Vec<u8> {
             let n = neighbours.iter().flatten();
             if bias > 0 && label[i] == 0 {
                 n.copied().find(|&l| l != 0).unwrap_or(0)
-            } else if bias < 0 && label[i] != 0 && neighbours.iter().any(|l| *l == Some(0)) {
+            } else if bias < 0 && label[i] != 0 && neighbours.contains(&Some(0)) {
                 0
             } else {
                 label[i]
@@ -297,17 +347,26 @@ mod tests {
         let b = generate_site(&site_profile(Preset::Realistic, 1, 6, 1), 32, 4, 1, 1);
         assert_ne!(a[0].image.data, b[0].image.data);
         assert_ne!(a.len(), b.len(), "realistic sites have uneven sizes");
-        let foreground: usize = a.iter().map(|c| c.label.data.iter().filter(|&&l| l == 1).count()).sum();
+        let foreground: usize = a
+            .iter()
+            .map(|c| c.label.data.iter().filter(|&&l| l == 1).count())
+            .sum();
         assert!(foreground > 0);
     }
 
     #[test]
     fn presets_change_what_they_say() {
-        let iid: Vec<_> = (0..3).map(|s| site_profile(Preset::Iid, s, 10, 7)).collect();
+        let iid: Vec<_> = (0..3)
+            .map(|s| site_profile(Preset::Iid, s, 10, 7))
+            .collect();
         assert!(iid.windows(2).all(|w| w[0] == w[1]));
-        let fs: Vec<_> = (0..3).map(|s| site_profile(Preset::FeatureShift, s, 10, 7)).collect();
+        let fs: Vec<_> = (0..3)
+            .map(|s| site_profile(Preset::FeatureShift, s, 10, 7))
+            .collect();
         assert!(fs[0].scanner != fs[1].scanner && fs[0].lesion_radius == fs[1].lesion_radius);
-        let ls: Vec<_> = (0..3).map(|s| site_profile(Preset::LabelSkew, s, 10, 7)).collect();
+        let ls: Vec<_> = (0..3)
+            .map(|s| site_profile(Preset::LabelSkew, s, 10, 7))
+            .collect();
         assert!(ls[0].scanner == ls[1].scanner && ls[0].lesion_radius != ls[1].lesion_radius);
         assert_eq!("feature-shift".parse::<Preset>(), Ok(Preset::FeatureShift));
         assert!("nope".parse::<Preset>().is_err());

@@ -11,7 +11,10 @@ use crate::rng::Rng;
 /// He-uniform (`bound = sqrt(6 / fan_in)`) for convolution kernels, zero for biases;
 /// normalization layers keep their standard constants (scale 1, shift 0).
 pub fn seeded(config: &UNetConfig, seed: u64, device: &Device) -> UNet {
-    let mut init = SeededInit { rng: Rng::derive(seed, 0x1417), last: String::new() };
+    let mut init = SeededInit {
+        rng: Rng::derive(seed, 0x1417),
+        last: String::new(),
+    };
     config.init(device).map(&mut init)
 }
 

@@ -39,7 +39,11 @@ impl UNetConfig {
         let width = |level: usize| self.base_channels << level;
         let encoder = (0..self.depth)
             .map(|level| {
-                let input = if level == 0 { self.in_channels } else { width(level - 1) };
+                let input = if level == 0 {
+                    self.in_channels
+                } else {
+                    width(level - 1)
+                };
                 DoubleConv::new(input, width(level), self.normalization, device)
             })
             .collect();
@@ -116,8 +120,11 @@ impl DoubleConv {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.activation.forward(self.norm1.forward(self.conv1.forward(x)));
-        self.activation.forward(self.norm2.forward(self.conv2.forward(x)))
+        let x = self
+            .activation
+            .forward(self.norm1.forward(self.conv1.forward(x)));
+        self.activation
+            .forward(self.norm2.forward(self.conv2.forward(x)))
     }
 }
 
@@ -151,7 +158,9 @@ impl UNet {
         }
         skips.pop();
         for block in &self.decoder {
-            let skip = skips.pop().unwrap_or_else(|| unreachable!("one skip per decoder level"));
+            let skip = skips
+                .pop()
+                .unwrap_or_else(|| unreachable!("one skip per decoder level"));
             let up = block.up.forward(x);
             x = block.conv.forward(Tensor::cat(vec![up, skip], 1));
         }

@@ -1,0 +1,109 @@
+"""The medmesh UNet training step in PyTorch, for the step-time ratio against burn.
+
+Identical network (double 3x3 conv without bias + BatchNorm + ReLU per level, 2x2 max-pool
+down, 2x2 stride-2 transposed conv up, skip concatenation, 1x1 head), loss (cross-entropy +
+1 - foreground soft Dice, smoothing 1) and optimizer (Adam, lr 1e-3) as
+`cargo bench -p medmesh-benches --bench training_step`: batch 8, 128x128, 1 channel,
+2 classes, base 16, depth 4.
+
+Run where torch is installed (not in CI):  python3 benches/reference/unet_step.py [--device cuda]
+Prints the median step time in milliseconds over --steps timed steps.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        x = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(x)))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2)
+        self.conv = DoubleConv(2 * cout, cout)
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels=1, classes=2, depth=4, base=16):
+        super().__init__()
+        width = [base << level for level in range(depth)]
+        self.encoder = nn.ModuleList(
+            DoubleConv(in_channels if i == 0 else width[i - 1], width[i]) for i in range(depth)
+        )
+        self.decoder = nn.ModuleList(UpBlock(width[i + 1], width[i]) for i in reversed(range(depth - 1)))
+        self.head = nn.Conv2d(width[0], classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for level, block in enumerate(self.encoder):
+            if level > 0:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for block in self.decoder:
+            x = block.conv(torch.cat([block.up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+def dice_ce_loss(logits, onehot):
+    log_p = F.log_softmax(logits, dim=1)
+    b, k, h, w = logits.shape
+    ce = -(log_p * onehot).sum() / (b * h * w)
+    p = log_p.exp()
+    inter = (p * onehot).sum(dim=(0, 2, 3))
+    total = p.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1) / (total + 1)
+    return ce + 1 - dice[1:].mean()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(1)
+    device = torch.device(args.device)
+    model = UNet().to(device)
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-5)
+    x = torch.randn(8, 1, 128, 128, device=device)
+    labels = (torch.rand(8, 128, 128, device=device) > 0.7).long()
+    onehot = F.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+
+    def step():
+        optim.zero_grad(set_to_none=True)
+        loss = dice_ce_loss(model(x), onehot)
+        loss.backward()
+        optim.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(f"torch {torch.__version__} {args.device} threads={torch.get_num_threads()}: "
+          f"median step {statistics.median(times) * 1000:.1f} ms over {args.steps} steps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+//! `medmesh train-local` and `medmesh evaluate`: one site on its own.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use medmesh_protocol::Manifest;
+use medmesh_training::data::load_dir;
+use medmesh_training::data::slices::{SliceOptions, slice_cases};
+use medmesh_training::model::UNetConfig;
+use medmesh_training::{DeviceSpec, TrainSettings, Trainer, checkpoint, export, trainer};
+use serde_json::json;
+
+use super::read_text;
+
+fn load_manifest(path: &Path) -> Result<Manifest> {
+    Manifest::parse(&read_text(path)?)
+        .with_context(|| format!("{} is not a valid manifest", path.display()))
+}
+
+fn device(name: &str) -> Result<burn::tensor::Device> {
+    Ok(name.parse::<DeviceSpec>()?.device()?)
+}
+
+/// Trains one site for the manifest's rounds; exports the model; prints a JSON summary.
+pub fn train_local(
+    data: &Path,
+    manifest: &Path,
+    out: &Path,
+    device_name: &str,
+    ckpt: Option<&Path>,
+) -> Result<()> {
+    let m = load_manifest(manifest)?;
+    let device = device(device_name)?;
+    let cases = load_dir(data, m.task.channels as usize, m.task.classes as usize)?;
+    let [h, w] = m.task.input_size;
+    let slices = slice_cases(
+        &cases,
+        &SliceOptions::new([h as usize, w as usize], m.training.seed),
+    )?;
+    let (train_set, val_set) = slices.split(m.evaluation.validation_fraction, m.training.seed);
+    anyhow::ensure!(
+        !train_set.is_empty(),
+        "{}: no training slices after the validation split",
+        data.display()
+    );
+    tracing::info!(
+        cases = cases.len(),
+        train_slices = train_set.len(),
+        val_slices = val_set.len(),
+        device = device_name,
+        "data loaded"
+    );
+
+    let config = UNetConfig::from_manifest(&m);
+    let settings = TrainSettings::from_manifest(&m);
+    let mut trainer = match ckpt.filter(|p| p.exists()) {
+        Some(p) => {
+            let t = checkpoint::load(p, config, settings, device)?;
+            tracing::info!(round = t.round(), checkpoint = %p.display(), "resumed from checkpoint");
+            t
+        }
+        None => Trainer::new(&m, device),
+    };
+    let rounds = m.averaging.rounds as u64;
+    let initial = trainer.evaluate(&val_set).mean_dice;
+    let bar = ProgressBar::new(rounds);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.round());
+    let mut last = initial;
+    while trainer.round() < rounds {
+        let stats = trainer.train_round(&train_set, |s| {
+            bar.set_message(format!("step {}/{} loss {:.3}", s.step, s.of, s.loss))
+        });
+        last = trainer.evaluate(&val_set).mean_dice;
+        tracing::info!(
+            round = trainer.round(),
+            loss = stats.mean_loss,
+            val_dice = last,
+            "round done"
+        );
+        bar.set_message(format!("val Dice {last:.3}"));
+        bar.inc(1);
+        if let Some(p) = ckpt {
+            checkpoint::save(&trainer, p)?;
+        }
+        if m.stop.target_metric.is_some_and(|t| last >= t) {
+            tracing::info!(val_dice = last, "target metric reached; stopping early");
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let extra = [
+        ("manifest_digest", hex::encode(m.digest())),
+        ("experiment_id", m.id.clone()),
+        ("input_size", format!("{h}x{w}")),
+        ("rounds", trainer.round().to_string()),
+    ];
+    export::save(&trainer.model(), trainer.config(), &extra, out)?;
+    let summary = json!({
+        "model": out.display().to_string(),
+        "rounds": trainer.round(),
+        "dice_initial": initial,
+        "dice_final": last,
+        "train_slices": train_set.len(),
+        "validation_cases": val_set.case_names.len(),
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// Scores a model on every slice of a dataset; prints `{"mean_dice", "cases": [...]}`.
+pub fn evaluate(
+    model_path: &Path,
+    data: &Path,
+    manifest: Option<&Path>,
+    device_name: &str,
+) -> Result<()> {
+    let device = device(device_name)?;
+    let (model, config) = export::load(model_path, &device)?;
+    let size = match manifest {
+        Some(p) => {
+            let m = load_manifest(p)?;
+            [m.task.input_size[0] as usize, m.task.input_size[1] as usize]
+        }
+        None => recorded_size(model_path)?,
+    };
+    let cases = load_dir(data, config.in_channels, config.classes)?;
+    let mut opts = SliceOptions::new(size, 0);
+    opts.keep_empty = 1.0;
+    let slices = slice_cases(&cases, &opts)?;
+    let eval = trainer::evaluate(&model, &slices, &device, config.classes);
+    println!("{}", serde_json::to_string(&eval)?);
+    Ok(())
+}
+
+fn recorded_size(path: &Path) -> Result<[usize; 2]> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let size = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("input_size").cloned())
+        .with_context(|| format!("{} records no input size; pass --manifest", path.display()))?;
+    let (h, w) = size
+        .split_once('x')
+        .context("input_size metadata is not HxW")?;
+    Ok([h.parse()?, w.parse()?])
+}

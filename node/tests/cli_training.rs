@@ -1,0 +1,144 @@
+//! One site on its own through the real binary: prepare data, train, evaluate.
+
+use std::path::Path;
+use std::process::Command;
+
+fn medmesh(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_medmesh"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn prepare_train_evaluate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ok, out, err) = medmesh(
+        d,
+        &[
+            "data",
+            "prepare",
+            "--task",
+            "synthetic",
+            "--sites",
+            "2",
+            "--out",
+            "data",
+            "--preset",
+            "iid",
+            "--cases",
+            "6",
+            "--slices",
+            "6",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("site-2: 6 cases"), "{out}");
+    assert!(d.join("data/site-1/imagesTr/site1_case000.nii.gz").exists());
+
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/synthetic-quickstart.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("rounds = 10", "rounds = 2");
+    std::fs::write(d.join("m.toml"), text).unwrap();
+    let (ok, out, err) = medmesh(
+        d,
+        &[
+            "--log-format",
+            "json",
+            "train-local",
+            "--data",
+            "data/site-1",
+            "--manifest",
+            "m.toml",
+            "--out",
+            "model.safetensors",
+            "--checkpoint",
+            "site.ckpt",
+        ],
+    );
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["rounds"], 2);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with('{') && l.contains("round done")),
+        "JSON logs: {err}"
+    );
+    assert!(d.join("site.ckpt").exists());
+
+    // Resuming a finished run trains no further and re-exports the same model.
+    let (ok, out2, err) = medmesh(
+        d,
+        &[
+            "train-local",
+            "--data",
+            "data/site-1",
+            "--manifest",
+            "m.toml",
+            "--out",
+            "again.safetensors",
+            "--checkpoint",
+            "site.ckpt",
+        ],
+    );
+    assert!(ok, "{err}");
+    let again: serde_json::Value = serde_json::from_str(out2.trim()).unwrap();
+    assert_eq!(again["dice_final"], summary["dice_final"]);
+
+    let (ok, out, err) = medmesh(
+        d,
+        &[
+            "evaluate",
+            "--model",
+            "model.safetensors",
+            "--data",
+            "data/site-2",
+        ],
+    );
+    assert!(ok, "{err}");
+    let eval: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(eval["mean_dice"].as_f64().unwrap() >= 0.0);
+    assert_eq!(eval["cases"].as_array().unwrap().len(), 6);
+
+    let (ok, _, err) = medmesh(
+        d,
+        &["evaluate", "--model", "m.toml", "--data", "data/site-2"],
+    );
+    assert!(!ok && err.contains("m.toml"), "{err}");
+    let (ok, _, err) = medmesh(
+        d,
+        &[
+            "train-local",
+            "--data",
+            "nowhere",
+            "--manifest",
+            "m.toml",
+            "--out",
+            "x",
+        ],
+    );
+    assert!(!ok && err.contains("not a dataset directory"), "{err}");
+    let (ok, _, err) = medmesh(
+        d,
+        &[
+            "data",
+            "prepare",
+            "--task",
+            "synthetic",
+            "--out",
+            "x",
+            "--preset",
+            "weird",
+        ],
+    );
+    assert!(!ok && err.contains("unknown preset"), "{err}");
+}
