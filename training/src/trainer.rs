@@ -113,6 +113,9 @@ pub struct CaseScore {
     pub dice_per_class: Vec<f64>,
     /// Mean foreground IoU.
     pub iou: f64,
+    /// 95th-percentile Hausdorff distance in pixels, mean over foreground classes; `None`
+    /// where a class is in the prediction or the truth but not both.
+    pub hd95: Option<f64>,
 }
 
 /// Training progress, for progress bars and logs.
@@ -374,11 +377,17 @@ pub fn evaluate(model: &UNet, data: &SliceSet, device: &Device, classes: usize) 
                 .flat_map(|&i| data.label(i).iter().copied())
                 .collect();
             let s = Scores::of(&p, &t, classes);
+            let dims = [data.width, data.height, slices.len()];
+            let per_class: Option<Vec<f64>> = (1..classes as u8)
+                .map(|c| crate::metrics::hd95(&p, &t, dims, c))
+                .collect();
+            let hd95 = per_class.map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64);
             Some(CaseScore {
                 case: data.case_names[case].clone(),
                 dice: s.mean_dice(),
                 iou: s.mean_iou(),
                 dice_per_class: s.dice,
+                hd95,
             })
         })
         .collect();
