@@ -268,7 +268,7 @@ mod hausdorff_tests {
         let seeds: Vec<bool> = (0..n).map(|i| i % 17 == 3 || i == 100).collect();
         let d = squared_distance_transform(&seeds, dims);
         let coord = |i: usize| ((i % 7) as f64, ((i / 7) % 6) as f64, (i / 42) as f64);
-        for i in 0..n {
+        for (i, got) in d.iter().enumerate() {
             let (x, y, z) = coord(i);
             let brute = (0..n)
                 .filter(|&j| seeds[j])
@@ -277,7 +277,7 @@ mod hausdorff_tests {
                     (x - a).powi(2) + (y - b).powi(2) + (z - c).powi(2)
                 })
                 .fold(f64::INFINITY, f64::min);
-            assert_eq!(d[i], brute, "voxel {i}");
+            assert_eq!(*got, brute, "voxel {i}");
         }
     }
 }
