@@ -38,6 +38,12 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write a commented example node configuration.
+    Init {
+        /// Where to write it.
+        #[arg(long, default_value = "node.toml")]
+        out: PathBuf,
+    },
     /// Print the public key and peer id of an identity file.
     Whoami {
         /// The key file.

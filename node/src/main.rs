@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         } => train::evaluate(&model, &data, manifest.as_deref(), &device),
         Command::Keygen { out, force } => keys::keygen(&out, force),
         Command::Whoami { key } => keys::whoami(&key),
+        Command::Init { out } => init(&out),
         Command::NetworkKey { out, force } => keys::network_key(&out, force),
         Command::Roster { command } => roster::run(command),
         Command::Experiment { command } => match command {
@@ -64,6 +65,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the example configuration, refusing to replace an existing file.
+fn init(out: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !out.exists(),
+        "{} already exists; refusing to overwrite it",
+        out.display()
+    );
+    std::fs::write(out, medmesh_node::config::EXAMPLE)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    println!(
+        "wrote {}; edit the paths, listen address and bootnodes",
+        out.display()
+    );
+    Ok(())
 }
 
 /// Logs go to standard error (stdout carries results), filtered by `RUST_LOG` (default `info`).

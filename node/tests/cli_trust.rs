@@ -278,3 +278,14 @@ fn invalid_manifests_list_every_field() {
     );
     assert!(err.contains("bad.toml"), "names the file: {err}");
 }
+
+#[test]
+fn init_writes_a_config_once() {
+    let c = Consortium::new();
+    let out = c.ok(&["init", "--out", "node.toml"]);
+    assert!(out.contains("wrote node.toml"), "{out}");
+    let text = std::fs::read_to_string(c.path("node.toml")).unwrap();
+    assert!(text.contains("[network]") && text.contains("MEDMESH_"));
+    let err = c.fails(&["init", "--out", "node.toml"]);
+    assert!(err.contains("already exists"), "{err}");
+}

@@ -1,0 +1,365 @@
+//! Node configuration: a TOML file, overridden by `MEDMESH_*` environment variables
+//! (`MEDMESH_NETWORK__LISTEN=/ip4/0.0.0.0/tcp/4001`: sections and keys joined by `__`).
+//! Everything is checked at start; a bad value fails with the field's name and the reason.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use medmesh_training::DeviceSpec;
+use serde::Deserialize;
+
+use crate::cli::LogFormat;
+
+/// The commented example `medmesh init` writes.
+pub const EXAMPLE: &str = r#"# medmesh node configuration. Paths are relative to this file.
+# Any value can be overridden from the environment: MEDMESH_<SECTION>__<KEY>,
+# e.g. MEDMESH_NODE__DEVICE=cuda:0 or MEDMESH_NETWORK__BOOTNODES=/ip4/10.1.2.3/tcp/4001/p2p/12D3KooW...
+
+[node]
+identity = "node.key"          # this site's key (medmesh keygen), mode 0600
+network_key = "swarm.key"      # the consortium's pre-shared key (medmesh network-key)
+roster = "roster.toml"         # the consortium roster this node was installed with
+# roster_digest = "..."        # optional: pin the installed roster's digest (medmesh roster show)
+state_dir = "state"            # manifests, checkpoints, exported models
+device = "flex"                # flex (CPU), cuda:0, wgpu
+
+[network]
+listen = ["/ip4/0.0.0.0/tcp/4001"]
+bootnodes = []                 # a few members' addresses, with /p2p/<peer id>
+max_connections = 64
+
+[metrics]
+listen = "127.0.0.1:9464"      # Prometheus endpoint; "" to disable
+
+[log]
+format = "text"                # text or json
+
+# Datasets by the name manifests use in task.dataset:
+[datasets.synthetic]
+path = "data/site-1"           # MSD layout (dataset.json) or images/ + masks/
+"#;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's files and compute.
+    pub node: NodeSection,
+    /// Peer-to-peer networking.
+    pub network: NetworkSection,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+    /// Local datasets by name.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, DatasetSection>,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Identity key file.
+    pub identity: PathBuf,
+    /// Network key file.
+    pub network_key: PathBuf,
+    /// Roster file.
+    pub roster: PathBuf,
+    /// Optional pinned roster digest (hex).
+    #[serde(default)]
+    pub roster_digest: Option<String>,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Compute device name.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "flex".into()
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Listen multiaddresses.
+    pub listen: Vec<String>,
+    /// Bootstrap peers (multiaddresses ending in `/p2p/<peer id>`).
+    #[serde(default)]
+    pub bootnodes: Vec<String>,
+    /// Most simultaneous connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    64
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `host:port` of the Prometheus endpoint; empty disables it.
+    #[serde(default)]
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormatValue,
+}
+
+/// Log format as written in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatValue {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+impl From<LogFormatValue> for LogFormat {
+    fn from(v: LogFormatValue) -> Self {
+        match v {
+            LogFormatValue::Text => LogFormat::Text,
+            LogFormatValue::Json => LogFormat::Json,
+        }
+    }
+}
+
+/// `[datasets.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSection {
+    /// Dataset directory.
+    pub path: PathBuf,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing, unreadable, not TOML, or has a wrong type or unknown key.
+    #[error("{path}: {reason}")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// The config crate's explanation (names the key).
+        reason: String,
+    },
+    /// A value is present but not acceptable.
+    #[error("{path}: `{field}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl NodeConfig {
+    /// Loads `path` with environment overrides from `env` (the process environment when
+    /// `None`), resolves relative paths against the file's directory, and validates.
+    pub fn load(
+        path: &Path,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let load_err = |e: config::ConfigError| ConfigError::Load {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Load {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let environment = Environment::with_prefix("MEDMESH")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("network.listen")
+            .with_list_parse_key("network.bootnodes")
+            .source(env);
+        let mut cfg: NodeConfig = Config::builder()
+            .add_source(File::from_str(&text, FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .map_err(load_err)?
+            .try_deserialize()
+            .map_err(load_err)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.node.identity,
+            &mut cfg.node.network_key,
+            &mut cfg.node.roster,
+            &mut cfg.node.state_dir,
+        ] {
+            *p = base.join(&*p);
+        }
+        for d in cfg.datasets.values_mut() {
+            d.path = base.join(&d.path);
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            reason,
+        };
+        self.node
+            .device
+            .parse::<DeviceSpec>()
+            .map_err(|e| invalid("node.device", e.to_string()))?;
+        if let Some(d) = &self.node.roster_digest {
+            let ok = d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit());
+            if !ok {
+                return Err(invalid(
+                    "node.roster_digest",
+                    "must be 64 hex digits (see `medmesh roster show`)".into(),
+                ));
+            }
+        }
+        if self.network.listen.is_empty() {
+            return Err(invalid(
+                "network.listen",
+                "needs at least one address".into(),
+            ));
+        }
+        for (i, a) in self.network.listen.iter().enumerate() {
+            if !a.starts_with('/') {
+                return Err(invalid(
+                    &format!("network.listen[{i}]"),
+                    format!("{a:?} is not a multiaddress like /ip4/0.0.0.0/tcp/4001"),
+                ));
+            }
+        }
+        for (i, a) in self.network.bootnodes.iter().enumerate() {
+            if !a.starts_with('/') || !a.contains("/p2p/") {
+                return Err(invalid(
+                    &format!("network.bootnodes[{i}]"),
+                    format!("{a:?} must be a multiaddress ending in /p2p/<peer id>"),
+                ));
+            }
+        }
+        if !(1..=10_000).contains(&self.network.max_connections) {
+            return Err(invalid(
+                "network.max_connections",
+                format!("{} must be 1 to 10000", self.network.max_connections),
+            ));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{:?} is not host:port (or empty to disable)",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("node.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn example_loads_and_env_overrides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), EXAMPLE);
+        let cfg = NodeConfig::load(&p, Some(HashMap::new())).unwrap();
+        assert_eq!(cfg.node.identity, dir.path().join("node.key"));
+        assert_eq!(
+            cfg.datasets["synthetic"].path,
+            dir.path().join("data/site-1")
+        );
+        let env = HashMap::from([
+            ("MEDMESH_NODE__DEVICE".to_owned(), "cuda:1".to_owned()),
+            (
+                "MEDMESH_NETWORK__BOOTNODES".to_owned(),
+                "/ip4/1.2.3.4/tcp/1/p2p/a,/ip4/1.2.3.5/tcp/1/p2p/b".to_owned(),
+            ),
+            (
+                "MEDMESH_NETWORK__MAX_CONNECTIONS".to_owned(),
+                "8".to_owned(),
+            ),
+        ]);
+        let cfg = NodeConfig::load(&p, Some(env)).unwrap();
+        assert_eq!(cfg.node.device, "cuda:1");
+        assert_eq!(cfg.network.bootnodes.len(), 2);
+        assert_eq!(cfg.network.max_connections, 8);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                EXAMPLE.replace("device = \"flex\"", "device = \"tpu\""),
+                "node.device",
+            ),
+            (
+                EXAMPLE.replace("max_connections = 64", "max_connections = 0"),
+                "network.max_connections",
+            ),
+            (
+                EXAMPLE.replace("bootnodes = []", "bootnodes = [\"10.0.0.1:4001\"]"),
+                "network.bootnodes[0]",
+            ),
+            (
+                EXAMPLE.replace("listen = \"127.0.0.1:9464\"", "listen = \"nowhere\""),
+                "metrics.listen",
+            ),
+            (
+                EXAMPLE.replace("identity = \"node.key\"", "identiti = \"node.key\""),
+                "identiti",
+            ),
+            (
+                EXAMPLE.replace("max_connections = 64", "max_connections = \"many\""),
+                "max_connections",
+            ),
+        ];
+        for (text, field) in cases {
+            let err =
+                NodeConfig::load(&write(dir.path(), &text), Some(HashMap::new())).unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+        let env = HashMap::from([("MEDMESH_NODE__DEVICE".to_owned(), "gpu9".to_owned())]);
+        let err = NodeConfig::load(&write(dir.path(), EXAMPLE), Some(env)).unwrap_err();
+        assert!(err.to_string().contains("node.device"), "{err}");
+    }
+}
