@@ -199,8 +199,9 @@ impl Trainer {
 
     /// Replaces the weights of `selection` (e.g. with an average); the optimizer state is kept.
     pub fn set_weights(&mut self, values: &[f32], selection: Selection) -> Result<(), ParamsError> {
-        // Module clones share their parameter storage, so this is cheap.
-        self.model = params::load_flat(self.model.clone(), values, selection)?;
+        // `model()` first folds pending batch-norm statistics in; left pending, they would
+        // overwrite the loaded ones at the next training step. Clones share storage: cheap.
+        self.model = params::load_flat(self.model(), values, selection)?;
         Ok(())
     }
 

@@ -88,9 +88,17 @@ fn averaged_weights_of_two_sites_make_a_working_model() {
     let mut b = Trainer::new(&m, Device::flex());
     let weight = |t: &SliceSet| t.len() as f64;
     // FedAvg by hand through the flat weights path: train a round each, average, load back.
-    for _ in 0..6 {
+    for round in 0..6 {
         a.train_round(&train_a, |_| {});
         b.train_round(&train_b, |_| {});
+        if round == 0 {
+            // Loading right after training (batch-norm statistics still pending) must stick.
+            let w = vec![0.5f32; a.weights(Selection::All).len()];
+            let mut probe = Trainer::new(&m, Device::flex());
+            probe.train_round(&train_a, |_| {});
+            probe.set_weights(&w, Selection::All).unwrap();
+            assert_eq!(probe.weights(Selection::All), w);
+        }
         let (wa, wb) = (a.weights(Selection::All), b.weights(Selection::All));
         let mut mean = vec![0.0; wa.len()];
         medmesh_protocol::averaging::weighted_mean(
