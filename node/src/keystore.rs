@@ -3,8 +3,8 @@
 //! Secrets are written atomically (temp file, fsync, rename) with mode 0600 and refused on
 //! load when group or others can read them, the way `ssh` treats private keys.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use medmesh_crypto::{Identity, KeyFileError, NetworkKey, NetworkKeyError, SignedRoster};
@@ -64,44 +64,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeystoreError + '_ {
     }
 }
 
-/// Writes `contents` to `path` atomically: a temp file beside it (with `mode`), fsync,
-/// rename, fsync of the directory. A crash leaves either the old file or the new one.
+/// Writes `contents` to `path` atomically with permission bits `mode`.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeystoreError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = open_with_mode(&tmp, mode)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))
-}
-
-#[cfg(unix)]
-fn open_with_mode(path: &Path, mode: u32) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn open_with_mode(path: &Path, _mode: u32) -> io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).open(path)
+    medmesh_training::atomic_file::write(path, contents, mode).map_err(io_err(path))
 }
 
 /// Reads a secret file, refusing one that group or others can access.

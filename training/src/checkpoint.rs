@@ -4,8 +4,7 @@
 //! Layout: `MMCKPT01` | header length (u32 LE) | header (JSON) | model record | optimizer
 //! record | BLAKE3 of everything before it (32 bytes).
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
@@ -95,32 +94,12 @@ pub fn save(trainer: &Trainer, path: &Path) -> Result<(), CheckpointError> {
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temp file in the same directory.
+/// Writes `bytes` to `path` atomically (see [`crate::atomic_file`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let io = |source| CheckpointError::Io {
+    crate::atomic_file::write(path, bytes, 0o644).map_err(|source| CheckpointError::Io {
         path: path.to_owned(),
         source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    })
 }
 
 /// Loads a checkpoint for a model of `config`, trained with `settings`, onto `device`.

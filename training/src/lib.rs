@@ -9,6 +9,7 @@
 //! * [`checkpoint`] and [`export`]: atomic checkpoints; safetensors export.
 //! * [`device`]: the compute device named in configuration.
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

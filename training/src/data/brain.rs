@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::msd::read_nifti;
 use super::synthetic::{Scanner, apply_scanner};
-use super::{Case, DataError, LabelVolume, Volume};
+use super::{Case, DataError};
 use crate::rng::Rng;
 
 /// Where Debian installs the templates.
@@ -124,8 +124,7 @@ fn generate_case(
     let half_span = 0.5 * nx.max(ny) as f64 * 1.05;
     let (cx, cy) = (nx as f64 / 2.0, ny as f64 / 2.0);
     let plane = size * size;
-    let mut image = vec![0f32; plane * slices];
-    let mut label = vec![0u8; plane * slices];
+    let mut stacked = Vec::with_capacity(slices);
     for s in 0..slices {
         let z = z_lo + (z_hi - z_lo) * s / slices.max(1) + rng.below(3);
         let mut img = vec![0f64; plane];
@@ -152,24 +151,9 @@ fn generate_case(
             }
         }
         apply_scanner(&mut img, size, size, scanner, rng);
-        image[s * plane..(s + 1) * plane]
-            .iter_mut()
-            .zip(&img)
-            .for_each(|(o, v)| *o = *v as f32);
-        label[s * plane..(s + 1) * plane].copy_from_slice(&lab);
+        stacked.push((img, lab));
     }
-    Case {
-        name: name.to_owned(),
-        image: Volume {
-            dims: [size, size, slices],
-            channels: 1,
-            data: image,
-        },
-        label: LabelVolume {
-            dims: [size, size, slices],
-            data: label,
-        },
-    }
+    Case::from_slices(name, size, stacked)
 }
 
 #[cfg(test)]

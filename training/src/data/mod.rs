@@ -46,6 +46,27 @@ pub struct Case {
     pub label: LabelVolume,
 }
 
+impl Case {
+    /// Stacks square `size x size` slices (image in f64, labels) into a one-channel case.
+    pub(crate) fn from_slices(name: &str, size: usize, slices: Vec<(Vec<f64>, Vec<u8>)>) -> Self {
+        let dims = [size, size, slices.len()];
+        let (mut image, mut label) = (Vec::with_capacity(size * size * slices.len()), Vec::new());
+        for (img, lab) in slices {
+            image.extend(img.iter().map(|v| *v as f32));
+            label.extend(lab);
+        }
+        Case {
+            name: name.to_owned(),
+            image: Volume {
+                dims,
+                channels: 1,
+                data: image,
+            },
+            label: LabelVolume { dims, data: label },
+        }
+    }
+}
+
 impl Volume {
     /// Number of voxels per channel.
     pub fn voxels(&self) -> usize {

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{Case, LabelVolume, Volume};
+use super::Case;
 use crate::rng::Rng;
 
 /// How different the sites are.
@@ -218,8 +218,7 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
     }
 
     let plane = size * size;
-    let mut image = vec![0f32; plane * slices];
-    let mut label = vec![0u8; plane * slices];
+    let mut stacked = Vec::with_capacity(slices);
     for z in 0..slices {
         let mut img = vec![0f64; plane];
         let mut lab = vec![0u8; plane];
@@ -249,24 +248,9 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
         }
         apply_scanner(&mut img, size, size, &p.scanner, rng);
         let lab = annotate(&lab, size, size, p.annotator);
-        image[z * plane..(z + 1) * plane]
-            .iter_mut()
-            .zip(&img)
-            .for_each(|(o, v)| *o = *v as f32);
-        label[z * plane..(z + 1) * plane].copy_from_slice(&lab);
+        stacked.push((img, lab));
     }
-    Case {
-        name: name.to_owned(),
-        image: Volume {
-            dims: [size, size, slices],
-            channels: 1,
-            data: image,
-        },
-        label: LabelVolume {
-            dims: [size, size, slices],
-            data: label,
-        },
-    }
+    Case::from_slices(name, size, stacked)
 }
 
 /// Applies a scanner's imaging chain to one `rows x cols` image with intensities in ~[0, 1].
