@@ -97,6 +97,18 @@ fn case_name(path: &Path) -> String {
 
 /// Reads a NIfTI volume as f32 with x fastest: `[x, y, z]` or `[x, y, z, channels]`.
 pub(crate) fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
+    let (shape, data) = read_nifti_unchecked(path)?;
+    // An empty axis would make every later step (slicing, resizing) meaningless.
+    if shape.is_empty() || shape.contains(&0) {
+        return Err(DataError::Dimensions {
+            path: path.to_owned(),
+            shape,
+        });
+    }
+    Ok((shape, data))
+}
+
+fn read_nifti_unchecked(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
     if !path.exists() {
         return Err(DataError::Io {
             path: path.to_owned(),
@@ -339,6 +351,15 @@ mod tests {
         write_volume(&img, &case("a", [4, 4, 2]).image).unwrap();
         let err = read_dataset(dir.path(), 1, 2).unwrap_err();
         assert!(matches!(err, DataError::ShapeMismatch { .. }), "{err}");
+
+        // A volume whose header claims an empty axis is refused, not sliced.
+        let raw = dir.path().join("zero.nii");
+        write_volume(&raw, &case("z", [4, 4, 2]).image).unwrap();
+        let mut bytes = fs::read(&raw).unwrap();
+        bytes[42..44].copy_from_slice(&0i16.to_le_bytes()); // dim[1] of the NIfTI-1 header
+        fs::write(&raw, bytes).unwrap();
+        let err = read_nifti(&raw).unwrap_err();
+        assert!(err.to_string().contains("zero.nii"), "{err}");
 
         fs::write(
             dir.path().join("dataset.json"),
