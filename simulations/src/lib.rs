@@ -3,6 +3,8 @@
 //!
 //! * [`topology`]: communication graphs.
 //! * [`consensus`]: consensus-only neighbour averaging in a two-arena layout.
+//! * [`spectral`]: the spectral gap that predicts its convergence rate.
 
 pub mod consensus;
+pub mod spectral;
 pub mod topology;

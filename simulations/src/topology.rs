@@ -57,6 +57,60 @@ pub fn torus(rows: usize, cols: usize) -> Result<Vec<Vec<usize>>, TopologyError>
         .collect())
 }
 
+/// Node `i` linked to `i +- 2^k (mod n)` for every power of two below `n`: logarithmic
+/// degree and a large spectral gap (the "exponential graph" of decentralized SGD papers).
+pub fn exponential(n: usize) -> Result<Vec<Vec<usize>>, TopologyError> {
+    if n < 3 {
+        return Err(TopologyError::Impossible {
+            shape: "exponential graph",
+            nodes: n,
+            reason: "needs at least 3 nodes".into(),
+        });
+    }
+    let mut adj = vec![std::collections::BTreeSet::new(); n];
+    let mut hop = 1;
+    while hop < n {
+        for (i, neighbours) in adj.iter_mut().enumerate() {
+            for j in [(i + hop) % n, (i + n - hop % n) % n] {
+                if j != i {
+                    neighbours.insert(j);
+                }
+            }
+        }
+        hop *= 2;
+    }
+    Ok(adj.into_iter().map(|s| s.into_iter().collect()).collect())
+}
+
+/// A random `d`-regular graph (configuration model with restarts), deterministic in `seed`.
+pub fn random_regular(n: usize, d: usize, seed: u64) -> Result<Vec<Vec<usize>>, TopologyError> {
+    if d == 0 || d >= n || (n * d) % 2 == 1 {
+        return Err(TopologyError::Impossible {
+            shape: "random regular graph",
+            nodes: n,
+            reason: format!("degree {d} needs 0 < d < n and n*d even"),
+        });
+    }
+    let mut rng = medmesh_training::rng::Rng::derive(seed, 0x2E6);
+    for _attempt in 0..1000 {
+        let mut stubs: Vec<usize> = (0..n).flat_map(|i| std::iter::repeat_n(i, d)).collect();
+        rng.shuffle(&mut stubs);
+        let mut adj = vec![std::collections::BTreeSet::new(); n];
+        let ok = stubs.chunks(2).all(|pair| {
+            let (a, b) = (pair[0], pair[1]);
+            a != b && adj[a].insert(b) && adj[b].insert(a)
+        });
+        if ok {
+            return Ok(adj.into_iter().map(|s| s.into_iter().collect()).collect());
+        }
+    }
+    Err(TopologyError::Impossible {
+        shape: "random regular graph",
+        nodes: n,
+        reason: format!("no simple {d}-regular pairing found in 1000 tries"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +127,20 @@ mod tests {
         assert!(symmetric(&ring(7).unwrap()) && ring(7).unwrap().iter().all(|n| n.len() == 2));
         let t = torus(3, 4).unwrap();
         assert!(symmetric(&t) && t.iter().all(|n| n.len() == 4));
+        let r = random_regular(20, 4, 1).unwrap();
+        assert!(symmetric(&r) && r.iter().all(|n| n.len() == 4));
+        assert_eq!(
+            r,
+            random_regular(20, 4, 1).unwrap(),
+            "deterministic in the seed"
+        );
+        assert!(random_regular(5, 3, 1).is_err(), "n*d odd");
+        let e = exponential(16).unwrap();
+        assert!(
+            symmetric(&e) && e.iter().all(|n| n.len() == 7),
+            "{:?}",
+            e[0]
+        );
         assert!(ring(2).is_err());
         assert!(torus(2, 5).is_err());
     }
