@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array, ShapeBuilder};
+use ndarray::{Array, IxDyn, ShapeBuilder};
 use nifti::writer::WriterOptions;
 use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
 use serde::{Deserialize, Serialize};
@@ -232,46 +232,32 @@ pub fn write_dataset(
 
 fn write_volume(path: &PathBuf, v: &Volume) -> Result<(), DataError> {
     let [x, y, z] = v.dims;
-    let write_err = |e: nifti::NiftiError| DataError::Nifti {
-        path: path.clone(),
-        reason: e.to_string(),
-    };
-    if v.channels == 1 {
-        let array =
-            Array::from_shape_vec((x, y, z).f(), v.data.clone()).map_err(|e| DataError::Nifti {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        WriterOptions::new(path)
-            .write_nifti(&array)
-            .map_err(write_err)
+    let shape = if v.channels == 1 {
+        vec![x, y, z]
     } else {
-        let array =
-            Array::from_shape_vec((x, y, z, v.channels).f(), v.data.clone()).map_err(|e| {
-                DataError::Nifti {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-        WriterOptions::new(path)
-            .write_nifti(&array)
-            .map_err(write_err)
-    }
+        vec![x, y, z, v.channels]
+    };
+    write_array(path, &shape, v.data.clone())
 }
 
 fn write_labels(path: &PathBuf, l: &LabelVolume) -> Result<(), DataError> {
-    let [x, y, z] = l.dims;
-    let array =
-        Array::from_shape_vec((x, y, z).f(), l.data.clone()).map_err(|e| DataError::Nifti {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+    write_array(path, &l.dims, l.data.clone())
+}
+
+/// Writes x-fastest `data` of `shape` as NIfTI (gzip-compressed for `.nii.gz`).
+fn write_array<A: nifti::DataElement + bytemuck::Pod>(
+    path: &PathBuf,
+    shape: &[usize],
+    data: Vec<A>,
+) -> Result<(), DataError> {
+    let err = |reason: String| DataError::Nifti {
+        path: path.clone(),
+        reason,
+    };
+    let array = Array::from_shape_vec(IxDyn(shape).f(), data).map_err(|e| err(e.to_string()))?;
     WriterOptions::new(path)
         .write_nifti(&array)
-        .map_err(|e| DataError::Nifti {
-            path: path.clone(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]
