@@ -104,12 +104,63 @@ pub enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Check, sign and verify experiment manifests.
+    /// Check, sign, verify, submit and follow experiments.
     Experiment {
         /// The experiment operation.
         #[command(subcommand)]
         command: ExperimentCommand,
     },
+    /// Run this clinic's node until interrupted.
+    Run {
+        /// The node configuration (see `medmesh init`).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Fetch a finished experiment's consensus model and signed provenance from a node.
+    Export {
+        /// Whom to ask, and as whom.
+        #[command(flatten)]
+        connect: Connect,
+        /// The experiment id.
+        #[arg(long)]
+        experiment: String,
+        /// Directory for model.safetensors and provenance.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A throwaway consortium on this machine: N real nodes on 127.0.0.1, synthetic sites,
+    /// one experiment, and a report comparing federated and local-only training.
+    Demo {
+        /// Number of nodes (sites).
+        #[arg(long, default_value_t = 4)]
+        nodes: u32,
+        /// Communication rounds.
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        /// Working directory (keys, data, node states, report.json).
+        #[arg(long, default_value = "medmesh-demo")]
+        out: PathBuf,
+        /// First TCP port; node i listens on port + i.
+        #[arg(long, default_value_t = 47100)]
+        port: u16,
+    },
+}
+
+/// How a researcher's command reaches a node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connect {
+    /// The node's address, e.g. /ip4/10.1.2.3/tcp/4001 (optionally ending in /p2p/<peer id>).
+    #[arg(long)]
+    pub node: String,
+    /// Your identity file (a researcher or node key on the roster).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The consortium's network key.
+    #[arg(long, default_value = "swarm.key")]
+    pub network_key: PathBuf,
+    /// The consortium roster (names the consortium; checks what nodes report).
+    #[arg(long, default_value = "roster.toml")]
+    pub roster: PathBuf,
 }
 
 /// Tasks `medmesh data prepare` can build.
@@ -256,5 +307,31 @@ pub enum ExperimentCommand {
         /// The roster file.
         #[arg(long)]
         roster: PathBuf,
+    },
+    /// Sign a manifest with your key (--connect's --key) and hand it to a node, which
+    /// verifies it, spreads it to the other members and starts; or submit an already signed
+    /// manifest with --signed.
+    Submit {
+        /// Whom to hand it to, and as whom.
+        #[command(flatten)]
+        connect: Connect,
+        /// The manifest (TOML or JSON), signed here with --key.
+        #[arg(long, conflicts_with = "signed", required_unless_present = "signed")]
+        manifest: Option<PathBuf>,
+        /// A manifest signed before (`medmesh experiment sign`).
+        #[arg(long)]
+        signed: Option<PathBuf>,
+    },
+    /// Show every site's progress (round, loss, Dice, last seen) as a node knows it.
+    Status {
+        /// Whom to ask, and as whom.
+        #[command(flatten)]
+        connect: Connect,
+        /// One experiment (default: all).
+        #[arg(long)]
+        experiment: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
+use libp2p::{Multiaddr, PeerId};
 use medmesh_training::DeviceSpec;
 use serde::Deserialize;
 
@@ -28,6 +29,9 @@ device = "flex"                # flex (CPU), cuda:0, wgpu
 listen = ["/ip4/0.0.0.0/tcp/4001"]
 bootnodes = []                 # a few members' addresses, with /p2p/<peer id>
 max_connections = 64
+request_timeout_secs = 30      # one query or one 1 MiB chunk of a model
+idle_timeout_secs = 600        # keep connections between rounds
+max_concurrent_transfers = 4   # model downloads at once
 
 [metrics]
 listen = "127.0.0.1:9464"      # Prometheus endpoint; "" to disable
@@ -95,6 +99,42 @@ pub struct NetworkSection {
     /// Most simultaneous connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Seconds one request (a query, one chunk of a model) may take.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u32,
+    /// Seconds an unused connection stays open.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u32,
+    /// Model downloads running at once.
+    #[serde(default = "default_max_transfers")]
+    pub max_concurrent_transfers: u32,
+}
+
+fn default_request_timeout() -> u32 {
+    30
+}
+
+fn default_idle_timeout() -> u32 {
+    600
+}
+
+fn default_max_transfers() -> u32 {
+    4
+}
+
+/// Parses a bootnode address, which must name the peer: `/ip4/../tcp/../p2p/<peer id>`.
+pub fn parse_bootnode(text: &str) -> Result<(PeerId, Multiaddr), String> {
+    let addr: Multiaddr = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a multiaddress: {e}"))?;
+    let peer = addr
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .ok_or_else(|| format!("{text:?} must end in /p2p/<peer id>"))?;
+    Ok((peer, addr))
 }
 
 fn default_max_connections() -> u32 {
@@ -250,18 +290,39 @@ impl NodeConfig {
             ));
         }
         for (i, a) in self.network.listen.iter().enumerate() {
-            if !a.starts_with('/') {
+            if a.parse::<Multiaddr>().is_err() || !a.contains("/tcp/") {
                 return Err(invalid(
                     &format!("network.listen[{i}]"),
-                    format!("{a:?} is not a multiaddress like /ip4/0.0.0.0/tcp/4001"),
+                    format!("{a:?} is not a TCP multiaddress like /ip4/0.0.0.0/tcp/4001"),
                 ));
             }
         }
         for (i, a) in self.network.bootnodes.iter().enumerate() {
-            if !a.starts_with('/') || !a.contains("/p2p/") {
+            if let Err(reason) = parse_bootnode(a) {
+                return Err(invalid(&format!("network.bootnodes[{i}]"), reason));
+            }
+        }
+        for (field, value, range) in [
+            (
+                "network.request_timeout_secs",
+                self.network.request_timeout_secs,
+                1..=3600,
+            ),
+            (
+                "network.idle_timeout_secs",
+                self.network.idle_timeout_secs,
+                10..=86_400,
+            ),
+            (
+                "network.max_concurrent_transfers",
+                self.network.max_concurrent_transfers,
+                1..=64,
+            ),
+        ] {
+            if !range.contains(&value) {
                 return Err(invalid(
-                    &format!("network.bootnodes[{i}]"),
-                    format!("{a:?} must be a multiaddress ending in /p2p/<peer id>"),
+                    field,
+                    format!("{value} must be {} to {}", range.start(), range.end()),
                 ));
             }
         }
@@ -311,7 +372,11 @@ mod tests {
             ("MEDMESH_NODE__DEVICE".to_owned(), "cuda:1".to_owned()),
             (
                 "MEDMESH_NETWORK__BOOTNODES".to_owned(),
-                "/ip4/1.2.3.4/tcp/1/p2p/a,/ip4/1.2.3.5/tcp/1/p2p/b".to_owned(),
+                format!(
+                    "/ip4/1.2.3.4/tcp/1/p2p/{},/dns4/node.example/tcp/1/p2p/{}",
+                    medmesh_crypto::Identity::from_seed(&[1; 32]).peer_id(),
+                    medmesh_crypto::Identity::from_seed(&[2; 32]).peer_id()
+                ),
             ),
             (
                 "MEDMESH_NETWORK__MAX_CONNECTIONS".to_owned(),

@@ -2,6 +2,11 @@
 //! simulator can drive its parts.
 
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod config;
 pub mod keystore;
+pub mod metrics;
+pub mod net;
+pub mod service;
+pub mod site_data;

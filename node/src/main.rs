@@ -4,11 +4,28 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use medmesh_node::cli::{Cli, Command, DataCommand, ExperimentCommand, LogFormat};
-use medmesh_node::commands::{data, experiment, keys, roster, train};
+use medmesh_node::commands::{data, demo, experiment, keys, network, roster, train};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // `run` logs as its configuration says, unless JSON was asked for on the command line.
+    let mut node_config = None;
+    if let Command::Run { config } = &cli.command {
+        match medmesh_node::config::NodeConfig::load(config, None) {
+            Ok(c) => node_config = Some(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let format = match (&node_config, cli.log_format) {
+        (Some(c), LogFormat::Text) => c.log.format.into(),
+        (_, f) => f,
+    };
+    // The demo prints its own progress; its nodes log to files.
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    init_logging(format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Data {
             command:
@@ -56,7 +73,37 @@ fn main() -> ExitCode {
                 experiment::sign(&manifest, &key, &out)
             }
             ExperimentCommand::Verify { signed, roster } => experiment::verify(&signed, &roster),
+            ExperimentCommand::Submit {
+                connect,
+                manifest,
+                signed,
+            } => network::submit(&connect, manifest.as_deref(), signed.as_deref()),
+            ExperimentCommand::Status {
+                connect,
+                experiment,
+                json,
+            } => network::status(&connect, experiment.as_deref(), json),
         },
+        Command::Run { .. } => match node_config {
+            Some(config) => network::run(config),
+            None => unreachable!("loaded above"),
+        },
+        Command::Export {
+            connect,
+            experiment,
+            out,
+        } => network::export(&connect, &experiment, &out),
+        Command::Demo {
+            nodes,
+            rounds,
+            out,
+            port,
+        } => demo::run(&demo::DemoOptions {
+            nodes,
+            rounds,
+            out,
+            port,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,10 +130,11 @@ fn init(out: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs go to standard error (stdout carries results), filtered by `RUST_LOG` (default `info`).
-fn init_logging(format: LogFormat) {
+/// Logs go to standard error (stdout carries results), filtered by `RUST_LOG` (default
+/// `default_level`).
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

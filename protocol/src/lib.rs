@@ -6,6 +6,7 @@
 //! * [`encoding`]: weight payloads as raw little-endian f32, f16 or int8.
 //! * [`layout`]: parameter layouts (names, shapes, dtypes) and their digests.
 //! * [`progress`]: signed per-round progress records.
+//! * [`provenance`]: signed statements about exported models.
 //! * [`averaging`] and [`robust`]: the averaging rules, as pure functions over flat slices,
 //!   used by the node and the simulator alike.
 //!
@@ -21,6 +22,7 @@ pub mod layout;
 pub mod manifest;
 pub mod messages;
 pub mod progress;
+pub mod provenance;
 pub mod robust;
 
 pub use encoding::WeightEncoding;
@@ -29,5 +31,6 @@ pub use envelope::{
 };
 pub use layout::{DType, ParamLayout, TensorSpec};
 pub use manifest::{Manifest, ManifestError, ManifestVerifyError, SignedManifest};
-pub use messages::{Message, WireError};
+pub use messages::{Artifact, Message, WireError};
 pub use progress::{ProgressRecord, SignedProgress};
+pub use provenance::{Provenance, ProvenanceError, SignedProvenance};

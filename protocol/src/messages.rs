@@ -68,12 +68,21 @@ pub enum Message {
     Progress(SignedProgress),
     /// "I have weights for this round": the signed envelope; chunks follow on request.
     UpdateOffer(UpdateEnvelope),
-    /// Ask a peer for its update payload, from `offset` on (resumption after a drop).
+    /// Ask a peer for the envelope of its update of a round; answered by `UpdateOffer` or
+    /// `UpdateUnavailable`.
+    UpdateQuery {
+        /// The experiment.
+        experiment_id: String,
+        /// The round wanted; `None` for the peer's latest model (late joiners, restarts).
+        round: Option<u64>,
+    },
+    /// Ask a peer for one chunk of an offered payload, from `offset` on (resumption after a
+    /// drop is a request with a later offset); answered by `UpdateChunk`.
     UpdateRequest {
         /// The experiment.
         experiment_id: String,
-        /// The round wanted; `None` for the sender's latest (late joiners).
-        round: Option<u64>,
+        /// The round of the offered update.
+        round: u64,
         /// First byte wanted.
         offset: u64,
     },
@@ -83,6 +92,35 @@ pub enum Message {
     UpdateUnavailable {
         /// The experiment.
         experiment_id: String,
+        /// Why.
+        reason: String,
+        /// Rounds the peer has completed, when it runs the experiment: tells a requester
+        /// whether to wait (the peer is training the round) or to catch up (it is ahead).
+        latest_round: Option<u64>,
+    },
+    /// Ask a node for a chunk of a finished experiment's artifact (`medmesh export`).
+    ArtifactRequest {
+        /// The experiment.
+        experiment_id: String,
+        /// Which file.
+        artifact: Artifact,
+        /// First byte wanted.
+        offset: u64,
+    },
+    /// A piece of an artifact.
+    ArtifactChunk {
+        /// Size of the whole artifact.
+        total_len: u64,
+        /// Byte offset of this chunk.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Receipt of a pushed announcement (progress, roster).
+    Ack,
+    /// The request was understood and refused; `reason` says why.
+    Refused {
         /// Why.
         reason: String,
     },
@@ -98,6 +136,25 @@ pub enum Message {
         /// Latest record per (experiment, site).
         records: Vec<SignedProgress>,
     },
+}
+
+/// Files a node exports at the end of an experiment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Artifact {
+    /// The consensus model, as safetensors.
+    Model,
+    /// The signed provenance record (JSON).
+    Provenance,
+}
+
+impl Artifact {
+    /// File name in the experiment's export directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Artifact::Model => "model.safetensors",
+            Artifact::Provenance => "provenance.json",
+        }
+    }
 }
 
 /// Why bytes could not be decoded into a message.
@@ -241,10 +298,28 @@ mod tests {
             Message::RosterAnnouncement(roster),
             Message::Progress(progress.clone()),
             Message::UpdateOffer(UpdateEnvelope::seal(header, &[0u8; 20], &node)),
-            Message::UpdateRequest {
+            Message::UpdateQuery {
                 experiment_id: "e".into(),
                 round: None,
+            },
+            Message::UpdateRequest {
+                experiment_id: "e".into(),
+                round: 3,
                 offset: 4096,
+            },
+            Message::ArtifactRequest {
+                experiment_id: "e".into(),
+                artifact: Artifact::Provenance,
+                offset: 10,
+            },
+            Message::ArtifactChunk {
+                total_len: 100,
+                offset: 10,
+                bytes: vec![1; 90],
+            },
+            Message::Ack,
+            Message::Refused {
+                reason: "not a member".into(),
             },
             Message::UpdateChunk(UpdateChunk {
                 experiment_id: "e".into(),
@@ -255,6 +330,7 @@ mod tests {
             Message::UpdateUnavailable {
                 experiment_id: "e".into(),
                 reason: "not yet".into(),
+                latest_round: Some(4),
             },
             Message::StatusQuery {
                 experiment_id: None,
@@ -348,16 +424,13 @@ mod tests {
 
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (
-                "[a-z0-9-]{0,40}",
-                proptest::option::of(any::<u64>()),
-                any::<u64>()
-            )
-                .prop_map(|(experiment_id, round, offset)| Message::UpdateRequest {
+            ("[a-z0-9-]{0,40}", any::<u64>(), any::<u64>()).prop_map(
+                |(experiment_id, round, offset)| Message::UpdateRequest {
                     experiment_id,
                     round,
                     offset
-                }),
+                }
+            ),
             (
                 "[a-z0-9-]{0,40}",
                 any::<u64>(),
@@ -386,12 +459,15 @@ mod tests {
                         rejection,
                     }
                 }),
-            (".{0,60}", ".{0,200}").prop_map(|(experiment_id, reason)| {
-                Message::UpdateUnavailable {
-                    experiment_id,
-                    reason,
+            (".{0,60}", ".{0,200}", proptest::option::of(any::<u64>())).prop_map(
+                |(experiment_id, reason, latest_round)| {
+                    Message::UpdateUnavailable {
+                        experiment_id,
+                        reason,
+                        latest_round,
+                    }
                 }
-            }),
+            ),
         ]
     }
 
@@ -415,7 +491,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_valid_messages_never_panic(which in 0usize..10, pos in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_valid_messages_never_panic(which in 0usize..15, pos in any::<usize>(), byte in any::<u8>()) {
             let mut bytes = samples()[which].encode().unwrap();
             let pos = pos % bytes.len();
             bytes[pos] = byte;

@@ -185,6 +185,12 @@ impl Trainer {
         self.round
     }
 
+    /// Moves the schedule to `round`, for a site that adopts a peer's model of that round
+    /// (a late joiner, or a restart that fell behind).
+    pub fn set_round(&mut self, round: u64) {
+        self.round = round;
+    }
+
     /// The model, with batch-norm running statistics brought up to date.
     pub fn model(&self) -> UNet {
         // Running statistics update lazily (per thread) and sync when the mode is set; the

@@ -1,8 +1,10 @@
 //! One module per command group; each function runs one subcommand and prints its result.
 
 pub mod data;
+pub mod demo;
 pub mod experiment;
 pub mod keys;
+pub mod network;
 pub mod roster;
 pub mod train;
 

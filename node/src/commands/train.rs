@@ -32,20 +32,10 @@ pub fn train_local(
 ) -> Result<()> {
     let m = load_manifest(manifest)?;
     let device = device(device_name)?;
-    let cases = load_dir(data, m.task.channels as usize, m.task.classes as usize)?;
-    let [h, w] = m.task.input_size;
-    let slices = slice_cases(
-        &cases,
-        &SliceOptions::new([h as usize, w as usize], m.training.seed),
-    )?;
-    let (train_set, val_set) = slices.split(m.evaluation.validation_fraction, m.training.seed);
-    anyhow::ensure!(
-        !train_set.is_empty(),
-        "{}: no training slices after the validation split",
-        data.display()
-    );
+    let site = crate::site_data::load(data, &m)?;
+    let (train_set, val_set) = (site.train, site.validation);
     tracing::info!(
-        cases = cases.len(),
+        cases = site.cases,
         train_slices = train_set.len(),
         val_slices = val_set.len(),
         device = device_name,
@@ -96,7 +86,10 @@ pub fn train_local(
     let extra = [
         ("manifest_digest", hex::encode(m.digest())),
         ("experiment_id", m.id.clone()),
-        ("input_size", format!("{h}x{w}")),
+        (
+            "input_size",
+            format!("{}x{}", m.task.input_size[0], m.task.input_size[1]),
+        ),
         ("rounds", trainer.round().to_string()),
     ];
     export::save(&trainer.model(), trainer.config(), &extra, out)?;

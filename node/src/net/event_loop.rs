@@ -1,0 +1,397 @@
+//! The task that owns the swarm: it turns commands into swarm calls and swarm events into
+//! answers and [`NetEvent`]s, and keeps the node connected to the members it discovers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, ListenError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, kad};
+use medmesh_crypto::Role;
+use medmesh_protocol::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use super::behaviour::{Behaviour, BehaviourEvent};
+use super::{Command, NetError, NetEvent, NetworkHandle};
+use crate::metrics::Metrics;
+
+/// Inbound requests waiting for the application; beyond this, peers are told "busy".
+const INBOUND_QUEUE: usize = 256;
+
+/// Owns the swarm. Run it with [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Message, NetError>>>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, NetError>>>,
+    members: HashMap<PeerId, Role>,
+    /// Node members with at least one connection.
+    connected: HashSet<PeerId>,
+    bootnodes: Vec<(PeerId, Multiaddr)>,
+    kad_protocol: StreamProtocol,
+    identify_version: String,
+    metrics: Arc<Metrics>,
+    /// (peer, reason) pairs already logged, so a misbehaving peer is logged once.
+    logged: HashSet<(PeerId, &'static str)>,
+}
+
+impl EventLoop {
+    /// Wraps `swarm`. `members` is the roster (who may connect, and who trains);
+    /// `bootnodes` are dialed and fed to Kademlia at start.
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        members: Vec<(PeerId, Role)>,
+        bootnodes: Vec<(PeerId, Multiaddr)>,
+        protocols: &super::Protocols,
+        metrics: Arc<Metrics>,
+    ) -> (Self, NetworkHandle, mpsc::Receiver<NetEvent>) {
+        let (command_tx, commands) = mpsc::channel(64);
+        let (events, event_rx) = mpsc::channel(INBOUND_QUEUE);
+        let handle = NetworkHandle {
+            commands: command_tx,
+            local_peer_id: *swarm.local_peer_id(),
+        };
+        let mut this = Self {
+            swarm,
+            commands,
+            events,
+            pending_requests: HashMap::new(),
+            pending_dials: HashMap::new(),
+            members: HashMap::new(),
+            connected: HashSet::new(),
+            bootnodes,
+            kad_protocol: protocols.kad.clone(),
+            identify_version: protocols.identify.clone(),
+            metrics,
+            logged: HashSet::new(),
+        };
+        this.set_members(members);
+        (this, handle, event_rx)
+    }
+
+    /// Listens on `addr`.
+    pub fn listen(&mut self, addr: Multiaddr) -> Result<(), String> {
+        self.swarm
+            .listen_on(addr.clone())
+            .map(|_| ())
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    }
+
+    /// Runs until every [`NetworkHandle`] is dropped.
+    pub async fn run(mut self) {
+        for (peer, addr) in self.bootnodes.clone() {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+            let opts = DialOpts::peer_id(peer).addresses(vec![addr]).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::warn!(%peer, "cannot dial bootnode: {e}");
+            }
+        }
+        let mut maintenance = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+                _ = maintenance.tick() => self.maintain(),
+            }
+        }
+    }
+
+    fn set_members(&mut self, members: Vec<(PeerId, Role)>) {
+        let new: HashMap<PeerId, Role> = members.into_iter().collect();
+        let removed: Vec<PeerId> = self
+            .members
+            .keys()
+            .filter(|p| !new.contains_key(p))
+            .copied()
+            .collect();
+        if let Some(allowed) = self.swarm.behaviour_mut().allowed.as_mut() {
+            for peer in new.keys() {
+                allowed.allow_peer(*peer);
+            }
+            for peer in &removed {
+                // Also closes its connections.
+                allowed.disallow_peer(*peer);
+            }
+        }
+        for peer in &removed {
+            tracing::warn!(%peer, "no longer on the roster; disconnecting");
+            let _ = self.swarm.disconnect_peer_id(*peer);
+            self.connected.remove(peer);
+        }
+        self.members = new;
+        self.metrics
+            .peers_connected
+            .set(self.connected.len() as f64);
+    }
+
+    fn is_node(&self, peer: &PeerId) -> bool {
+        self.members.get(peer) == Some(&Role::Node)
+    }
+
+    /// Re-runs discovery and dials every node member in the routing table not yet connected:
+    /// consortia are small enough for a full mesh, which lets any scheme pick any peer.
+    fn maintain(&mut self) {
+        let mut known = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                known.push(*entry.node.key.preimage());
+            }
+        }
+        self.metrics.routing_table_peers.set(known.len() as f64);
+        for peer in known {
+            self.dial_member(peer);
+        }
+        if self.connected.is_empty() && !self.bootnodes.is_empty() {
+            for (peer, addr) in self.bootnodes.clone() {
+                let opts = DialOpts::peer_id(peer)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .addresses(vec![addr])
+                    .build();
+                let _ = self.swarm.dial(opts);
+            }
+        }
+    }
+
+    fn dial_member(&mut self, peer: PeerId) {
+        if self.is_node(&peer) && !self.connected.contains(&peer) {
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                peer,
+                message,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, message);
+                self.pending_requests.insert(id, reply);
+            }
+            Command::Respond { channel, message } => {
+                // Err: the requester went away meanwhile; nothing to do.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, message);
+            }
+            Command::Dial { addr, reply } => {
+                let peer = addr.iter().find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                    _ => None,
+                });
+                let opts = match peer {
+                    Some(peer) => DialOpts::peer_id(peer)
+                        .addresses(vec![addr.clone()])
+                        .condition(PeerCondition::Always)
+                        .build(),
+                    None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                };
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial {
+                            peer: addr.to_string(),
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::ConnectedNodes { reply } => {
+                let mut nodes: Vec<PeerId> = self.connected.iter().copied().collect();
+                nodes.sort();
+                let _ = reply.send(nodes);
+            }
+            Command::SetMembers { members } => self.set_members(members),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, peer_id = %self.swarm.local_peer_id(), "listening");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if num_established.get() == 1 && self.is_node(&peer_id) {
+                    self.connected.insert(peer_id);
+                    self.metrics
+                        .peers_connected
+                        .set(self.connected.len() as f64);
+                    tracing::info!(peer = %peer_id, "member connected");
+                    let _ = self.events.try_send(NetEvent::Connected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                if self.connected.remove(&peer_id) {
+                    self.metrics
+                        .peers_connected
+                        .set(self.connected.len() as f64);
+                    tracing::info!(peer = %peer_id, "member disconnected");
+                    let _ = self.events.try_send(NetEvent::Disconnected(peer_id));
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => match error {
+                ListenError::Denied { cause } => {
+                    if let Some(not_allowed) = cause.downcast_ref::<allow_block_list::NotAllowed>()
+                    {
+                        self.metrics.refused_not_member.inc();
+                        tracing::warn!(%send_back_addr, "refused a connection: {not_allowed} (not on the roster)");
+                    } else {
+                        self.metrics.rejected("connection_limit");
+                        tracing::debug!(%send_back_addr, "refused a connection: {cause}");
+                    }
+                }
+                ListenError::Transport(e) => {
+                    // Without the network key the handshake fails here; outsiders can knock
+                    // often, so this is a counter and a debug line, not a warning each time.
+                    self.metrics.failed_handshakes.inc();
+                    tracing::debug!(%send_back_addr, "inbound handshake failed: {e}");
+                }
+                other => tracing::debug!(%send_back_addr, "inbound connection failed: {other}"),
+            },
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                let reason = error.to_string();
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NetError::Dial {
+                        peer: peer_id.map(|p| p.to_string()).unwrap_or_default(),
+                        reason: reason.clone(),
+                    }));
+                }
+                if let libp2p::swarm::DialError::Denied { cause } = &error
+                    && cause
+                        .downcast_ref::<allow_block_list::NotAllowed>()
+                        .is_some()
+                {
+                    self.metrics.refused_not_member.inc();
+                }
+                tracing::debug!(peer = ?peer_id, "dial failed: {reason}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => self.on_rpc(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocol_version != self.identify_version {
+                    tracing::warn!(peer = %peer_id, version = %info.protocol_version, "peer speaks another consortium's protocol; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if info.protocols.contains(&self.kad_protocol) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => self.dial_member(peer),
+            _ => {}
+        }
+    }
+
+    fn on_rpc(&mut self, event: request_response::Event<Message, Message>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let event = NetEvent::Request {
+                        peer,
+                        message: request,
+                        channel,
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(NetEvent::Request {
+                        channel, ..
+                    })) = self.events.try_send(event)
+                    {
+                        self.metrics.rejected("busy");
+                        let busy = Message::Refused {
+                            reason: "node busy; retry later".into(),
+                        };
+                        let _ = self.swarm.behaviour_mut().rpc.send_response(channel, busy);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                let error = match error {
+                    OutboundFailure::DialFailure => NetError::Dial {
+                        peer: peer.to_string(),
+                        reason: "dial failed".into(),
+                    },
+                    OutboundFailure::Timeout => NetError::Timeout(peer),
+                    OutboundFailure::ConnectionClosed => NetError::ConnectionClosed(peer),
+                    OutboundFailure::UnsupportedProtocols => NetError::UnsupportedProtocol(peer),
+                    OutboundFailure::Io(e) => NetError::Stream {
+                        peer,
+                        reason: e.to_string(),
+                    },
+                };
+                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(error));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                if let request_response::InboundFailure::Io(e) = &error
+                    && e.kind() == std::io::ErrorKind::InvalidData
+                    && self.logged.insert((peer, "malformed"))
+                {
+                    tracing::warn!(%peer, "dropped a malformed message: {e}");
+                } else {
+                    tracing::debug!(%peer, "inbound request failed: {error}");
+                }
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}

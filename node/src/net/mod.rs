@@ -1,0 +1,166 @@
+//! The node's network: a libp2p swarm owned by one event-loop task, driven through a cheap,
+//! cloneable [`NetworkHandle`] (the shape of rust-libp2p's file-sharing example).
+//!
+//! * [`transport`]: TCP + pnet + Noise + Yamux.
+//! * [`behaviour`]: allow-list, connection limits, identify, ping, Kademlia, request-response.
+//! * [`codec`]: length-prefixed, size-limited bincode frames.
+//! * [`event_loop`]: the task that owns the swarm.
+
+pub mod behaviour;
+pub mod codec;
+pub mod event_loop;
+pub mod transport;
+
+use libp2p::request_response::ResponseChannel;
+use libp2p::{Multiaddr, PeerId};
+use medmesh_crypto::{PublicKey, Role};
+use medmesh_protocol::Message;
+use tokio::sync::{mpsc, oneshot};
+
+pub use behaviour::{BehaviourSettings, Protocols};
+pub use event_loop::EventLoop;
+
+/// The libp2p peer id of a medmesh public key.
+pub fn peer_id_of(key: &PublicKey) -> PeerId {
+    PeerId::from_bytes(&key.peer_id().to_bytes())
+        .unwrap_or_else(|e| unreachable!("an ed25519 peer id always parses: {e}"))
+}
+
+/// Why a request did not get an answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NetError {
+    /// Could not connect.
+    #[error("could not reach {peer}: {reason}")]
+    Dial {
+        /// Whom.
+        peer: String,
+        /// libp2p's explanation.
+        reason: String,
+    },
+    /// No answer within the request timeout.
+    #[error("{0} did not answer in time")]
+    Timeout(PeerId),
+    /// The connection closed before the answer came.
+    #[error("connection to {0} closed during the request")]
+    ConnectionClosed(PeerId),
+    /// The peer does not speak this consortium's protocol.
+    #[error("{0} does not speak this consortium's protocol")]
+    UnsupportedProtocol(PeerId),
+    /// Anything else on the stream (including a malformed or oversized answer).
+    #[error("stream error with {peer}: {reason}")]
+    Stream {
+        /// Whom.
+        peer: PeerId,
+        /// What.
+        reason: String,
+    },
+    /// The network task has stopped.
+    #[error("the network task has stopped")]
+    Shutdown,
+}
+
+/// What the network tells the application.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A request from a roster member; answer it with [`NetworkHandle::respond`].
+    Request {
+        /// Who asked.
+        peer: PeerId,
+        /// What.
+        message: Message,
+        /// Where the answer goes.
+        channel: ResponseChannel<Message>,
+    },
+    /// A node member connected (first connection).
+    Connected(PeerId),
+    /// A node member's last connection closed.
+    Disconnected(PeerId),
+}
+
+pub(crate) enum Command {
+    Request {
+        peer: PeerId,
+        message: Message,
+        reply: oneshot::Sender<Result<Message, NetError>>,
+    },
+    Respond {
+        channel: ResponseChannel<Message>,
+        message: Message,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NetError>>,
+    },
+    ConnectedNodes {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    SetMembers {
+        members: Vec<(PeerId, Role)>,
+    },
+}
+
+/// Talks to the event loop.
+#[derive(Clone)]
+pub struct NetworkHandle {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+}
+
+impl NetworkHandle {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// Sends `message` to `peer` (dialing if needed) and waits for the answer.
+    pub async fn request(&self, peer: PeerId, message: Message) -> Result<Message, NetError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                peer,
+                message,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Shutdown)?;
+        answer.await.map_err(|_| NetError::Shutdown)?
+    }
+
+    /// Answers an inbound request.
+    pub async fn respond(&self, channel: ResponseChannel<Message>, message: Message) {
+        // Fails only when the loop has stopped, and then there is no one left to answer.
+        let _ = self
+            .commands
+            .send(Command::Respond { channel, message })
+            .await;
+    }
+
+    /// Connects to `addr`; returns the peer's id once the connection is up.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Dial { addr, reply })
+            .await
+            .map_err(|_| NetError::Shutdown)?;
+        answer.await.map_err(|_| NetError::Shutdown)?
+    }
+
+    /// Node members (not researchers) connected now, sorted.
+    pub async fn connected_nodes(&self) -> Vec<PeerId> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::ConnectedNodes { reply })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Replaces the roster's members: only they may connect; others are disconnected.
+    pub async fn set_members(&self, members: Vec<(PeerId, Role)>) {
+        let _ = self.commands.send(Command::SetMembers { members }).await;
+    }
+}

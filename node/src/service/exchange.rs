@@ -1,0 +1,223 @@
+//! Fetching a peer's model update: the signed envelope first (checked against the local
+//! manifest and layout before a payload byte moves), then the payload chunk by chunk, a few
+//! chunks in flight, each chunk under the request timeout, resuming at the last good offset
+//! after a dropped connection, and the whole payload hash-checked before it is decoded.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use libp2p::PeerId;
+use medmesh_crypto::PublicKey;
+use medmesh_protocol::{Message, PayloadAssembler, UpdateEnvelope, UpdateExpectation};
+
+use super::Node;
+use crate::net::{NetError, NetworkHandle};
+
+/// Chunk requests in flight per transfer: enough to hide a round trip, few enough to keep
+/// memory at a handful of chunks.
+const WINDOW: usize = 4;
+
+/// Attempts to resume one transfer after errors.
+const RESUME_ATTEMPTS: u32 = 3;
+
+/// How often to ask again while a peer is still training the round.
+const POLL: Duration = Duration::from_millis(250);
+
+/// A received and verified update.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The sender (checked against the connection's peer id).
+    pub sender: PublicKey,
+    /// Its envelope.
+    pub envelope: UpdateEnvelope,
+    /// Decoded weights.
+    pub values: Vec<f32>,
+}
+
+/// Why no update came from a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The peer does not have it.
+    #[error("peer has no update: {reason}")]
+    Unavailable {
+        /// The peer's words.
+        reason: String,
+        /// Rounds the peer has completed, if it runs the experiment.
+        latest_round: Option<u64>,
+    },
+    /// Still not available at the deadline.
+    #[error("round timeout: no update before the deadline")]
+    Deadline,
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The update broke the rules; the peer is misbehaving.
+    #[error("{0}")]
+    Invalid(String),
+    /// The peer answered with the wrong kind of message.
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+}
+
+/// What to fetch and how it must look.
+pub struct Want<'a> {
+    /// Round wanted, or the latest.
+    pub round: Option<u64>,
+    /// What a valid update looks like.
+    pub expect: UpdateExpectation<'a>,
+    /// Give up at this instant.
+    pub deadline: Instant,
+    /// Keep asking while the peer reports it is training the wanted round.
+    pub wait_for_training: bool,
+}
+
+/// Fetches `peer`'s update per `want`.
+pub async fn fetch_update(
+    node: &Node,
+    peer: PeerId,
+    sender: PublicKey,
+    want: &Want<'_>,
+) -> Result<Fetched, FetchError> {
+    let id = want.expect.experiment_id;
+    let envelope = loop {
+        let answer = node
+            .net
+            .request(
+                peer,
+                Message::UpdateQuery {
+                    experiment_id: id.to_owned(),
+                    round: want.round,
+                },
+            )
+            .await?;
+        match answer {
+            Message::UpdateOffer(envelope) => break envelope,
+            Message::UpdateUnavailable {
+                reason,
+                latest_round,
+                ..
+            } => {
+                let training_it = match (want.round, latest_round) {
+                    // It runs the experiment and is at most one round behind: it is training
+                    // the round now. An unknown experiment may still be on its way to it.
+                    (Some(r), Some(done)) => done + 1 >= r && done < r,
+                    (Some(_), None) => reason == "unknown experiment",
+                    (None, _) => false,
+                };
+                if !(want.wait_for_training && training_it) {
+                    return Err(FetchError::Unavailable {
+                        reason,
+                        latest_round,
+                    });
+                }
+                if Instant::now() + POLL >= want.deadline {
+                    return Err(FetchError::Deadline);
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            other => return Err(FetchError::Protocol(describe(&other))),
+        }
+    };
+    if envelope.header.sender != sender {
+        node.metrics.rejected("wrong_sender");
+        return Err(FetchError::Invalid(format!(
+            "update signed by {} arrived from {peer}",
+            envelope.header.sender
+        )));
+    }
+    if want.round.is_some_and(|r| r != envelope.header.round) {
+        node.metrics.rejected("replayed_update");
+        return Err(FetchError::Invalid(format!(
+            "asked for round {:?}, got an update of round {}",
+            want.round, envelope.header.round
+        )));
+    }
+    let _permit = node
+        .transfers
+        .acquire()
+        .await
+        .map_err(|_| NetError::Shutdown)?;
+    let started = Instant::now();
+    let values = download(&node.net, peer, &envelope, &want.expect)
+        .await
+        .inspect_err(|e| {
+            if matches!(e, FetchError::Invalid(_)) {
+                node.metrics.rejected("bad_update");
+            }
+        })?;
+    node.metrics.transfer_done(started.elapsed());
+    Ok(Fetched {
+        sender,
+        envelope,
+        values,
+    })
+}
+
+/// Streams the payload of `envelope` from `peer` and returns the decoded values.
+pub async fn download(
+    net: &NetworkHandle,
+    peer: PeerId,
+    envelope: &UpdateEnvelope,
+    expect: &UpdateExpectation<'_>,
+) -> Result<Vec<f32>, FetchError> {
+    let mut assembler = PayloadAssembler::new(envelope, expect, Vec::new())
+        .map_err(|e| FetchError::Invalid(e.to_string()))?;
+    let h = &envelope.header;
+    let chunk = u64::from(h.chunk_size);
+    let mut attempts = 0;
+    while !assembler.is_complete() {
+        let mut next = assembler.received();
+        let mut in_flight = FuturesOrdered::new();
+        let mut failed = None;
+        loop {
+            while in_flight.len() < WINDOW && next < h.payload_len {
+                let request = Message::UpdateRequest {
+                    experiment_id: h.experiment_id.clone(),
+                    round: h.round,
+                    offset: next,
+                };
+                in_flight.push_back(net.request(peer, request));
+                next += chunk;
+            }
+            let Some(answer) = in_flight.next().await else {
+                break;
+            };
+            match answer {
+                Ok(Message::UpdateChunk(c)) if c.round == h.round => {
+                    assembler
+                        .push(c.offset, &c.bytes)
+                        .map_err(|e| FetchError::Invalid(e.to_string()))?;
+                }
+                Ok(other) => return Err(FetchError::Protocol(describe(&other))),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            attempts += 1;
+            if attempts > RESUME_ATTEMPTS || matches!(e, NetError::Shutdown) {
+                return Err(e.into());
+            }
+            tracing::debug!(%peer, offset = assembler.received(), "transfer interrupted, resuming: {e}");
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempts))).await;
+        }
+    }
+    assembler
+        .finish()
+        .map_err(|e| FetchError::Invalid(e.to_string()))
+}
+
+/// A short name of a message, for errors.
+pub fn describe(m: &Message) -> String {
+    match m {
+        Message::Refused { reason } => format!("refused: {reason}"),
+        Message::UpdateUnavailable { reason, .. } => format!("unavailable: {reason}"),
+        other => {
+            let text = format!("{other:?}");
+            text.chars().take(60).collect()
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! `medmesh run`: the long-running node. It owns the network, answers peers, and runs one
+//! [`runner`] thread per experiment.
+//!
+//! * [`inbound`]: answers to peers' requests (manifests, progress, updates, status, export).
+//! * [`exchange`]: fetching and checking peers' model updates.
+//! * [`runner`]: an experiment's rounds: train, exchange, average, validate, checkpoint.
+//! * [`store`]: what is kept on disk.
+
+pub mod exchange;
+pub mod inbound;
+pub mod runner;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use libp2p::{Multiaddr, PeerId};
+use medmesh_crypto::{Identity, PublicKey, Role, TrustedRoster};
+use medmesh_protocol::{Message, SignedManifest, SignedProgress, UpdateEnvelope};
+use tokio::sync::Semaphore;
+
+use crate::config::{NodeConfig, parse_bootnode};
+use crate::keystore;
+use crate::metrics::Metrics;
+use crate::net::{self, BehaviourSettings, EventLoop, NetEvent, NetworkHandle, Protocols};
+
+/// A model update this node serves to its peers.
+#[derive(Debug)]
+pub struct Served {
+    /// The signed envelope.
+    pub envelope: UpdateEnvelope,
+    /// The encoded payload.
+    pub payload: Vec<u8>,
+}
+
+/// Rounds of updates kept for slower peers.
+pub const SERVED_ROUNDS: u64 = 3;
+
+/// What the node knows of one experiment.
+#[derive(Debug)]
+pub struct Experiment {
+    /// The manifest as accepted.
+    pub signed: SignedManifest,
+    /// Its digest.
+    pub digest: [u8; 32],
+    /// Whether this node trains in it (it has the dataset); if not, why not.
+    pub not_participating: Option<String>,
+    /// This node's updates by round (the last [`SERVED_ROUNDS`]).
+    pub served: BTreeMap<u64, Arc<Served>>,
+    /// Rounds this node has completed.
+    pub rounds_done: u64,
+    /// Whether this node finished (exported) the experiment.
+    pub finished: bool,
+}
+
+/// Shared by the network task, request handlers and experiment runners.
+pub struct Node {
+    /// This site's key.
+    pub identity: Identity,
+    /// The roster in force.
+    pub roster: RwLock<TrustedRoster>,
+    /// The configuration.
+    pub config: NodeConfig,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The network.
+    pub net: NetworkHandle,
+    /// Experiments by id.
+    pub experiments: Mutex<HashMap<String, Experiment>>,
+    /// Latest signed progress per (experiment, site).
+    pub progress: Mutex<BTreeMap<(String, PublicKey), SignedProgress>>,
+    /// Bounds concurrent model downloads.
+    pub transfers: Semaphore,
+    /// The async runtime, for runner threads.
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Locks a mutex, recovering from poisoning: state behind these locks stays consistent
+/// between statements, so a panicked holder leaves nothing half-written.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// The roster member behind `peer`, if it is an active node.
+    pub fn node_key(&self, peer: &PeerId) -> Option<PublicKey> {
+        let roster = self.roster.read().unwrap_or_else(|p| p.into_inner());
+        roster
+            .roster()
+            .members
+            .iter()
+            .find(|m| net::peer_id_of(&m.public_key) == *peer)
+            .filter(|m| roster.authorize(&m.public_key, Role::Node).is_ok())
+            .map(|m| m.public_key)
+    }
+
+    /// The site name of `key` on the roster.
+    pub fn site_of(&self, key: &PublicKey) -> String {
+        let roster = self.roster.read().unwrap_or_else(|p| p.into_inner());
+        roster
+            .roster()
+            .member(key)
+            .map_or_else(|| "?".into(), |m| m.site.clone())
+    }
+
+    /// Sends `message` to every connected node except `except`, without waiting.
+    pub fn broadcast(self: &Arc<Self>, message: Message, except: &[PeerId]) {
+        let node = self.clone();
+        let except = except.to_vec();
+        self.runtime.spawn(async move {
+            let peers = node.net.connected_nodes().await;
+            let sends = peers
+                .into_iter()
+                .filter(|p| !except.contains(p))
+                .map(|p| node.net.request(p, message.clone()));
+            futures::future::join_all(sends).await;
+        });
+    }
+}
+
+/// Runs a node until interrupted (Ctrl-C or SIGTERM).
+pub async fn run(config: NodeConfig) -> Result<()> {
+    let identity = keystore::load_identity(&config.node.identity)?;
+    let network_key = keystore::load_network_key(&config.node.network_key)?;
+    let pin = config
+        .node
+        .roster_digest
+        .as_deref()
+        .map(|d| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(d, &mut out).map(|()| out)
+        })
+        .transpose()
+        .context("node.roster_digest")?;
+    let installed = keystore::load_roster(&config.node.roster)?;
+    let mut roster = installed
+        .into_genesis(pin.as_ref())
+        .with_context(|| format!("roster {}", config.node.roster.display()))?;
+    // A newer roster adopted from peers earlier wins over the installed one.
+    let adopted = config.node.state_dir.join("roster.toml");
+    if adopted.exists() {
+        let newer = keystore::load_roster(&adopted)?;
+        let (advanced, errors) = roster.advance(std::slice::from_ref(&newer));
+        for e in errors {
+            tracing::warn!(path = %adopted.display(), "ignoring the stored roster: {e}");
+        }
+        roster = advanced;
+    }
+    roster
+        .authorize(&identity.public_key(), Role::Node)
+        .with_context(|| {
+            format!(
+                "this node's key {} is not an active node of the roster",
+                identity.public_key()
+            )
+        })?;
+    let consortium = roster.roster().consortium.clone();
+    tracing::info!(
+        peer_id = %identity.peer_id(),
+        %consortium,
+        roster_version = roster.roster().version,
+        network_key = %libp2p::pnet::PreSharedKey::new(*network_key.as_bytes()).fingerprint(),
+        "starting node"
+    );
+
+    let metrics = Arc::new(Metrics::default());
+    if !config.metrics.listen.is_empty() {
+        let (addr, serve) = metrics
+            .clone()
+            .serve(&config.metrics.listen)
+            .await
+            .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        tokio::spawn(serve);
+    }
+
+    let protocols = Protocols::for_consortium(&consortium);
+    let settings = BehaviourSettings {
+        protocols: protocols.clone(),
+        allow_list: true,
+        dht_server: true,
+        max_connections: config.network.max_connections,
+        request_timeout: Duration::from_secs(config.network.request_timeout_secs.into()),
+        max_concurrent_streams: 64,
+    };
+    let swarm = net::transport::build_swarm(
+        &identity,
+        &network_key,
+        &settings,
+        net::codec::FrameCodec::new(metrics.clone()),
+        Duration::from_secs(config.network.idle_timeout_secs.into()),
+    )?;
+    let bootnodes: Vec<(PeerId, Multiaddr)> = config
+        .network
+        .bootnodes
+        .iter()
+        .filter_map(|b| parse_bootnode(b).ok())
+        .filter(|(p, _)| *p != *swarm.local_peer_id())
+        .collect();
+    let members = member_list(&roster);
+    let (mut event_loop, handle, mut events) =
+        EventLoop::new(swarm, members, bootnodes, &protocols, metrics.clone());
+    for addr in &config.network.listen {
+        let addr: Multiaddr = addr.parse().context("network.listen")?;
+        event_loop.listen(addr).map_err(anyhow::Error::msg)?;
+    }
+    tokio::spawn(event_loop.run());
+
+    let node = Arc::new(Node {
+        identity,
+        roster: RwLock::new(roster),
+        transfers: Semaphore::new(config.network.max_concurrent_transfers as usize),
+        config,
+        metrics,
+        net: handle,
+        experiments: Mutex::new(HashMap::new()),
+        progress: Mutex::new(BTreeMap::new()),
+        runtime: tokio::runtime::Handle::current(),
+    });
+
+    for signed in store::load_manifests(&node.config.node.state_dir)? {
+        let roster = node
+            .roster
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match signed.verify(roster.roster()) {
+            Ok(_) => inbound::adopt_manifest(&node, signed),
+            Err(e) => {
+                tracing::warn!(experiment = %signed.manifest.id, "stored manifest no longer verifies; not resuming it: {e}")
+            }
+        }
+    }
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(NetEvent::Request { peer, message, channel }) => {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        let answer = inbound::handle(&node, peer, message).await;
+                        node.net.respond(channel, answer).await;
+                    });
+                }
+                Some(NetEvent::Connected(peer)) => inbound::greet(&node, peer),
+                Some(NetEvent::Disconnected(_)) => {}
+                None => anyhow::bail!("the network task stopped"),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    tracing::info!("shutting down; checkpoints are on disk");
+    Ok(())
+}
+
+/// The roster's active members as peer ids with roles.
+pub fn member_list(roster: &TrustedRoster) -> Vec<(PeerId, Role)> {
+    roster
+        .roster()
+        .members
+        .iter()
+        .filter(|m| roster.authorize(&m.public_key, m.role).is_ok())
+        .map(|m| (net::peer_id_of(&m.public_key), m.role))
+        .collect()
+}

@@ -1,0 +1,241 @@
+//! Real `medmesh run` processes on loopback: discovery through the DHT, a whole experiment,
+//! the closed network, manifest checks, and a node killed and restarted mid-experiment.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use medmesh_crypto::{Identity, NetworkKey};
+use medmesh_node::client::Client;
+use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
+use medmesh_node::metrics::parse_value;
+use medmesh_protocol::{Manifest, SignedManifest};
+
+const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
+
+/// A small, fast experiment: 32 px, few rounds, short timeouts.
+fn manifest(rounds: u32) -> Manifest {
+    let mut m = demo::demo_manifest(rounds).unwrap();
+    m.id = "net-test".into();
+    m.task.input_size = [32, 32];
+    m.training.batch_size = 4;
+    m.averaging.round_timeout_secs = 20;
+    m.validate().unwrap();
+    m
+}
+
+/// Ports are per test so tests can run at once.
+fn start(dir: &Path, n: usize, port: u16) -> (LocalConsortium, Nodes, tokio::runtime::Runtime) {
+    let c = LocalConsortium::create(dir, n, port).unwrap();
+    c.prepare_data(6, 32, 4).unwrap();
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..n {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap_or_else(|e| {
+        panic!("{e}\n{}", logs(&c, n));
+    });
+    (c, nodes, rt)
+}
+
+fn logs(c: &LocalConsortium, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let text = std::fs::read_to_string(c.node_dir(i).join("node.log")).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            format!(
+                "--- node {} ---\n{}\n",
+                i + 1,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect()
+}
+
+fn researcher(c: &LocalConsortium, rt: &tokio::runtime::Runtime, node: usize) -> Client {
+    rt.block_on(Client::connect(
+        &c.researcher,
+        &c.network_key,
+        c.roster.clone(),
+        c.addr(node),
+    ))
+    .unwrap()
+}
+
+/// Waits until `done` holds for the status records, or panics with the nodes' logs.
+fn wait_until(
+    c: &LocalConsortium,
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    n: usize,
+    timeout: Duration,
+    mut done: impl FnMut(&[medmesh_protocol::SignedProgress]) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let records = rt.block_on(client.status(Some("net-test"))).unwrap();
+        if done(&records) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out; status {records:?}\n{}",
+            logs(c, n)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn all_finished(n: usize) -> impl FnMut(&[medmesh_protocol::SignedProgress]) -> bool {
+    move |r| r.len() == n && r.iter().all(|p| p.record.finished)
+}
+
+#[test]
+fn three_nodes_find_each_other_train_and_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 3;
+    let (c, nodes, rt) = start(dir.path(), n, 47300);
+    let client = researcher(&c, &rt, 1);
+    let m = manifest(3);
+    rt.block_on(client.submit(SignedManifest::sign(m, &c.researcher)))
+        .unwrap();
+    wait_until(
+        &c,
+        &rt,
+        &client,
+        n,
+        Duration::from_secs(300),
+        all_finished(n),
+    );
+
+    let mut models = Vec::new();
+    for i in 0..n {
+        let node = researcher(&c, &rt, i);
+        let (model, provenance) = rt.block_on(node.export("net-test")).unwrap();
+        assert_eq!(provenance.provenance.rounds_completed, 3);
+        assert_eq!(
+            provenance.provenance.contributors.len(),
+            n,
+            "every site contributed"
+        );
+        let path = dir.path().join(format!("model-{i}.safetensors"));
+        std::fs::write(&path, model).unwrap();
+        models.push(path);
+    }
+    let distance = demo::consensus_distance(&models).unwrap();
+    assert!(distance <= 0.01, "consensus distance {distance}");
+    // Every node counted the bytes of the exchange.
+    for i in 0..n {
+        let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+        assert!(parse_value(&text, "medmesh_bytes_received_total").unwrap() > 1e5);
+        assert_eq!(
+            parse_value(&text, "medmesh_rounds_completed_total"),
+            Some(3.0)
+        );
+    }
+    drop(nodes);
+}
+
+#[test]
+fn outsiders_and_bad_manifests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2;
+    let (c, nodes, rt) = start(dir.path(), n, 47400);
+
+    // Without the network key the handshake cannot complete.
+    let wrong_key = NetworkKey::generate().unwrap();
+    let outsider = rt.block_on(Client::connect(
+        &c.researcher,
+        &wrong_key,
+        c.roster.clone(),
+        c.addr(0),
+    ));
+    assert!(
+        outsider.is_err(),
+        "a peer without the network key connected"
+    );
+    let metrics = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+    assert!(parse_value(&metrics, "medmesh_handshakes_failed_total").unwrap() >= 1.0);
+
+    // With the network key but not on the roster: disconnected, counted, no answers.
+    let stranger = Identity::generate().unwrap();
+    let answered = rt.block_on(async {
+        let client =
+            Client::connect(&stranger, &c.network_key, c.roster.clone(), c.addr(0)).await?;
+        client.status(None).await
+    });
+    assert!(answered.is_err(), "a key not on the roster got an answer");
+    let metrics = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+    assert!(parse_value(&metrics, "medmesh_connections_refused_total").unwrap() >= 1.0);
+
+    let client = researcher(&c, &rt, 0);
+    // Signed by a node, not a researcher.
+    let by_node = SignedManifest::sign(manifest(2), &c.sites[1]);
+    let err = rt.block_on(client.submit(by_node)).unwrap_err().to_string();
+    assert!(err.contains("rejected"), "{err}");
+    // Tampered after signing.
+    let mut tampered = SignedManifest::sign(manifest(2), &c.researcher);
+    tampered.manifest.averaging.rounds = 50;
+    let err = rt
+        .block_on(client.submit(tampered))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("signature"), "{err}");
+    // Nothing started anywhere.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(rt.block_on(client.status(None)).unwrap().is_empty());
+    for i in 0..n {
+        assert!(!c.node_dir(i).join("state/experiments").exists());
+    }
+    let metrics = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+    assert!(
+        metrics.contains("medmesh_rejected_total{reason=\"bad_manifest\"} 2"),
+        "{metrics}"
+    );
+    drop(nodes);
+}
+
+#[test]
+fn a_killed_node_resumes_from_its_checkpoint_and_the_others_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 3;
+    let (c, mut nodes, rt) = start(dir.path(), n, 47500);
+    let client = researcher(&c, &rt, 0);
+    let m = manifest(6);
+    rt.block_on(client.submit(SignedManifest::sign(m, &c.researcher)))
+        .unwrap();
+    let victim = 2;
+    let victim_key = c.sites[victim].public_key();
+    wait_until(&c, &rt, &client, n, Duration::from_secs(300), |r| {
+        r.iter()
+            .any(|p| p.record.node == victim_key && p.record.round >= 2)
+    });
+    nodes.0[victim].kill().unwrap();
+    nodes.0[victim].wait().unwrap();
+
+    // The others go on without it and finish.
+    let others: Vec<_> = (0..n)
+        .filter(|&i| i != victim)
+        .map(|i| c.sites[i].public_key())
+        .collect();
+    wait_until(&c, &rt, &client, n, Duration::from_secs(400), |r| {
+        others
+            .iter()
+            .all(|k| r.iter().any(|p| p.record.node == *k && p.record.finished))
+    });
+
+    // Restarted, it resumes from its checkpoint and finishes too.
+    nodes.0[victim] = c.spawn_node(Path::new(BIN), victim, 1).unwrap();
+    wait_until(
+        &c,
+        &rt,
+        &client,
+        n,
+        Duration::from_secs(300),
+        all_finished(n),
+    );
+    let log = std::fs::read_to_string(c.node_dir(victim).join("node.log")).unwrap();
+    assert!(log.contains("resumed from checkpoint"), "{log}");
+    drop(nodes);
+}
