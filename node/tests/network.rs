@@ -26,7 +26,7 @@ fn manifest(rounds: u32) -> Manifest {
 /// Ports are per test so tests can run at once.
 fn start(dir: &Path, n: usize, port: u16) -> (LocalConsortium, Nodes, tokio::runtime::Runtime) {
     let c = LocalConsortium::create(dir, n, port).unwrap();
-    c.prepare_data(6, 32, 4).unwrap();
+    c.prepare_data(8, 32, 4).unwrap();
     let mut nodes = Nodes(Vec::new());
     for i in 0..n {
         nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
@@ -83,7 +83,7 @@ fn wait_until(
             "timed out; status {records:?}\n{}",
             logs(c, n)
         );
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -124,7 +124,11 @@ fn three_nodes_find_each_other_train_and_agree() {
         models.push(path);
     }
     let distance = demo::consensus_distance(&models).unwrap();
-    assert!(distance <= 0.01, "consensus distance {distance}");
+    assert!(
+        distance <= 0.01,
+        "consensus distance {distance}\n{}",
+        logs(&c, n)
+    );
     // Every node counted the bytes of the exchange.
     for i in 0..n {
         let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
@@ -141,7 +145,7 @@ fn three_nodes_find_each_other_train_and_agree() {
 fn outsiders_and_bad_manifests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let n = 2;
-    let (c, nodes, rt) = start(dir.path(), n, 47400);
+    let (c, nodes, rt) = start(dir.path(), n, 47600);
 
     // Without the network key the handshake cannot complete.
     let wrong_key = NetworkKey::generate().unwrap();
@@ -200,10 +204,10 @@ fn outsiders_and_bad_manifests_are_refused() {
 fn a_killed_node_resumes_from_its_checkpoint_and_the_others_finish() {
     let dir = tempfile::tempdir().unwrap();
     let n = 3;
-    let (c, mut nodes, rt) = start(dir.path(), n, 47500);
+    let (c, mut nodes, rt) = start(dir.path(), n, 47900);
     let client = researcher(&c, &rt, 0);
-    let m = manifest(6);
-    rt.block_on(client.submit(SignedManifest::sign(m, &c.researcher)))
+    let rounds = 20;
+    rt.block_on(client.submit(SignedManifest::sign(manifest(rounds), &c.researcher)))
         .unwrap();
     let victim = 2;
     let victim_key = c.sites[victim].public_key();
@@ -213,6 +217,16 @@ fn a_killed_node_resumes_from_its_checkpoint_and_the_others_finish() {
     });
     nodes.0[victim].kill().unwrap();
     nodes.0[victim].wait().unwrap();
+    let at_kill = rt.block_on(client.status(Some("net-test"))).unwrap();
+    let victim_round = at_kill
+        .iter()
+        .find(|p| p.record.node == victim_key)
+        .map(|p| p.record.round)
+        .unwrap();
+    assert!(
+        victim_round < u64::from(rounds) - 3,
+        "killed too late, at round {victim_round}"
+    );
 
     // The others go on without it and finish.
     let others: Vec<_> = (0..n)
@@ -237,5 +251,7 @@ fn a_killed_node_resumes_from_its_checkpoint_and_the_others_finish() {
     );
     let log = std::fs::read_to_string(c.node_dir(victim).join("node.log")).unwrap();
     assert!(log.contains("resumed from checkpoint"), "{log}");
+    // The others had moved on: it adopted a peer's model rather than train alone.
+    assert!(log.contains("adopted a peer's model"), "{log}");
     drop(nodes);
 }

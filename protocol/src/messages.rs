@@ -396,15 +396,15 @@ mod tests {
 
     #[test]
     fn huge_length_prefixes_do_not_allocate() {
-        // version 1, variant UpdateChunk (6), then a string length of 2^64-1 (varint 0xff + u64).
-        let mut bytes = vec![1u8, 6, 0xff];
+        // version 1, variant UpdateChunk (7), then a string length of 2^64-1 (varint 0xff + u64).
+        let mut bytes = vec![1u8, 7, 0xff];
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             Message::decode(&bytes),
             Err(WireError::Malformed(_))
         ));
         // A chunk claiming 2^40 bytes.
-        let mut bytes = vec![1u8, 6, 1, b'e', 1, 0, 0xfd];
+        let mut bytes = vec![1u8, 7, 1, b'e', 1, 0, 0xfd];
         bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(matches!(
             Message::decode(&bytes),

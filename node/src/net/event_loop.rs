@@ -250,14 +250,12 @@ impl EventLoop {
                 peer_id,
                 num_established: 0,
                 ..
-            } => {
-                if self.connected.remove(&peer_id) {
-                    self.metrics
-                        .peers_connected
-                        .set(self.connected.len() as f64);
-                    tracing::info!(peer = %peer_id, "member disconnected");
-                    let _ = self.events.try_send(NetEvent::Disconnected(peer_id));
-                }
+            } if self.connected.remove(&peer_id) => {
+                self.metrics
+                    .peers_connected
+                    .set(self.connected.len() as f64);
+                tracing::info!(peer = %peer_id, "member disconnected");
+                let _ = self.events.try_send(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::IncomingConnectionError {
                 error,
@@ -335,7 +333,7 @@ impl EventLoop {
                 } => {
                     let event = NetEvent::Request {
                         peer,
-                        message: request,
+                        message: Box::new(request),
                         channel,
                     };
                     if let Err(mpsc::error::TrySendError::Full(NetEvent::Request {

@@ -66,8 +66,8 @@ pub enum NetEvent {
     Request {
         /// Who asked.
         peer: PeerId,
-        /// What.
-        message: Message,
+        /// What (boxed: messages are large, connection events small).
+        message: Box<Message>,
         /// Where the answer goes.
         channel: ResponseChannel<Message>,
     },

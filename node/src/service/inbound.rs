@@ -241,14 +241,22 @@ fn on_update_query(node: &Node, id: &str, round: Option<u64>) -> Message {
     if let Some(why) = &e.not_participating {
         return unavailable(id, format!("not participating: {why}"), None);
     }
-    let latest = Some(e.rounds_done);
+    // Served rounds run ahead of completed ones while the node averages.
+    let latest = Some(
+        e.served
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(e.rounds_done),
+    );
     let found = match round {
         Some(r) => e.served.get(&r),
         None => e.served.values().next_back(),
     };
     match (found, round) {
         (Some(s), _) => Message::UpdateOffer(s.envelope.clone()),
-        (None, Some(r)) if r > e.rounds_done => {
+        (None, Some(r)) if Some(r) > latest => {
             unavailable(id, format!("round {r} is not trained yet"), latest)
         }
         (None, Some(r)) => unavailable(id, format!("round {r} is no longer kept"), latest),

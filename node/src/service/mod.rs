@@ -241,7 +241,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
                 Some(NetEvent::Request { peer, message, channel }) => {
                     let node = node.clone();
                     tokio::spawn(async move {
-                        let answer = inbound::handle(&node, peer, message).await;
+                        let answer = inbound::handle(&node, peer, *message).await;
                         node.net.respond(channel, answer).await;
                     });
                 }

@@ -123,10 +123,10 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
                     latest_round: Some(k),
                     ..
                 }) if k > round => {
-                    if ahead.is_none_or(|(_, _, best)| k > best) {
-                        if let Some(key) = node.node_key(&peer) {
-                            ahead = Some((peer, key, k));
-                        }
+                    if ahead.is_none_or(|(_, _, best)| k > best)
+                        && let Some(key) = node.node_key(&peer)
+                    {
+                        ahead = Some((peer, key, k));
                     }
                 }
                 Err(e @ FetchError::Invalid(_)) => {
@@ -138,12 +138,18 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
 
         if accepted.is_empty()
             && let Some((peer, key, k)) = ahead
-            && catch_up(node, &mut trainer, selection, &layout, m, digest, peer, key).is_ok()
         {
-            tracing::info!(%peer, from = round, to = k, "fell behind; adopted a peer's model");
-            checkpoint::save(&trainer, &ckpt)?;
-            set_progress(node, &m.id, trainer.round(), false);
-            continue;
+            match catch_up(node, &mut trainer, selection, &layout, m, digest, peer, key) {
+                Ok(()) => {
+                    tracing::info!(%peer, from = round, to = k, "fell behind; adopted a peer's model");
+                    checkpoint::save(&trainer, &ckpt)?;
+                    set_progress(node, &m.id, trainer.round(), false);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, "fell behind, and could not adopt a peer's model: {e:#}")
+                }
+            }
         }
 
         if !accepted.is_empty() {
