@@ -1,0 +1,209 @@
+//! A 32 MiB model update between two nodes over loopback, through the whole stack (TCP,
+//! pnet, Noise, Yamux, request-response chunks, envelope and hash checks, decode), beside
+//! two baselines measured in the same run:
+//!
+//! * `raw_tcp_baseline`: the same bytes over a plain loopback TCP connection.
+//! * `encryption_baseline`: the ciphers alone on the same bytes: pnet's XSalsa20 plus
+//!   Noise's ChaCha20-Poly1305 in its 65 519-byte frames (one pass of each, as a sender
+//!   does; the receiver does the same work again on its side of the link).
+//!
+//! Target: the transfer at least half the encryption baseline's throughput.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use libp2p::Multiaddr;
+use medmesh_benches::weights;
+use medmesh_crypto::{Identity, NetworkKey, Role};
+use medmesh_node::metrics::Metrics;
+use medmesh_node::net::{self, BehaviourSettings, EventLoop, NetEvent, Protocols};
+use medmesh_node::service::{Served, exchange, inbound};
+use medmesh_protocol::envelope::DEFAULT_CHUNK_SIZE;
+use medmesh_protocol::{
+    DType, Message, ParamLayout, TensorSpec, UpdateEnvelope, UpdateExpectation, UpdateHeader,
+    WeightEncoding,
+};
+use salsa20::XSalsa20;
+use salsa20::cipher::{KeyIvInit, StreamCipher};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PARAMS: usize = 8 << 20; // 8M f32 = 32 MiB
+const PORT: u16 = 47_990;
+
+fn settings() -> BehaviourSettings {
+    BehaviourSettings {
+        protocols: Protocols::for_consortium("bench"),
+        allow_list: true,
+        dht_server: true,
+        max_connections: 8,
+        request_timeout: Duration::from_secs(60),
+        max_concurrent_streams: 64,
+    }
+}
+
+fn transfer(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let layout = ParamLayout {
+        tensors: vec![TensorSpec {
+            name: "w".into(),
+            shape: vec![PARAMS as u64],
+            dtype: DType::F32,
+        }],
+    };
+    let values = weights(PARAMS, 1);
+    let payload = WeightEncoding::F32.encode(&values);
+    let server_id = Identity::from_seed(&[1; 32]);
+    let client_id = Identity::from_seed(&[2; 32]);
+    let key = NetworkKey::from_bytes([9; 32]);
+    let digest = [7u8; 32];
+    let envelope = UpdateEnvelope::seal(
+        UpdateHeader {
+            experiment_id: "bench".into(),
+            manifest_digest: digest,
+            round: 1,
+            sender: server_id.public_key(),
+            layout_digest: layout.digest(),
+            num_params: layout.num_params(),
+            encoding: WeightEncoding::F32,
+            sample_weight: 1.0,
+            payload_len: 0,
+            payload_hash: [0; 32],
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        },
+        &payload,
+        &server_id,
+    );
+    let served = Arc::new(Served {
+        envelope: envelope.clone(),
+        payload: payload.clone(),
+    });
+    let members = vec![
+        (net::peer_id_of(&server_id.public_key()), Role::Node),
+        (net::peer_id_of(&client_id.public_key()), Role::Node),
+    ];
+
+    let (client, server_peer) = rt.block_on(async {
+        let metrics = Arc::new(Metrics::default());
+        let codec = net::codec::FrameCodec::new(metrics.clone());
+        let swarm = net::transport::build_swarm(
+            &server_id,
+            &key,
+            &settings(),
+            codec,
+            Duration::from_secs(600),
+        )
+        .expect("server swarm");
+        let (mut server, server_handle, mut requests) = EventLoop::new(
+            swarm,
+            members.clone(),
+            Vec::new(),
+            &settings().protocols,
+            metrics,
+        );
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{PORT}").parse().expect("addr");
+        server.listen(addr.clone()).expect("listen");
+        tokio::spawn(server.run());
+        tokio::spawn(async move {
+            while let Some(event) = requests.recv().await {
+                if let NetEvent::Request {
+                    message, channel, ..
+                } = event
+                {
+                    let answer = match *message {
+                        Message::UpdateRequest { offset, .. } => inbound::chunk_of(&served, offset)
+                            .unwrap_or_else(|reason| Message::Refused { reason }),
+                        _ => Message::Refused {
+                            reason: "bench".into(),
+                        },
+                    };
+                    server_handle.respond(channel, answer).await;
+                }
+            }
+        });
+
+        let metrics = Arc::new(Metrics::default());
+        let codec = net::codec::FrameCodec::new(metrics.clone());
+        let swarm = net::transport::build_swarm(
+            &client_id,
+            &key,
+            &settings(),
+            codec,
+            Duration::from_secs(600),
+        )
+        .expect("client swarm");
+        let (client, client_handle, _events) =
+            EventLoop::new(swarm, members, Vec::new(), &settings().protocols, metrics);
+        tokio::spawn(client.run());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let peer = client_handle
+            .dial(addr.with(libp2p::multiaddr::Protocol::P2p(net::peer_id_of(
+                &server_id.public_key(),
+            ))))
+            .await
+            .expect("connect");
+        (client_handle, peer)
+    });
+
+    let mut group = c.benchmark_group("update_transfer_32MiB");
+    group.throughput(Throughput::Bytes(payload.len() as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(20));
+
+    let expect = UpdateExpectation {
+        experiment_id: "bench",
+        manifest_digest: &digest,
+        layout: &layout,
+        encoding: WeightEncoding::F32,
+    };
+    group.bench_function("medmesh_transfer", |b| {
+        b.iter(|| {
+            rt.block_on(exchange::download(&client, server_peer, &envelope, &expect))
+                .expect("transfer")
+        })
+    });
+
+    let (mut tcp_client, mut tcp_server) = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connect = tokio::net::TcpStream::connect(addr);
+        let (accepted, connected) = tokio::join!(listener.accept(), connect);
+        (connected.expect("connect"), accepted.expect("accept").0)
+    });
+    let mut received = vec![0u8; payload.len()];
+    group.bench_function("raw_tcp_baseline", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let send = tcp_server.write_all(&payload);
+                let receive = tcp_client.read_exact(&mut received);
+                let (sent, got) = tokio::join!(send, receive);
+                sent.expect("send");
+                got.expect("receive");
+            })
+        })
+    });
+
+    let mut buf = payload.clone();
+    let aead = ChaCha20Poly1305::new(&[3u8; 32].into());
+    group.bench_function("encryption_baseline", |b| {
+        b.iter(|| {
+            let mut pnet = XSalsa20::new(&[9u8; 32].into(), &[5u8; 24].into());
+            pnet.apply_keystream(&mut buf);
+            // Noise frames carry at most 65 535 bytes including the 16-byte tag.
+            for (n, frame) in buf.chunks_mut(65_519).enumerate() {
+                let mut nonce = [0u8; 12];
+                nonce[4..].copy_from_slice(&(n as u64).to_le_bytes());
+                aead.encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", frame)
+                    .expect("frame encrypts");
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, transfer);
+criterion_main!(benches);
