@@ -96,18 +96,34 @@ fn three_nodes_find_each_other_train_and_agree() {
     let dir = tempfile::tempdir().unwrap();
     let n = 3;
     let (c, nodes, rt) = start(dir.path(), n, 47300);
+    // The researcher's commands, as a researcher types them (from the consortium directory).
+    let manifest_path = dir.path().join("experiment.toml");
+    std::fs::write(&manifest_path, manifest(3).to_toml()).unwrap();
+    let node = c.addr(1).to_string();
+    let researcher_cli = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .current_dir(dir.path())
+            .args(args)
+            .args(["--key", "researcher.key", "--node", &node])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    let submitted = researcher_cli(&["experiment", "submit", "--manifest", "experiment.toml"]);
+    assert!(submitted.contains("accepted"), "{submitted}");
     let client = researcher(&c, &rt, 1);
-    let m = manifest(3);
-    rt.block_on(client.submit(SignedManifest::sign(m, &c.researcher)))
-        .unwrap();
-    wait_until(
-        &c,
-        &rt,
-        &client,
-        n,
-        Duration::from_secs(300),
-        all_finished(n),
-    );
+    wait_until(&c, &rt, &client, n, Duration::from_secs(300), all_finished(n));
+    let status = researcher_cli(&["experiment", "status", "--experiment", "net-test"]);
+    for site in ["site-1", "site-2", "site-3"] {
+        assert!(status.contains(site), "{status}");
+    }
+    assert_eq!(status.matches("(finished)").count(), 3, "{status}");
+    let exported = researcher_cli(&["export", "--experiment", "net-test", "--out", "exported"]);
+    assert!(exported.contains("3 contributing sites"), "{exported}");
+    assert!(dir.path().join("exported/model.safetensors").exists());
+    assert!(dir.path().join("exported/provenance.json").exists());
 
     let mut models = Vec::new();
     for i in 0..n {
