@@ -15,11 +15,9 @@ use std::time::Duration;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use libp2p::Multiaddr;
 use medmesh_benches::weights;
-use medmesh_crypto::{Identity, NetworkKey, Role};
-use medmesh_node::metrics::Metrics;
-use medmesh_node::net::{self, BehaviourSettings, EventLoop, NetEvent, Protocols};
+use medmesh_crypto::Identity;
+use medmesh_node::net::{NetEvent, loopback};
 use medmesh_node::service::{Served, exchange, inbound};
 use medmesh_protocol::envelope::DEFAULT_CHUNK_SIZE;
 use medmesh_protocol::{
@@ -33,14 +31,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const PARAMS: usize = 8 << 20; // 8M f32 = 32 MiB
 const PORT: u16 = 47_990;
 
-fn settings() -> BehaviourSettings {
-    BehaviourSettings {
-        protocols: Protocols::for_consortium("bench"),
-        allow_list: true,
-        dht_server: true,
-        max_connections: 8,
-        request_timeout: Duration::from_secs(60),
-        max_concurrent_streams: 64,
+fn header(layout: &ParamLayout, sender: &Identity, digest: [u8; 32]) -> UpdateHeader {
+    UpdateHeader {
+        experiment_id: "bench".into(),
+        manifest_digest: digest,
+        round: 1,
+        sender: sender.public_key(),
+        layout_digest: layout.digest(),
+        num_params: layout.num_params(),
+        encoding: WeightEncoding::F32,
+        sample_weight: 1.0,
+        payload_len: 0,
+        payload_hash: [0; 32],
+        chunk_size: DEFAULT_CHUNK_SIZE,
     }
 }
 
@@ -55,57 +58,21 @@ fn transfer(c: &mut Criterion) {
     };
     let values = weights(PARAMS, 1);
     let payload = WeightEncoding::F32.encode(&values);
-    let server_id = Identity::from_seed(&[1; 32]);
-    let client_id = Identity::from_seed(&[2; 32]);
-    let key = NetworkKey::from_bytes([9; 32]);
     let digest = [7u8; 32];
-    let envelope = UpdateEnvelope::seal(
-        UpdateHeader {
-            experiment_id: "bench".into(),
-            manifest_digest: digest,
-            round: 1,
-            sender: server_id.public_key(),
-            layout_digest: layout.digest(),
-            num_params: layout.num_params(),
-            encoding: WeightEncoding::F32,
-            sample_weight: 1.0,
-            payload_len: 0,
-            payload_hash: [0; 32],
-            chunk_size: DEFAULT_CHUNK_SIZE,
-        },
-        &payload,
-        &server_id,
-    );
-    let served = Arc::new(Served {
-        envelope: envelope.clone(),
-        payload: payload.clone(),
-    });
-    let members = vec![
-        (net::peer_id_of(&server_id.public_key()), Role::Node),
-        (net::peer_id_of(&client_id.public_key()), Role::Node),
-    ];
-
-    let (client, server_peer) = rt.block_on(async {
-        let metrics = Arc::new(Metrics::default());
-        let codec = net::codec::FrameCodec::new(metrics.clone());
-        let swarm = net::transport::build_swarm(
-            &server_id,
-            &key,
-            &settings(),
-            codec,
-            Duration::from_secs(600),
-        )
-        .expect("server swarm");
-        let (mut server, server_handle, mut requests) = EventLoop::new(
-            swarm,
-            members.clone(),
-            Vec::new(),
-            &settings().protocols,
-            metrics,
+    let (pair, envelope) = rt.block_on(async {
+        let mut pair = loopback::connected_pair(PORT).await.expect("loopback pair");
+        let envelope = UpdateEnvelope::seal(
+            header(&layout, &pair.server_identity, digest),
+            &payload,
+            &pair.server_identity,
         );
-        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{PORT}").parse().expect("addr");
-        server.listen(addr.clone()).expect("listen");
-        tokio::spawn(server.run());
+        let served = Arc::new(Served {
+            envelope: envelope.clone(),
+            payload: payload.clone(),
+        });
+        let server = pair.server.clone();
+        let mut requests =
+            std::mem::replace(&mut pair.server_requests, tokio::sync::mpsc::channel(1).1);
         tokio::spawn(async move {
             while let Some(event) = requests.recv().await {
                 if let NetEvent::Request {
@@ -119,33 +86,13 @@ fn transfer(c: &mut Criterion) {
                             reason: "bench".into(),
                         },
                     };
-                    server_handle.respond(channel, answer).await;
+                    server.respond(channel, answer).await;
                 }
             }
         });
-
-        let metrics = Arc::new(Metrics::default());
-        let codec = net::codec::FrameCodec::new(metrics.clone());
-        let swarm = net::transport::build_swarm(
-            &client_id,
-            &key,
-            &settings(),
-            codec,
-            Duration::from_secs(600),
-        )
-        .expect("client swarm");
-        let (client, client_handle, _events) =
-            EventLoop::new(swarm, members, Vec::new(), &settings().protocols, metrics);
-        tokio::spawn(client.run());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let peer = client_handle
-            .dial(addr.with(libp2p::multiaddr::Protocol::P2p(net::peer_id_of(
-                &server_id.public_key(),
-            ))))
-            .await
-            .expect("connect");
-        (client_handle, peer)
+        (pair, envelope)
     });
+    let (client, server_peer) = (pair.client.clone(), pair.server_peer);
 
     let mut group = c.benchmark_group("update_transfer_32MiB");
     group.throughput(Throughput::Bytes(payload.len() as u64));

@@ -41,7 +41,8 @@ format = "text"                # text or json
 
 # Datasets by the name manifests use in task.dataset:
 [datasets.synthetic]
-path = "data/site-1"           # MSD layout (dataset.json) or images/ + masks/
+path = "data/site-1"           # MSD layout (dataset.json) or images/ + masks/ PNG pairs
+# kind = "msd"                 # optional: "msd" or "png" (detected when left out)
 "#;
 
 /// The whole configuration.
@@ -193,6 +194,32 @@ impl From<LogFormatValue> for LogFormat {
 pub struct DatasetSection {
     /// Dataset directory.
     pub path: PathBuf,
+    /// Its layout; detected from the directory when left out.
+    #[serde(default)]
+    pub kind: Option<DatasetKind>,
+}
+
+/// Dataset layouts the node reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// Medical Segmentation Decathlon: `dataset.json`, `imagesTr/`, `labelsTr/`.
+    Msd,
+    /// PNG pairs: `images/` and `masks/`.
+    Png,
+}
+
+impl DatasetKind {
+    /// What `dir` holds, judged by its marker files.
+    pub fn detect(dir: &Path) -> Option<Self> {
+        if dir.join("dataset.json").is_file() {
+            Some(Self::Msd)
+        } else if dir.join("images").is_dir() && dir.join("masks").is_dir() {
+            Some(Self::Png)
+        } else {
+            None
+        }
+    }
 }
 
 /// Why the configuration was refused.
@@ -262,6 +289,38 @@ impl NodeConfig {
         }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// Checks that every configured dataset exists and has the declared layout (run at node
+    /// start; a config can be written before the data is in place).
+    pub fn check_datasets(&self, path: &Path) -> Result<(), ConfigError> {
+        for (name, d) in &self.datasets {
+            let field = format!("datasets.{name}.path");
+            let invalid = |reason: String| ConfigError::Invalid {
+                path: path.to_owned(),
+                field: field.clone(),
+                reason,
+            };
+            if !d.path.is_dir() {
+                return Err(invalid(format!("{} is not a directory", d.path.display())));
+            }
+            match (DatasetKind::detect(&d.path), d.kind) {
+                (None, _) => {
+                    return Err(invalid(format!(
+                        "{} has neither dataset.json (MSD) nor images/ and masks/ (PNG pairs)",
+                        d.path.display()
+                    )));
+                }
+                (Some(found), Some(declared)) if found != declared => {
+                    return Err(invalid(format!(
+                        "{} holds a {found:?} dataset, but kind = {declared:?}",
+                        d.path.display()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -426,5 +485,26 @@ mod tests {
         let env = HashMap::from([("MEDMESH_NODE__DEVICE".to_owned(), "gpu9".to_owned())]);
         let err = NodeConfig::load(&write(dir.path(), EXAMPLE), Some(env)).unwrap_err();
         assert!(err.to_string().contains("node.device"), "{err}");
+    }
+
+    #[test]
+    fn datasets_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), EXAMPLE);
+        let cfg = NodeConfig::load(&p, Some(HashMap::new())).unwrap();
+        let err = cfg.check_datasets(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("datasets.synthetic.path") && err.contains("not a directory"),
+            "{err}"
+        );
+        std::fs::create_dir_all(dir.path().join("data/site-1")).unwrap();
+        let err = cfg.check_datasets(&p).unwrap_err().to_string();
+        assert!(err.contains("neither dataset.json"), "{err}");
+        std::fs::write(dir.path().join("data/site-1/dataset.json"), "{}").unwrap();
+        cfg.check_datasets(&p).unwrap();
+        let png = EXAMPLE.replace("# kind = \"msd\"", "kind = \"png\"");
+        let cfg = NodeConfig::load(&write(dir.path(), &png), Some(HashMap::new())).unwrap();
+        let err = cfg.check_datasets(&p).unwrap_err().to_string();
+        assert!(err.contains("kind = Png"), "{err}");
     }
 }

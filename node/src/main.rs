@@ -11,7 +11,9 @@ fn main() -> ExitCode {
     // `run` logs as its configuration says, unless JSON was asked for on the command line.
     let mut node_config = None;
     if let Command::Run { config } = &cli.command {
-        match medmesh_node::config::NodeConfig::load(config, None) {
+        let loaded = medmesh_node::config::NodeConfig::load(config, None)
+            .and_then(|c| c.check_datasets(config).map(|()| c));
+        match loaded {
             Ok(c) => node_config = Some(c),
             Err(e) => {
                 eprintln!("error: {e}");

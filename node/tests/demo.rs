@@ -6,7 +6,9 @@ fn demo_writes_a_complete_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_medmesh"))
-        .args(["demo", "--nodes", "3", "--rounds", "2", "--port", "48300", "--out"])
+        .args([
+            "demo", "--nodes", "3", "--rounds", "2", "--port", "48300", "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
@@ -16,7 +18,10 @@ fn demo_writes_a_complete_report() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(stdout.contains("found the other 2 through the DHT"), "{stdout}");
+    assert!(
+        stdout.contains("found the other 2 through the DHT"),
+        "{stdout}"
+    );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let nodes = report["nodes"].as_array().unwrap();

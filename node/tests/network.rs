@@ -108,13 +108,24 @@ fn three_nodes_find_each_other_train_and_agree() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         text
     };
     let submitted = researcher_cli(&["experiment", "submit", "--manifest", "experiment.toml"]);
     assert!(submitted.contains("accepted"), "{submitted}");
     let client = researcher(&c, &rt, 1);
-    wait_until(&c, &rt, &client, n, Duration::from_secs(300), all_finished(n));
+    wait_until(
+        &c,
+        &rt,
+        &client,
+        n,
+        Duration::from_secs(300),
+        all_finished(n),
+    );
     let status = researcher_cli(&["experiment", "status", "--experiment", "net-test"]);
     for site in ["site-1", "site-2", "site-3"] {
         assert!(status.contains(site), "{status}");

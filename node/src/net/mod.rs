@@ -5,10 +5,12 @@
 //! * [`behaviour`]: allow-list, connection limits, identify, ping, Kademlia, request-response.
 //! * [`codec`]: length-prefixed, size-limited bincode frames.
 //! * [`event_loop`]: the task that owns the swarm.
+//! * [`loopback`]: two connected members, for benchmarks and tests.
 
 pub mod behaviour;
 pub mod codec;
 pub mod event_loop;
+pub mod loopback;
 pub mod transport;
 
 use libp2p::request_response::ResponseChannel;
