@@ -128,6 +128,28 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Replay a consortium in virtual time and compare averaging schemes (see
+    /// simulations/scenarios/); writes report.json, CSV series and PNG plots.
+    Simulate {
+        /// The scenario file (TOML).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Output directory.
+        #[arg(long, default_value = "simulation")]
+        out: PathBuf,
+        /// Override the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override the number of sites (e.g. a smaller trial run).
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// Override the number of rounds.
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Skip the PNG plots.
+        #[arg(long)]
+        no_plots: bool,
+    },
     /// A throwaway consortium on this machine: N real nodes on 127.0.0.1, synthetic sites,
     /// one experiment, and a report comparing federated and local-only training.
     Demo {

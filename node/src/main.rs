@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use medmesh_node::cli::{Cli, Command, DataCommand, ExperimentCommand, LogFormat};
-use medmesh_node::commands::{data, demo, experiment, keys, network, roster, train};
+use medmesh_node::commands::{data, demo, experiment, keys, network, roster, simulate, train};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -95,6 +95,21 @@ fn main() -> ExitCode {
             experiment,
             out,
         } => network::export(&connect, &experiment, &out),
+        Command::Simulate {
+            scenario,
+            out,
+            seed,
+            nodes,
+            rounds,
+            no_plots,
+        } => simulate::run(&simulate::Options {
+            scenario,
+            out,
+            seed,
+            nodes,
+            rounds,
+            plots: !no_plots,
+        }),
         Command::Demo {
             nodes,
             rounds,

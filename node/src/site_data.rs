@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use medmesh_protocol::Manifest;
 use medmesh_training::data::load_dir;
-use medmesh_training::data::slices::{SliceOptions, SliceSet, slice_cases};
+use medmesh_training::data::slices::{SliceSet, site_split};
 
 /// Training and validation slices of one site.
 #[derive(Debug)]
@@ -24,12 +24,7 @@ pub struct SiteData {
 pub fn load(dir: &Path, m: &Manifest) -> Result<SiteData> {
     let cases = load_dir(dir, m.task.channels as usize, m.task.classes as usize)
         .with_context(|| format!("loading dataset {}", dir.display()))?;
-    let [h, w] = m.task.input_size;
-    let slices = slice_cases(
-        &cases,
-        &SliceOptions::new([h as usize, w as usize], m.training.seed),
-    )?;
-    let (train, validation) = slices.split(m.evaluation.validation_fraction, m.training.seed);
+    let (train, validation) = site_split(&cases, m)?;
     anyhow::ensure!(
         !train.is_empty(),
         "{}: no training slices after the validation split",

@@ -1,10 +1,79 @@
-//! medmesh's consortium simulator. It reuses the averaging rules of `medmesh-protocol`
-//! (never a copy of them) so what it predicts is what the nodes do.
+//! medmesh's consortium simulator: replays consortia (tens to thousands of sites, WAN links,
+//! churn, attackers, non-IID data) in virtual time and compares averaging schemes. It reuses
+//! the averaging rules of `medmesh-protocol` and the training engine of `medmesh-training`
+//! (never copies of them), so what it predicts is what the nodes do.
 //!
+//! * [`scenario`]: the scenario file format.
 //! * [`topology`]: communication graphs.
-//! * [`consensus`]: consensus-only neighbour averaging in a two-arena layout.
-//! * [`spectral`]: the spectral gap that predicts its convergence rate.
+//! * [`links`]: per-site links and hardware; transfer times.
+//! * [`churn`]: who is online each round.
+//! * [`arena`]: every site's vector in two contiguous arenas.
+//! * [`mixing`]: one round of each scheme.
+//! * [`spectral`]: the spectral gap that predicts neighbour averaging's rate.
+//! * [`engine`]: the round loop, in consensus-only and learning modes.
+//! * [`report`] and [`plot`]: JSON, CSV and PNG outputs.
 
-pub mod consensus;
+pub mod arena;
+pub mod churn;
+pub mod engine;
+pub mod links;
+pub mod mixing;
+pub mod plot;
+pub mod report;
+pub mod scenario;
 pub mod spectral;
 pub mod topology;
+
+use std::path::Path;
+
+pub use engine::SimError;
+pub use report::Report;
+pub use scenario::Scenario;
+
+/// Runs every variant of `scenario`, calling `on_round(done, total)` as rounds complete, and
+/// returns the report and the raw series.
+pub fn run(
+    scenario: &Scenario,
+    on_round: &mut dyn FnMut(u64, u64),
+) -> Result<(Report, Vec<engine::VariantResult>), SimError> {
+    let variants = engine::variants(scenario);
+    let total = variants.len() as u64 * u64::from(scenario.rounds);
+    let mut done = 0;
+    let mut results = Vec::with_capacity(variants.len());
+    for (scheme, rule, preset) in variants {
+        let mut tick = || {
+            done += 1;
+            on_round(done, total);
+        };
+        results.push(engine::run_variant(
+            scenario,
+            scheme,
+            rule,
+            preset.as_deref(),
+            &mut tick,
+        )?);
+    }
+    let report = Report {
+        scenario: scenario.clone(),
+        variants: results
+            .iter()
+            .map(|v| report::summarize(scenario, v))
+            .collect(),
+    };
+    Ok((report, results))
+}
+
+/// Runs `scenario` and writes everything into `out` (plots unless `plots` is false).
+pub fn run_to_dir(
+    scenario: &Scenario,
+    out: &Path,
+    plots: bool,
+    on_round: &mut dyn FnMut(u64, u64),
+) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
+    let (report, results) = run(scenario, on_round)?;
+    report::write(out, &report, &results)?;
+    if plots {
+        plot::write_all(out, scenario, &results)?;
+    }
+    Ok(report)
+}

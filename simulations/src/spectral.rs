@@ -34,7 +34,7 @@ pub fn slem(weights: &[Vec<(usize, f64)>], iterations: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consensus::ConsensusState;
+    use crate::arena::Arena;
     use crate::topology::{complete, exponential, random_regular, ring};
     use medmesh_protocol::averaging::metropolis_hastings_weights;
 
@@ -78,15 +78,16 @@ mod tests {
             let w = metropolis_hastings_weights(&adj).unwrap();
             let rate = slem(&w, 5000);
             let init: Vec<Vec<f32>> = (0..16).map(|i| vec![(i * 7 % 16) as f32, 1.0]).collect();
-            let mut s = ConsensusState::new(&adj, &init).unwrap();
+            let mut s = Arena::new(&init);
+            let all: Vec<usize> = (0..16).collect();
             for _ in 0..20 {
-                s.step();
+                s.mix(&w);
             }
-            let e20 = s.consensus_error();
+            let e20 = s.consensus_error(&all, None);
             for _ in 0..20 {
-                s.step();
+                s.mix(&w);
             }
-            let measured = (s.consensus_error() / e20).powf(1.0 / 20.0);
+            let measured = (s.consensus_error(&all, None) / e20).powf(1.0 / 20.0);
             assert!(
                 (measured - rate).abs() / rate < 0.2,
                 "measured {measured}, predicted {rate}"

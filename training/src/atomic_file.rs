@@ -63,7 +63,10 @@ mod tests {
             1,
             "no temp files left"
         );
-        let missing = dir.path().join("no-such-dir/f");
-        assert!(super::write(&missing, b"x", 0o600).is_err());
+        let nested = dir.path().join("new/dirs/f");
+        super::write(&nested, b"x", 0o600).unwrap();
+        assert_eq!(std::fs::read(&nested).unwrap(), b"x");
+        // A parent that is a file cannot become a directory.
+        assert!(super::write(&p.join("child"), b"x", 0o600).is_err());
     }
 }

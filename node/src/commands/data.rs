@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use medmesh_training::data::brain::{self, BrainTemplate};
+use medmesh_training::data::brain::BrainTemplate;
+use medmesh_training::data::generate_site_cases;
 use medmesh_training::data::msd::write_dataset;
-use medmesh_training::data::synthetic::{Preset, generate_site, site_profile};
+use medmesh_training::data::synthetic::Preset;
 
 use crate::cli::TaskArg;
 
@@ -47,19 +48,15 @@ pub fn prepare(p: &Prepare<'_>) -> Result<()> {
         TaskArg::Synthetic => None,
     };
     for site in 0..p.sites {
-        let profile = site_profile(preset, site, p.cases, p.seed);
-        let cases = match &template {
-            None => generate_site(&profile, p.size, p.slices, p.seed, site),
-            Some(t) => brain::generate_site(
-                t,
-                &profile.scanner,
-                profile.cases,
-                p.size,
-                p.slices,
-                p.seed,
-                site,
-            ),
-        };
+        let cases = generate_site_cases(
+            template.as_ref(),
+            preset,
+            site,
+            p.cases,
+            p.size,
+            p.slices,
+            p.seed,
+        );
         let dir = p.out.join(format!("site-{}", site + 1));
         let (name, classes): (&str, &[&str]) = match p.task {
             TaskArg::Synthetic => ("synthetic-lesions", &["background", "lesion"]),

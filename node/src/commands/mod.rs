@@ -6,6 +6,7 @@ pub mod experiment;
 pub mod keys;
 pub mod network;
 pub mod roster;
+pub mod simulate;
 pub mod train;
 
 use std::path::Path;

@@ -181,6 +181,27 @@ pub enum DataError {
     },
 }
 
+/// Generates site `site`'s cases: synthetic lesions, or brain extraction from `template`
+/// when given, with the site's scanner (and, for lesions, its lesion statistics) from
+/// `preset`. Deterministic in `seed`.
+pub fn generate_site_cases(
+    template: Option<&brain::BrainTemplate>,
+    preset: synthetic::Preset,
+    site: usize,
+    cases: usize,
+    size: usize,
+    slices: usize,
+    seed: u64,
+) -> Vec<Case> {
+    let profile = synthetic::site_profile(preset, site, cases, seed);
+    match template {
+        None => synthetic::generate_site(&profile, size, slices, seed, site),
+        Some(t) => {
+            brain::generate_site(t, &profile.scanner, profile.cases, size, slices, seed, site)
+        }
+    }
+}
+
 /// Loads every case of a dataset directory: the MSD layout if it has a `dataset.json`,
 /// PNG pairs if it has `images/` and `masks/`.
 pub fn load_dir(

@@ -110,6 +110,19 @@ impl SliceSet {
     }
 }
 
+/// A site's slices for `manifest`: `cases` sliced to its input size and split into
+/// (training, validation) by whole cases. Node, baselines and simulator all call this, so
+/// they train and score on the same slices.
+pub fn site_split(
+    cases: &[Case],
+    manifest: &medmesh_protocol::Manifest,
+) -> Result<(SliceSet, SliceSet), DataError> {
+    let [h, w] = manifest.task.input_size;
+    let seed = manifest.training.seed;
+    let slices = slice_cases(cases, &SliceOptions::new([h as usize, w as usize], seed))?;
+    Ok(slices.split(manifest.evaluation.validation_fraction, seed))
+}
+
 /// Normalizes, slices and resizes `cases`.
 pub fn slice_cases(cases: &[Case], opts: &SliceOptions) -> Result<SliceSet, DataError> {
     let channels = cases.first().map_or(1, |c| c.image.channels);

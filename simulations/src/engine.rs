@@ -1,0 +1,417 @@
+//! The simulation: every variant (scheme x aggregation x data preset) replays the same sites,
+//! links, churn and attackers round by round in virtual time.
+
+use medmesh_protocol::Manifest;
+use medmesh_protocol::averaging::metropolis_hastings_weights;
+use medmesh_training::data::brain::BrainTemplate;
+use medmesh_training::data::generate_site_cases;
+use medmesh_training::data::slices::{SliceSet, site_split};
+use medmesh_training::data::synthetic::Preset;
+use medmesh_training::params::Selection;
+use medmesh_training::rng::Rng;
+use medmesh_training::{DeviceSpec, Trainer};
+use serde::Serialize;
+
+use crate::arena::Arena;
+use crate::churn::Presence;
+use crate::links::{self, Site};
+use crate::mixing::{Mixer, exchange};
+use crate::scenario::{AggregationName, Attack, DataTask, Mode, Scenario, SchemeName, Topology};
+use crate::{spectral, topology};
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The topology cannot be built.
+    #[error("topology: {0}")]
+    Topology(#[from] topology::TopologyError),
+    /// Averaging failed (a bug or a degenerate input).
+    #[error("averaging: {0}")]
+    Averaging(#[from] medmesh_protocol::averaging::AveragingError),
+    /// Data generation or loading failed.
+    #[error("data: {0}")]
+    Data(String),
+    /// Training failed.
+    #[error("training: {0}")]
+    Training(String),
+}
+
+/// One round of one variant.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRow {
+    /// Round (1-based).
+    pub round: u32,
+    /// Virtual seconds since the start when the last online site finished the round.
+    pub virtual_time_s: f64,
+    /// Max over honest online sites of `||x_i - mean|| / ||mean||`.
+    pub consensus_error: f64,
+    /// Mean validation Dice over honest sites (learning mode).
+    pub mean_dice: Option<f64>,
+    /// Worst honest site's Dice (learning mode).
+    pub min_dice: Option<f64>,
+    /// Bytes sent by all sites so far.
+    pub bytes_total: u64,
+    /// Sites online this round.
+    pub online: usize,
+}
+
+/// One variant's run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantResult {
+    /// `scheme[/aggregation][/preset]`.
+    pub name: String,
+    /// Scheme.
+    pub scheme: String,
+    /// Aggregation rule.
+    pub aggregation: String,
+    /// Data preset (learning mode).
+    pub preset: Option<String>,
+    /// Per round.
+    pub rows: Vec<RoundRow>,
+    /// Final Dice per honest site (learning mode), by site index.
+    pub final_dice: Vec<(usize, f64)>,
+    /// For `metropolis-hastings`: second largest eigenvalue modulus of its mixing matrix.
+    pub slem: Option<f64>,
+}
+
+/// Every variant of a scenario, in a fixed order.
+pub fn variants(s: &Scenario) -> Vec<(SchemeName, AggregationName, Option<String>)> {
+    let presets: Vec<Option<String>> = match s.mode {
+        Mode::Consensus => vec![None],
+        Mode::Learning => s.learning.presets.iter().cloned().map(Some).collect(),
+    };
+    let mut out = Vec::new();
+    for preset in presets {
+        for &scheme in &s.schemes {
+            let rules: Vec<AggregationName> = match scheme {
+                // These combine exactly two values (or shares); the rule does not apply.
+                SchemeName::PairwiseGossip | SchemeName::PushSum | SchemeName::LocalOnly => {
+                    vec![AggregationName::Mean]
+                }
+                _ => s.aggregations.clone(),
+            };
+            for rule in rules {
+                out.push((scheme, rule, preset.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The scenario's communication graph.
+pub fn build_topology(s: &Scenario) -> Result<Vec<Vec<usize>>, SimError> {
+    let n = s.nodes;
+    Ok(match s.topology {
+        Topology::Complete => topology::complete(n),
+        Topology::Ring => topology::ring(n)?,
+        Topology::Torus { rows, cols } => topology::torus(rows, cols)?,
+        Topology::RandomRegular { degree } => topology::random_regular(n, degree, s.seed)?,
+        Topology::ErdosRenyi { p } => topology::erdos_renyi(n, p, s.seed)?,
+        Topology::WattsStrogatz { k, beta } => topology::watts_strogatz(n, k, beta, s.seed)?,
+        Topology::Exponential => topology::exponential(n)?,
+        Topology::Kademlia { bucket_size } => topology::kademlia(n, bucket_size, s.seed)?,
+    })
+}
+
+/// The small-UNet manifest learning mode trains with.
+pub fn learning_manifest(s: &Scenario) -> Result<Manifest, SimError> {
+    let l = &s.learning;
+    let mut m = Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml"))
+        .map_err(|e| SimError::Training(e.to_string()))?;
+    m.id = format!("sim-{}", s.name);
+    m.task.input_size = [l.size as u32, l.size as u32];
+    m.model.base_channels = l.base_channels;
+    m.model.depth = l.depth;
+    m.training.batch_size = l.batch_size;
+    m.training.learning_rate = l.learning_rate;
+    m.training.local_epochs = None;
+    m.training.local_steps = Some(l.local_steps);
+    m.training.seed = s.seed;
+    m.averaging.rounds = s.rounds;
+    m.validate()
+        .map_err(|e| SimError::Training(e.to_string()))?;
+    Ok(m)
+}
+
+struct LearningSite {
+    trainer: Trainer,
+    train: SliceSet,
+    validation: SliceSet,
+}
+
+fn learning_sites(s: &Scenario, preset: &str, m: &Manifest) -> Result<Vec<LearningSite>, SimError> {
+    let l = &s.learning;
+    let preset: Preset = preset.parse().map_err(SimError::Data)?;
+    let template = match l.task {
+        DataTask::Brain => {
+            Some(BrainTemplate::load_default().map_err(|e| SimError::Data(e.to_string()))?)
+        }
+        DataTask::Synthetic => None,
+    };
+    let device = "flex"
+        .parse::<DeviceSpec>()
+        .and_then(|d| d.device())
+        .map_err(|e| SimError::Training(e.to_string()))?;
+    (0..s.nodes)
+        .map(|site| {
+            let cases = generate_site_cases(
+                template.as_ref(),
+                preset,
+                site,
+                l.cases,
+                l.size,
+                l.slices,
+                s.seed,
+            );
+            let (train, validation) =
+                site_split(&cases, m).map_err(|e| SimError::Data(e.to_string()))?;
+            Ok(LearningSite {
+                trainer: Trainer::new(m, device.clone()),
+                train,
+                validation,
+            })
+        })
+        .collect()
+}
+
+/// Sites that attack: `fraction` of them, never site 0 (the FedAvg server).
+pub fn byzantine_sites(s: &Scenario) -> Vec<bool> {
+    let k = (s.nodes as f64 * s.byzantine.fraction).floor() as usize;
+    let mut pool: Vec<usize> = (1..s.nodes).collect();
+    Rng::derive(s.seed, 0xB42).shuffle(&mut pool);
+    let mut flags = vec![false; s.nodes];
+    for &i in pool.iter().take(k) {
+        flags[i] = true;
+    }
+    flags
+}
+
+fn attack(x: &mut [f32], kind: Attack, scale: f64, rng: &mut Rng) {
+    match kind {
+        Attack::SignFlip => x.iter_mut().for_each(|v| *v *= -(scale as f32)),
+        Attack::Scaling => x.iter_mut().for_each(|v| *v *= scale as f32),
+        Attack::Noise => {
+            let n = x.len().max(1) as f64;
+            let mean = x.iter().map(|v| f64::from(*v)).sum::<f64>() / n;
+            let std = (x
+                .iter()
+                .map(|v| (f64::from(*v) - mean).powi(2))
+                .sum::<f64>()
+                / n)
+                .sqrt();
+            for v in x.iter_mut() {
+                *v += (rng.normal() * std * scale) as f32;
+            }
+        }
+    }
+}
+
+/// Runs one variant. `on_round` is called after each round.
+pub fn run_variant(
+    s: &Scenario,
+    scheme: SchemeName,
+    aggregation: AggregationName,
+    preset: Option<&str>,
+    on_round: &mut dyn FnMut(),
+) -> Result<VariantResult, SimError> {
+    let n = s.nodes;
+    let adjacency = match scheme {
+        SchemeName::Fedavg => topology::star(n, 0)?,
+        _ => build_topology(s)?,
+    };
+    let sites: Vec<Site> = links::draw_sites(n, &s.network, s.seed);
+    let byzantine = byzantine_sites(s);
+    let mut learning = match (s.mode, preset) {
+        (Mode::Learning, Some(p)) => {
+            let m = learning_manifest(s)?;
+            Some((learning_sites(s, p, &m)?, m))
+        }
+        _ => None,
+    };
+    let (mut arena, sample_weights, compute_s) = match &learning {
+        Some((ls, m)) => {
+            let rows: Vec<Vec<f32>> = ls
+                .iter()
+                .map(|l| l.trainer.weights(Selection::All))
+                .collect();
+            let weights: Vec<f64> = ls.iter().map(|l| l.train.len().max(1) as f64).collect();
+            let steps = f64::from(m.training.local_steps.unwrap_or(1));
+            (Arena::new(&rows), weights, steps * s.network.step_seconds)
+        }
+        None => {
+            let dim = s.consensus.dim;
+            let seed = s.seed;
+            let arena = Arena::from_fn(n, dim, |i, row| {
+                let mut rng = Rng::derive(seed, 0xC0_0000 + i as u64);
+                row.iter_mut().for_each(|v| *v = rng.normal() as f32 + 1.0);
+            });
+            (arena, vec![1.0; n], s.network.step_seconds)
+        }
+    };
+    let bytes = s.network.encoding.payload_len(arena.dim() as u64);
+    let mut push_weights = vec![1.0; n];
+    let is_push_sum = scheme == SchemeName::PushSum;
+    if is_push_sum {
+        // Push-sum starts from (x_i * w_i, w_i) with the sample weights as masses.
+        for (i, w) in sample_weights.iter().enumerate() {
+            push_weights[i] = *w;
+            arena.row_mut(i).iter_mut().for_each(|v| *v *= *w as f32);
+        }
+    }
+    let mixer = Mixer {
+        adjacency: &adjacency,
+        sample_weights: &sample_weights,
+        aggregation,
+        trim_fraction: s.byzantine.trim_fraction,
+        fanout: 2,
+        server: 0,
+    };
+    let mut presence = Presence::new(n, s.seed);
+    let mut rng = Rng::derive(s.seed, 0x51_0000 + scheme as u64);
+    let mut attack_rng = Rng::derive(s.seed, 0xA77);
+    let mut clock = vec![0.0f64; n];
+    let mut bytes_total = 0u64;
+    let mut rows = Vec::with_capacity(s.rounds as usize);
+    let honest: Vec<usize> = (0..n).filter(|&i| !byzantine[i]).collect();
+    let mut final_dice = Vec::new();
+
+    for round in 1..=s.rounds {
+        let back = presence.advance(&s.churn, round);
+        let online: Vec<bool> = presence.flags().to_vec();
+        let now = (0..n)
+            .filter(|&i| online[i])
+            .map(|i| clock[i])
+            .fold(0.0, f64::max);
+        for i in back {
+            clock[i] = clock[i].max(now);
+        }
+        if let Some((ls, _)) = &mut learning {
+            for i in honest.iter().copied().filter(|&i| online[i]) {
+                let scale = if is_push_sum { push_weights[i] } else { 1.0 };
+                let current: Vec<f32> = arena.row(i).iter().map(|v| v / scale as f32).collect();
+                let site = &mut ls[i];
+                site.trainer
+                    .set_weights(&current, Selection::All)
+                    .map_err(|e| SimError::Training(e.to_string()))?;
+                site.trainer.train_round(&site.train, |_| {});
+                let trained = site.trainer.weights(Selection::All);
+                arena
+                    .row_mut(i)
+                    .iter_mut()
+                    .zip(&trained)
+                    .for_each(|(o, v)| *o = v * scale as f32);
+            }
+        }
+        for i in (0..n).filter(|&i| byzantine[i] && online[i]) {
+            attack(
+                arena.row_mut(i),
+                s.byzantine.attack,
+                s.byzantine.scale,
+                &mut attack_rng,
+            );
+        }
+        let ready: Vec<f64> = (0..n)
+            .map(|i| {
+                if online[i] {
+                    clock[i] + compute_s / sites[i].speed
+                } else {
+                    clock[i]
+                }
+            })
+            .collect();
+        let transfers = exchange(
+            scheme,
+            &mixer,
+            &mut arena,
+            &mut push_weights,
+            &online,
+            &mut rng,
+        )?;
+        let mut next_clock = clock.clone();
+        match scheme {
+            SchemeName::Fedavg => {
+                let clients: Vec<usize> = (1..n).filter(|&i| online[i]).collect();
+                if online[0] {
+                    links::settle_star_round(
+                        &sites,
+                        bytes,
+                        s.network.loss,
+                        &ready,
+                        0,
+                        &clients,
+                        &mut next_clock,
+                    );
+                } else {
+                    next_clock.copy_from_slice(&ready);
+                }
+            }
+            _ => links::settle_peer_round(
+                &sites,
+                bytes,
+                s.network.loss,
+                &ready,
+                &transfers,
+                &mut next_clock,
+            ),
+        }
+        for i in 0..n {
+            if online[i] {
+                clock[i] = next_clock[i];
+            }
+        }
+        bytes_total += bytes * transfers.pairs.len() as u64;
+        let members: Vec<usize> = honest.iter().copied().filter(|&i| online[i]).collect();
+        let scale = is_push_sum.then_some(push_weights.as_slice());
+        let consensus_error = arena.consensus_error(&members, scale);
+        let (mut mean_dice, mut min_dice) = (None, None);
+        if let Some((ls, _)) = &mut learning {
+            let mut scores = Vec::with_capacity(honest.len());
+            for &i in &honest {
+                let w = if is_push_sum { push_weights[i] } else { 1.0 };
+                let current: Vec<f32> = arena.row(i).iter().map(|v| v / w as f32).collect();
+                let site = &mut ls[i];
+                site.trainer
+                    .set_weights(&current, Selection::All)
+                    .map_err(|e| SimError::Training(e.to_string()))?;
+                scores.push((i, site.trainer.evaluate(&site.validation).mean_dice));
+            }
+            let k = scores.len().max(1) as f64;
+            mean_dice = Some(scores.iter().map(|(_, d)| d).sum::<f64>() / k);
+            min_dice = Some(scores.iter().map(|(_, d)| *d).fold(f64::INFINITY, f64::min));
+            final_dice = scores;
+        }
+        rows.push(RoundRow {
+            round,
+            virtual_time_s: (0..n).map(|i| clock[i]).fold(0.0, f64::max),
+            consensus_error,
+            mean_dice,
+            min_dice,
+            bytes_total,
+            online: online.iter().filter(|o| **o).count(),
+        });
+        on_round();
+    }
+
+    let slem = (scheme == SchemeName::MetropolisHastings)
+        .then(|| metropolis_hastings_weights(&adjacency).map(|w| spectral::slem(&w, 2000)))
+        .transpose()?;
+    let mut name = scheme.as_str().to_string();
+    if !matches!(
+        scheme,
+        SchemeName::PairwiseGossip | SchemeName::PushSum | SchemeName::LocalOnly
+    ) {
+        name = format!("{name}/{}", aggregation.as_str());
+    }
+    if let Some(p) = preset {
+        name = format!("{name}/{p}");
+    }
+    Ok(VariantResult {
+        name,
+        scheme: scheme.as_str().into(),
+        aggregation: aggregation.as_str().into(),
+        preset: preset.map(str::to_owned),
+        rows,
+        final_dice,
+        slem,
+    })
+}

@@ -1,0 +1,114 @@
+//! The shipped scenarios, end to end at reduced sizes, and the simulator's promises:
+//! determinism and agreement with the spectral-gap prediction.
+
+use std::path::Path;
+
+use medmesh_sim::Scenario;
+
+fn shipped(name: &str) -> Scenario {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("scenarios/{name}.toml"));
+    Scenario::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn every_shipped_scenario_parses() {
+    for name in ["kaapana36", "scale", "churn30", "byzantine", "noniid"] {
+        let s = shipped(name);
+        assert_eq!(s.name, name);
+    }
+}
+
+#[test]
+fn a_shipped_learning_scenario_runs_end_to_end() {
+    let mut s = shipped("churn30");
+    s.nodes = 6;
+    s.rounds = 3;
+    s.churn.events[0].round = 2;
+    s.churn.events[1].round = 3;
+    s.learning.local_steps = 2;
+    s.schemes.truncate(2);
+    let dir = tempfile::tempdir().unwrap();
+    let report = medmesh_sim::run_to_dir(&s, dir.path(), true, &mut |_, _| {}).unwrap();
+    assert_eq!(report.variants.len(), 2);
+    for v in &report.variants {
+        assert_eq!(v.final_dice.len(), 6);
+        let dice = v.final_mean_dice.unwrap();
+        assert!((0.0..=1.0).contains(&dice));
+        assert!(v.bytes_per_node > 0.0 && v.total_time_s > 0.0);
+    }
+    for file in [
+        "report.json",
+        "pairwise-gossip_feature-shift.csv",
+        "metropolis-hastings_mean_feature-shift.csv",
+        "churn30-consensus-rounds.png",
+        "churn30-dice-time.png",
+    ] {
+        assert!(dir.path().join(file).exists(), "{file}");
+    }
+    let csv =
+        std::fs::read_to_string(dir.path().join("pairwise-gossip_feature-shift.csv")).unwrap();
+    // Round 2 is the one where 30% left: fewer sites online.
+    let online: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap())
+        .collect();
+    assert_eq!(online, ["6", "4", "5"], "{csv}");
+}
+
+fn small_consensus(topology: &str) -> Scenario {
+    Scenario::from_toml(&format!(
+        r#"
+name = "t"
+seed = 5
+mode = "consensus"
+nodes = 16
+rounds = 40
+schemes = ["metropolis-hastings"]
+[topology]
+{topology}
+[consensus]
+dim = 8
+target_error = 1e-4
+"#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn measured_decay_matches_the_spectral_gap_within_20_percent() {
+    for topology in ["kind = \"ring\"", "kind = \"random-regular\"\ndegree = 4"] {
+        let (report, _) = medmesh_sim::run(&small_consensus(topology), &mut |_, _| {}).unwrap();
+        let v = &report.variants[0];
+        let (measured, predicted) = (v.measured_rate.unwrap(), v.predicted_rate.unwrap());
+        assert!(
+            (measured - predicted).abs() / predicted < 0.2,
+            "{topology}: measured {measured}, predicted {predicted}"
+        );
+    }
+}
+
+#[test]
+fn the_same_scenario_and_seed_give_a_byte_identical_report() {
+    let mut s = shipped("scale");
+    s.nodes = 300;
+    s.rounds = 15;
+    s.consensus.dim = 64;
+    s.churn.leave_probability = 0.05;
+    s.churn.rejoin_probability = 0.3;
+    let run = || {
+        let dir = tempfile::tempdir().unwrap();
+        medmesh_sim::run_to_dir(&s, dir.path(), false, &mut |_, _| {}).unwrap();
+        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        (read("report.json"), read("push-sum.csv"))
+    };
+    assert_eq!(run(), run());
+    let mut other = s.clone();
+    other.seed += 1;
+    let dir = tempfile::tempdir().unwrap();
+    medmesh_sim::run_to_dir(&other, dir.path(), false, &mut |_, _| {}).unwrap();
+    assert_ne!(
+        std::fs::read(dir.path().join("report.json")).unwrap(),
+        run().0
+    );
+}
