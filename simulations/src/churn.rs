@@ -2,7 +2,7 @@
 
 use medmesh_training::rng::Rng;
 
-use crate::scenario::Churn;
+use crate::scenario::{Churn, TraceEvent};
 
 /// Online flags, updated before each round.
 #[derive(Debug, Clone)]
@@ -50,8 +50,16 @@ impl Presence {
                 back.push(i);
             }
         }
+        for e in churn.trace.iter().filter(|e| e.round == round) {
+            let join = e.event == TraceEvent::Join;
+            if join && !self.online[e.site] {
+                back.push(e.site);
+            }
+            self.online[e.site] = join;
+        }
         back.sort_unstable();
         back.dedup();
+        back.retain(|&i| self.online[i]);
         back
     }
 
@@ -77,6 +85,19 @@ impl Presence {
 mod tests {
     use super::*;
     use crate::scenario::ChurnEvent;
+
+    #[test]
+    fn a_trace_moves_the_sites_it_names() {
+        let churn = Churn {
+            trace: crate::scenario::parse_trace("2,3,crash\n4,3,join\n").unwrap(),
+            ..Churn::default()
+        };
+        let mut p = Presence::new(5, 1);
+        p.advance(&churn, 2);
+        assert!(!p.is_online(3) && p.is_online(2));
+        assert_eq!(p.advance(&churn, 4), vec![3]);
+        assert!(p.is_online(3));
+    }
 
     #[test]
     fn scripted_events_move_the_asked_fractions() {

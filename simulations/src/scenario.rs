@@ -181,7 +181,7 @@ impl Range {
 
 /// Links and hardware per site.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Network {
     /// Uplink, Mbit/s.
     pub uplink_mbps: Range,
@@ -228,6 +228,75 @@ pub struct Churn {
     /// Scripted events.
     #[serde(default)]
     pub events: Vec<ChurnEvent>,
+    /// A trace of individual sites leaving and joining: a CSV file (`round,site,event` with
+    /// `leave`, `join` or `crash`; a crash is a leave), relative to the scenario file.
+    #[serde(default)]
+    pub trace_file: Option<std::path::PathBuf>,
+    /// The trace's entries (read from `trace_file`, or written inline as `[[churn.trace]]`).
+    #[serde(default)]
+    pub trace: Vec<TraceEntry>,
+}
+
+/// One line of a churn trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceEntry {
+    /// Before this round's training.
+    pub round: u32,
+    /// The site (0-based).
+    pub site: usize,
+    /// `leave` (or `crash`) or `join`.
+    pub event: TraceEvent,
+}
+
+/// What a site does in a trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TraceEvent {
+    /// Goes offline (a crash is recorded the same way: it resumes from its checkpoint).
+    #[serde(alias = "crash")]
+    Leave,
+    /// Comes back.
+    Join,
+}
+
+/// Parses a churn trace CSV: `round,site,event` per line, `#` comments and a header allowed.
+pub fn parse_trace(text: &str) -> Result<Vec<TraceEntry>, ScenarioError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || (n == 0 && line.starts_with("round")) {
+            continue;
+        }
+        let field = format!("churn.trace_file line {}", n + 1);
+        let parts: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [round, site, event] = parts[..] else {
+            return Err(invalid(
+                &field,
+                format!("expected round,site,event, got {line:?}"),
+            ));
+        };
+        let event = match event {
+            "leave" | "crash" => TraceEvent::Leave,
+            "join" => TraceEvent::Join,
+            other => {
+                return Err(invalid(
+                    &field,
+                    format!("unknown event {other:?} (leave, crash, join)"),
+                ));
+            }
+        };
+        out.push(TraceEntry {
+            round: round
+                .parse()
+                .map_err(|_| invalid(&field, format!("round {round:?} is not a number")))?,
+            site: site
+                .parse()
+                .map_err(|_| invalid(&field, format!("site {site:?} is not a number")))?,
+            event,
+        });
+    }
+    Ok(out)
 }
 
 /// At `round`, a fraction of the sites leaves, or a fraction of those away comes back.
@@ -297,7 +366,7 @@ pub enum Attack {
 
 /// Consensus-only settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConsensusSettings {
     /// Values per node.
     pub dim: usize,
@@ -316,7 +385,7 @@ impl Default for ConsensusSettings {
 
 /// Learning settings: the data and a small UNet.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LearningSettings {
     /// `synthetic` or `brain`.
     pub task: DataTask,
@@ -394,6 +463,24 @@ fn invalid(field: &str, reason: impl Into<String>) -> ScenarioError {
 }
 
 impl Scenario {
+    /// Reads a scenario file, with its churn trace (resolved beside it).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError::Parse(format!("{}: {e}", path.display())))?;
+        let mut s: Self = toml::from_str(&text).map_err(|e| ScenarioError::Parse(e.to_string()))?;
+        if let Some(trace) = &s.churn.trace_file {
+            let trace = path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(trace);
+            let text = std::fs::read_to_string(&trace)
+                .map_err(|e| invalid("churn.trace_file", format!("{}: {e}", trace.display())))?;
+            s.churn.trace.extend(parse_trace(&text)?);
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
     /// Parses and checks a scenario.
     pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
         let s: Self = toml::from_str(text).map_err(|e| ScenarioError::Parse(e.to_string()))?;
@@ -458,6 +545,12 @@ impl Scenario {
                     "fractions must be in [0, 1]",
                 ));
             }
+        }
+        if let Some(e) = self.churn.trace.iter().find(|e| e.site >= self.nodes) {
+            return Err(invalid(
+                "churn.trace",
+                format!("site {} does not exist ({} nodes)", e.site, self.nodes),
+            ));
         }
         if self.byzantine.fraction >= 0.5 {
             return Err(invalid("byzantine.fraction", "must be below 0.5"));
@@ -563,6 +656,15 @@ kind = "ring"
                 .to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
+        let trace = parse_trace("round,site,event\n3,1,leave\n5,1,join\n4,2,crash\n").unwrap();
+        assert_eq!(trace.len(), 3);
+        assert_eq!(trace[2].event, TraceEvent::Leave);
+        assert!(
+            parse_trace("3,1,explode")
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
         let err = Scenario::from_toml(&MINIMAL.replace("rounds = 5", "rounds = 5\nbogus = 1"))
             .unwrap_err()
             .to_string();

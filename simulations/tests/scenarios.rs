@@ -112,3 +112,43 @@ fn the_same_scenario_and_seed_give_a_byte_identical_report() {
         run().0
     );
 }
+
+#[test]
+fn a_churn_trace_file_beside_the_scenario_drives_who_is_online() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("trace.csv"),
+        "round,site,event\n2,0,crash\n2,1,leave\n4,0,join\n",
+    )
+    .unwrap();
+    let scenario = dir.path().join("s.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+name = "traced"
+mode = "consensus"
+nodes = 6
+rounds = 5
+schemes = ["pairwise-gossip"]
+[topology]
+kind = "complete"
+[churn]
+trace_file = "trace.csv"
+[consensus]
+dim = 4
+"#,
+    )
+    .unwrap();
+    let s = Scenario::from_file(&scenario).unwrap();
+    assert_eq!(s.churn.trace.len(), 3);
+    let (_, results) = medmesh_sim::run(&s, &mut |_, _| {}).unwrap();
+    let online: Vec<usize> = results[0].rows.iter().map(|r| r.online).collect();
+    assert_eq!(online, [6, 4, 4, 5, 5]);
+
+    std::fs::write(dir.path().join("trace.csv"), "2,9,leave\n").unwrap();
+    let err = Scenario::from_file(&scenario).unwrap_err().to_string();
+    assert!(
+        err.contains("churn.trace") && err.contains("site 9"),
+        "{err}"
+    );
+}

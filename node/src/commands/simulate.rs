@@ -8,8 +8,6 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use medmesh_sim::Scenario;
 
-use super::read_text;
-
 /// Options of `medmesh simulate`.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -29,7 +27,7 @@ pub struct Options {
 
 /// Runs the scenario.
 pub fn run(o: &Options) -> Result<()> {
-    let mut scenario = Scenario::from_toml(&read_text(&o.scenario)?)
+    let mut scenario = Scenario::from_file(&o.scenario)
         .with_context(|| format!("scenario {}", o.scenario.display()))?;
     if let Some(seed) = o.seed {
         scenario.seed = seed;
