@@ -109,6 +109,15 @@ impl Client {
         }
     }
 
+    /// Hands a newer roster to the node, which adopts it if its stewards endorsed it and
+    /// spreads it; members it drops or revokes are disconnected.
+    pub async fn announce_roster(&self, roster: medmesh_crypto::SignedRoster) -> Result<()> {
+        match self.ask(Message::RosterAnnouncement(roster)).await? {
+            Message::Ack => Ok(()),
+            other => bail!("unexpected answer: {}", describe(&other)),
+        }
+    }
+
     /// Every site's latest progress the node knows of, signature-checked against the roster.
     pub async fn status(&self, experiment: Option<&str>) -> Result<Vec<SignedProgress>> {
         let query = Message::StatusQuery {

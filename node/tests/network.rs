@@ -282,3 +282,50 @@ fn a_killed_node_resumes_from_its_checkpoint_and_the_others_finish() {
     assert!(log.contains("adopted a peer's model"), "{log}");
     drop(nodes);
 }
+
+#[test]
+fn a_revoked_member_is_disconnected_once_the_roster_spreads() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 3;
+    let (c, nodes, rt) = start(dir.path(), n, 48600);
+    let client = researcher(&c, &rt, 0);
+    let revoked = c.sites[2].public_key();
+    let mut next = c.roster.clone();
+    next.version += 1;
+    next.revoke(revoked, "laptop stolen");
+
+    // Endorsed by someone who is not a steward: refused, nothing changes.
+    let mut forged = medmesh_crypto::SignedRoster::unsigned(next.clone());
+    forged.endorse(&c.sites[1]);
+    let err = rt
+        .block_on(client.announce_roster(forged))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused"), "{err}");
+
+    let mut signed = medmesh_crypto::SignedRoster::unsigned(next);
+    signed.endorse(&c.researcher);
+    rt.block_on(client.announce_roster(signed)).unwrap();
+    // Both honest nodes end up connected only to each other.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let connected: Vec<f64> = (0..2)
+            .map(|i| {
+                let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+                parse_value(&text, "medmesh_peers_connected").unwrap()
+            })
+            .collect();
+        if connected == [1.0, 1.0] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still connected: {connected:?}\n{}",
+            logs(&c, n)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The adopted roster survives a restart.
+    assert!(c.node_dir(1).join("state/roster.toml").exists());
+    drop(nodes);
+}
