@@ -75,6 +75,8 @@ pub struct Node {
     pub transfers: Semaphore,
     /// The async runtime, for runner threads.
     pub runtime: tokio::runtime::Handle,
+    /// Drill and test hooks.
+    pub hooks: Hooks,
 }
 
 /// Locks a mutex, recovering from poisoning: state behind these locks stays consistent
@@ -120,8 +122,21 @@ impl Node {
     }
 }
 
+/// Changes a node's behaviour for drills and tests; the `medmesh` binary runs with none.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Rewrites this node's outgoing update of a round before it is sealed (a red-team node
+    /// that sends poisoned weights).
+    pub tamper_update: Option<Arc<dyn Fn(u64, &mut [f32]) + Send + Sync>>,
+}
+
 /// Runs a node until interrupted (Ctrl-C or SIGTERM).
 pub async fn run(config: NodeConfig) -> Result<()> {
+    run_with(config, Hooks::default()).await
+}
+
+/// [`run`] with `hooks`.
+pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
     let identity = keystore::load_identity(&config.node.identity)?;
     let network_key = keystore::load_network_key(&config.node.network_key)?;
     let pin = config
@@ -218,6 +233,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         experiments: Mutex::new(HashMap::new()),
         progress: Mutex::new(BTreeMap::new()),
         runtime: tokio::runtime::Handle::current(),
+        hooks,
     });
 
     for signed in store::load_manifests(&node.config.node.state_dir)? {

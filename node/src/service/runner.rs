@@ -240,7 +240,14 @@ fn serve(
     local: &[f32],
     sample_weight: f64,
 ) {
-    let payload = m.averaging.encoding.encode(local);
+    let payload = match &node.hooks.tamper_update {
+        Some(tamper) => {
+            let mut sent = local.to_vec();
+            tamper(round, &mut sent);
+            m.averaging.encoding.encode(&sent)
+        }
+        None => m.averaging.encoding.encode(local),
+    };
     let header = UpdateHeader {
         experiment_id: m.id.clone(),
         manifest_digest: digest,
