@@ -45,7 +45,7 @@ fn run(aggregation: Aggregation, attack: bool, port: u16) -> Vec<f64> {
     let hooks = Hooks {
         tamper_update: attack.then(|| {
             Arc::new(|_round: u64, w: &mut [f32]| w.iter_mut().for_each(|v| *v *= -10.0))
-                as Arc<dyn Fn(u64, &mut [f32]) + Send + Sync>
+                as service::UpdateTamper
         }),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();

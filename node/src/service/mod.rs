@@ -122,12 +122,15 @@ impl Node {
     }
 }
 
+/// Rewrites a round's outgoing weights in place.
+pub type UpdateTamper = Arc<dyn Fn(u64, &mut [f32]) + Send + Sync>;
+
 /// Changes a node's behaviour for drills and tests; the `medmesh` binary runs with none.
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// Rewrites this node's outgoing update of a round before it is sealed (a red-team node
     /// that sends poisoned weights).
-    pub tamper_update: Option<Arc<dyn Fn(u64, &mut [f32]) + Send + Sync>>,
+    pub tamper_update: Option<UpdateTamper>,
 }
 
 /// Runs a node until interrupted (Ctrl-C or SIGTERM).
