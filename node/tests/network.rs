@@ -87,6 +87,23 @@ fn wait_until(
     }
 }
 
+/// Waits up to 10 s for a node's metric to reach `at_least`.
+fn wait_for_metric(rt: &tokio::runtime::Runtime, addr: &str, name: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = rt.block_on(demo::scrape(addr)).unwrap();
+        let value = parse_value(&text, name).unwrap();
+        if value >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} = {value}, expected >= {at_least}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn all_finished(n: usize) -> impl FnMut(&[medmesh_protocol::SignedProgress]) -> bool {
     move |r| r.len() == n && r.iter().all(|p| p.record.finished)
 }
@@ -186,8 +203,13 @@ fn outsiders_and_bad_manifests_are_refused() {
         outsider.is_err(),
         "a peer without the network key connected"
     );
-    let metrics = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
-    assert!(parse_value(&metrics, "medmesh_handshakes_failed_total").unwrap() >= 1.0);
+    // The node sees the failed handshake a moment after the outsider does.
+    wait_for_metric(
+        &rt,
+        &c.metrics_addr(0),
+        "medmesh_handshakes_failed_total",
+        1.0,
+    );
 
     // With the network key but not on the roster: disconnected, counted, no answers.
     let stranger = Identity::generate().unwrap();
@@ -197,8 +219,12 @@ fn outsiders_and_bad_manifests_are_refused() {
         client.status(None).await
     });
     assert!(answered.is_err(), "a key not on the roster got an answer");
-    let metrics = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
-    assert!(parse_value(&metrics, "medmesh_connections_refused_total").unwrap() >= 1.0);
+    wait_for_metric(
+        &rt,
+        &c.metrics_addr(0),
+        "medmesh_connections_refused_total",
+        1.0,
+    );
 
     let client = researcher(&c, &rt, 0);
     // Signed by a node, not a researcher.

@@ -91,49 +91,79 @@ fn on_manifest(node: &Arc<Node>, peer: PeerId, signed: SignedManifest) -> Messag
         tracing::warn!(%peer, experiment = %id, "rejected a manifest: {e}");
         return ack(Some(e));
     }
-    if let Some(existing) = lock(&node.experiments).get(&id) {
-        if existing.digest == digest {
-            return ack(None);
-        }
-        node.metrics.rejected("manifest_replay");
-        let why = format!(
-            "experiment {id:?} already exists with a different manifest ({}); a changed experiment needs a new id",
-            hex::encode(&existing.digest[..8])
-        );
-        tracing::warn!(%peer, "rejected a manifest: {why}");
-        return ack(Some(why));
-    }
     if signed.manifest.averaging.scheme == Scheme::PushSum {
         node.metrics.rejected("bad_manifest");
         let why = "push-sum needs directed pushes that nodes do not run yet; use pairwise-gossip, metropolis-hastings or epidemic (the simulator runs push-sum)".to_string();
         tracing::warn!(%peer, experiment = %id, "rejected a manifest: {why}");
         return ack(Some(why));
     }
+    // Members forward a new manifest to each other at once: check and register under one
+    // lock, so exactly one handler adopts it.
+    match register(node, &signed) {
+        Registered::Known => return ack(None),
+        Registered::Conflict(existing) => {
+            node.metrics.rejected("manifest_replay");
+            let why = format!(
+                "experiment {id:?} already exists with a different manifest ({}); a changed experiment needs a new id",
+                hex::encode(&existing[..8])
+            );
+            tracing::warn!(%peer, "rejected a manifest: {why}");
+            return ack(Some(why));
+        }
+        Registered::New => {}
+    }
     if let Err(e) = store::save_manifest(&node.config.node.state_dir, &signed) {
+        lock(&node.experiments).remove(&id);
         tracing::error!(experiment = %id, "cannot persist the manifest: {e:#}");
         return ack(Some(format!("node cannot persist the manifest: {e:#}")));
     }
     tracing::info!(%peer, experiment = %id, digest = %hex::encode(digest), "accepted a manifest");
-    adopt_manifest(node, signed.clone());
+    start(node, signed.clone());
     node.broadcast(Message::ManifestAnnouncement(signed), &[peer]);
     ack(None)
 }
 
-/// Registers a verified manifest and starts its runner (if the node has the dataset).
-pub fn adopt_manifest(node: &Arc<Node>, signed: SignedManifest) {
-    let id = signed.manifest.id.clone();
+/// What [`register`] found.
+pub enum Registered {
+    /// First time: registered now.
+    New,
+    /// Already registered with the same digest.
+    Known,
+    /// The id is taken by a manifest with this other digest.
+    Conflict([u8; 32]),
+}
+
+/// Registers a verified manifest unless its id is known, atomically.
+pub fn register(node: &Node, signed: &SignedManifest) -> Registered {
+    register_in(&node.experiments, &node.config.datasets, signed)
+}
+
+fn register_in(
+    experiments: &std::sync::Mutex<std::collections::HashMap<String, Experiment>>,
+    datasets: &std::collections::BTreeMap<String, crate::config::DatasetSection>,
+    signed: &SignedManifest,
+) -> Registered {
+    let id = &signed.manifest.id;
+    let digest = signed.manifest.digest();
+    let mut experiments = lock(experiments);
+    if let Some(existing) = experiments.get(id) {
+        return if existing.digest == digest {
+            Registered::Known
+        } else {
+            Registered::Conflict(existing.digest)
+        };
+    }
     let dataset = &signed.manifest.task.dataset;
-    let not_participating = (!node.config.datasets.contains_key(dataset)).then(|| {
+    let not_participating = (!datasets.contains_key(dataset)).then(|| {
         format!("dataset {dataset:?} is not configured at this node ([datasets.{dataset}])")
     });
     if let Some(why) = &not_participating {
         tracing::warn!(experiment = %id, "not participating: {why}");
     }
-    let start = not_participating.is_none();
-    lock(&node.experiments).insert(
+    experiments.insert(
         id.clone(),
         Experiment {
-            digest: signed.manifest.digest(),
+            digest,
             signed: signed.clone(),
             not_participating,
             served: Default::default(),
@@ -141,7 +171,16 @@ pub fn adopt_manifest(node: &Arc<Node>, signed: SignedManifest) {
             finished: false,
         },
     );
-    if start {
+    Registered::New
+}
+
+/// Starts the runner of a registered experiment, if this node takes part.
+pub fn start(node: &Arc<Node>, signed: SignedManifest) {
+    let id = signed.manifest.id.clone();
+    let participates = lock(&node.experiments)
+        .get(&id)
+        .is_some_and(|e| e.not_participating.is_none());
+    if participates {
         let node = node.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("experiment {id}"))
@@ -341,4 +380,41 @@ fn on_artifact(node: &Node, id: &str, artifact: Artifact, offset: u64) -> Messag
         tracing::error!(path = %path.display(), "cannot read an export: {e}");
         unavailable(id, format!("export unreadable: {e}"), None)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medmesh_crypto::Identity;
+    use medmesh_protocol::Manifest;
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Mutex;
+
+    #[test]
+    fn concurrent_announcements_register_an_experiment_once() {
+        let researcher = Identity::from_seed(&[4; 32]);
+        let m =
+            Manifest::parse(include_str!("../../../examples/synthetic-quickstart.toml")).unwrap();
+        let signed = SignedManifest::sign(m.clone(), &researcher);
+        let experiments = Mutex::new(HashMap::new());
+        let datasets = BTreeMap::new();
+        let new = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| register_in(&experiments, &datasets, &signed)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|r| matches!(r, Registered::New))
+                .count()
+        });
+        assert_eq!(new, 1);
+        let mut changed = m;
+        changed.title.push('!');
+        let other = SignedManifest::sign(changed, &researcher);
+        assert!(matches!(
+            register_in(&experiments, &datasets, &other),
+            Registered::Conflict(_)
+        ));
+    }
 }

@@ -246,7 +246,11 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         match signed.verify(roster.roster()) {
-            Ok(_) => inbound::adopt_manifest(&node, signed),
+            Ok(_) => {
+                if let inbound::Registered::New = inbound::register(&node, &signed) {
+                    inbound::start(&node, signed);
+                }
+            }
             Err(e) => {
                 tracing::warn!(experiment = %signed.manifest.id, "stored manifest no longer verifies; not resuming it: {e}")
             }
