@@ -134,14 +134,22 @@ impl Arena {
     /// The mean vector of `members` (rows divided by `scale` when given), accumulated in f64
     /// in a fixed order.
     pub fn mean(&self, members: &[usize], scale: Option<&[f64]>) -> Vec<f64> {
-        let mut mean = vec![0f64; self.dim];
+        // Blocks of columns in parallel, rows streamed in order within each block: every
+        // element is summed over `members` in the same order whatever the thread count.
+        const BLOCK: usize = 2048;
+        let d = self.dim;
         let k = members.len().max(1) as f64;
-        mean.par_iter_mut().enumerate().for_each(|(c, m)| {
-            *m = members
-                .iter()
-                .map(|&i| f64::from(self.current[i * self.dim + c]) / scale.map_or(1.0, |s| s[i]))
-                .sum::<f64>()
-                / k;
+        let mut mean = vec![0f64; d];
+        mean.par_chunks_mut(BLOCK).enumerate().for_each(|(b, out)| {
+            let start = b * BLOCK;
+            for &i in members {
+                let s = scale.map_or(1.0, |s| s[i]);
+                let row = &self.current[i * d + start..i * d + start + out.len()];
+                for (o, x) in out.iter_mut().zip(row) {
+                    *o += f64::from(*x) / s;
+                }
+            }
+            out.iter_mut().for_each(|o| *o /= k);
         });
         mean
     }
