@@ -23,7 +23,8 @@ pub struct Summary {
     pub bytes_per_node: f64,
     /// Consensus error after the last round.
     pub final_consensus_error: f64,
-    /// Per-round decay of the consensus error, `(e_last / e_1)^(1 / (rounds - 1))`.
+    /// Per-round decay of the consensus error from round 1 to the round that reached the
+    /// target (or the last), `(e_k / e_1)^(1 / (k - 1))`.
     pub measured_rate: Option<f64>,
     /// For `metropolis-hastings`: the rate its spectral gap predicts (SLEM).
     pub predicted_rate: Option<f64>,
@@ -54,9 +55,18 @@ pub fn summarize(s: &Scenario, v: &VariantResult) -> Summary {
     });
     let first = v.rows.first();
     let last = v.rows.last();
-    let measured_rate = match (first, last) {
-        (Some(a), Some(b)) if v.rows.len() > 1 && a.consensus_error > 0.0 => {
-            Some((b.consensus_error / a.consensus_error).powf(1.0 / (v.rows.len() - 1) as f64))
+    // The decay is measured up to the target: below it float32 rounding sets a floor.
+    let decay_end = match s.mode {
+        Mode::Consensus => v
+            .rows
+            .iter()
+            .find(|r| r.consensus_error <= s.consensus.target_error)
+            .or(last),
+        Mode::Learning => last,
+    };
+    let measured_rate = match (first, decay_end) {
+        (Some(a), Some(b)) if b.round > a.round && a.consensus_error > 0.0 => {
+            Some((b.consensus_error / a.consensus_error).powf(1.0 / f64::from(b.round - a.round)))
         }
         _ => None,
     };
