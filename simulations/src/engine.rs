@@ -263,7 +263,7 @@ pub fn run_variant(
         sample_weights: &sample_weights,
         aggregation,
         trim_fraction: s.byzantine.trim_fraction,
-        fanout: 2,
+        fanout: s.fanout,
         server: 0,
     };
     let mut presence = Presence::new(n, s.seed);

@@ -26,6 +26,9 @@ pub struct Scenario {
     /// Aggregation rules compared (each scheme runs once per rule).
     #[serde(default = "default_aggregations")]
     pub aggregations: Vec<AggregationName>,
+    /// Sites each site pushes to per round under `epidemic`.
+    #[serde(default = "default_fanout")]
+    pub fanout: usize,
     /// Communication graph of the gossip schemes.
     pub topology: Topology,
     /// Links and hardware.
@@ -43,6 +46,10 @@ pub struct Scenario {
     /// Learning settings.
     #[serde(default)]
     pub learning: LearningSettings,
+}
+
+fn default_fanout() -> usize {
+    2
 }
 
 fn default_aggregations() -> Vec<AggregationName> {
@@ -506,6 +513,12 @@ impl Scenario {
         }
         if self.schemes.is_empty() {
             return Err(invalid("schemes", "name at least one scheme"));
+        }
+        if self.fanout == 0 || self.fanout >= self.nodes {
+            return Err(invalid(
+                "fanout",
+                format!("must be 1 to {}", self.nodes - 1),
+            ));
         }
         if self.aggregations.is_empty() {
             return Err(invalid("aggregations", "name at least one rule"));

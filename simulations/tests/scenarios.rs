@@ -152,3 +152,19 @@ dim = 4
         "{err}"
     );
 }
+
+#[test]
+fn epidemic_pushes_to_fanout_sites_per_round() {
+    let mut s = small_consensus("kind = \"ring\"");
+    s.schemes = vec![medmesh_sim::scenario::SchemeName::Epidemic];
+    s.nodes = 10;
+    s.rounds = 2;
+    s.fanout = 3;
+    s.consensus.dim = 4;
+    let (_, results) = medmesh_sim::run(&s, &mut |_, _| {}).unwrap();
+    // 10 sites x 3 pushes x 16 bytes (4 f32 values) per round.
+    let bytes: Vec<u64> = results[0].rows.iter().map(|r| r.bytes_total).collect();
+    assert_eq!(bytes, [480, 960]);
+    s.fanout = 10;
+    assert!(s.validate().unwrap_err().to_string().contains("`fanout`"));
+}
