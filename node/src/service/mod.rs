@@ -98,15 +98,6 @@ impl Node {
             .map(|m| m.public_key)
     }
 
-    /// The site name of `key` on the roster.
-    pub fn site_of(&self, key: &PublicKey) -> String {
-        let roster = self.roster.read().unwrap_or_else(|p| p.into_inner());
-        roster
-            .roster()
-            .member(key)
-            .map_or_else(|| "?".into(), |m| m.site.clone())
-    }
-
     /// Sends `message` to every connected node except `except`, without waiting.
     pub fn broadcast(self: &Arc<Self>, message: Message, except: &[PeerId]) {
         let node = self.clone();
