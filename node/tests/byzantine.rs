@@ -1,6 +1,7 @@
 //! Byzantine-robust averaging in real nodes: one of five sites sends its weights sign-flipped
 //! and scaled by 10. With the plain mean the honest sites' models suffer; with the
-//! coordinate-wise trimmed mean they stay within 0.05 Dice of a clean run.
+//! coordinate-wise trimmed mean, or the mean of updates clipped to a norm around the local
+//! model, they stay within 0.05 Dice of a clean run.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 const SITES: usize = 5;
 const ATTACKER: usize = 4;
 
-fn manifest(aggregation: Aggregation) -> Manifest {
+fn manifest(aggregation: Aggregation, clip_norm: Option<f64>) -> Manifest {
     let mut m = demo::demo_manifest(20).unwrap();
     m.id = "byzantine-test".into();
     m.task.input_size = [32, 32];
@@ -25,13 +26,14 @@ fn manifest(aggregation: Aggregation) -> Manifest {
     if aggregation == Aggregation::TrimmedMean {
         m.averaging.trim_fraction = Some(0.2);
     }
+    m.averaging.clip_norm = clip_norm;
     m.averaging.round_timeout_secs = 60;
     m.validate().unwrap();
     m
 }
 
 /// Runs one experiment; returns the honest sites' final Dice.
-fn run(aggregation: Aggregation, attack: bool, port: u16) -> Vec<f64> {
+fn run(aggregation: Aggregation, clip_norm: Option<f64>, attack: bool, port: u16) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let c = LocalConsortium::create(dir.path(), SITES, port).unwrap();
     c.prepare_data(12, 32, 6).unwrap();
@@ -47,6 +49,7 @@ fn run(aggregation: Aggregation, attack: bool, port: u16) -> Vec<f64> {
             Arc::new(|_round: u64, w: &mut [f32]| w.iter_mut().for_each(|v| *v *= -10.0))
                 as service::UpdateTamper
         }),
+        ..Hooks::default()
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.spawn(async move {
@@ -65,7 +68,7 @@ fn run(aggregation: Aggregation, attack: bool, port: u16) -> Vec<f64> {
             c.addr(0),
         ))
         .unwrap();
-    let signed = SignedManifest::sign(manifest(aggregation), &c.researcher);
+    let signed = SignedManifest::sign(manifest(aggregation, clip_norm), &c.researcher);
     rt.block_on(client.submit(signed)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
     let records = loop {
@@ -93,22 +96,27 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 #[test]
-fn the_trimmed_mean_withstands_a_sign_flipping_member_and_the_mean_does_not() {
-    let clean = run(Aggregation::Mean, false, 48700);
-    let attacked_mean = run(Aggregation::Mean, true, 48800);
-    let attacked_median = run(Aggregation::TrimmedMean, true, 48900);
-    let (c, m, r) = (mean(&clean), mean(&attacked_mean), mean(&attacked_median));
-    eprintln!("honest mean Dice: clean {c:.3}, attacked+mean {m:.3}, attacked+trimmed-mean {r:.3}");
+fn the_trimmed_mean_and_clipping_withstand_a_sign_flipping_member_and_the_mean_does_not() {
+    let clean = run(Aggregation::Mean, None, false, 48700);
+    let attacked_mean = run(Aggregation::Mean, None, true, 48800);
+    let attacked_trimmed = run(Aggregation::TrimmedMean, None, true, 48900);
+    let attacked_clipped = run(Aggregation::Mean, Some(1.0), true, 49400);
+    let (c, m) = (mean(&clean), mean(&attacked_mean));
+    let (t, k) = (mean(&attacked_trimmed), mean(&attacked_clipped));
+    eprintln!(
+        "honest mean Dice: clean {c:.3}, attacked+mean {m:.3}, attacked+trimmed-mean {t:.3}, \
+         attacked+mean+clip-norm {k:.3}"
+    );
     assert!(
         c > 0.3,
         "the clean run must learn something to compare against: {clean:?}"
     );
-    assert!(
-        r >= c - 0.05,
-        "median {attacked_median:?} vs clean {clean:?}"
-    );
-    assert!(
-        r > m + 0.2,
-        "median {attacked_median:?} vs mean {attacked_mean:?}"
-    );
+    for (name, robust) in [
+        ("trimmed mean", &attacked_trimmed),
+        ("clipping", &attacked_clipped),
+    ] {
+        let r = mean(robust);
+        assert!(r >= c - 0.05, "{name} {robust:?} vs clean {clean:?}");
+        assert!(r > m + 0.2, "{name} {robust:?} vs mean {attacked_mean:?}");
+    }
 }

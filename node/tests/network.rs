@@ -355,3 +355,39 @@ fn a_revoked_member_is_disconnected_once_the_roster_spreads() {
     assert!(c.node_dir(1).join("state/roster.toml").exists());
     drop(nodes);
 }
+
+#[test]
+fn with_a_third_of_the_nodes_killed_the_rest_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 6;
+    let (c, mut nodes, rt) = start(dir.path(), n, 48100);
+    let client = researcher(&c, &rt, 0);
+    let rounds = 10;
+    rt.block_on(client.submit(SignedManifest::sign(manifest(rounds), &c.researcher)))
+        .unwrap();
+    let victims = [4, 5];
+    wait_until(&c, &rt, &client, n, Duration::from_secs(300), |r| {
+        r.iter().filter(|p| p.record.round >= 2).count() >= n
+    });
+    for v in victims {
+        nodes.0[v].kill().unwrap();
+        nodes.0[v].wait().unwrap();
+    }
+    let survivors: Vec<_> = (0..n)
+        .filter(|i| !victims.contains(i))
+        .map(|i| c.sites[i].public_key())
+        .collect();
+    wait_until(&c, &rt, &client, n, Duration::from_secs(400), |r| {
+        survivors.iter().all(|k| {
+            r.iter()
+                .any(|p| p.record.node == *k && p.record.finished && p.record.round == 10)
+        })
+    });
+    let records = rt.block_on(client.status(Some("net-test"))).unwrap();
+    for v in victims {
+        let key = c.sites[v].public_key();
+        let r = records.iter().find(|p| p.record.node == key).unwrap();
+        assert!(!r.record.finished && r.record.round < 10, "{r:?}");
+    }
+    drop(nodes);
+}

@@ -123,7 +123,13 @@ async fn a_flipped_bit_fails_the_hash_check() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, FetchError::Invalid(m) if m.contains("hash")),
+        matches!(
+            &err,
+            FetchError::Invalid {
+                reason: "hash_mismatch",
+                ..
+            }
+        ),
         "{err}"
     );
 }
@@ -133,5 +139,14 @@ async fn a_short_chunk_is_refused() {
     let err = fetch_with(48402, vec![(0, Fault::Truncate)])
         .await
         .unwrap_err();
-    assert!(matches!(err, FetchError::Invalid(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            FetchError::Invalid {
+                reason: "chunk_out_of_place",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

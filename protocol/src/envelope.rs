@@ -148,6 +148,25 @@ pub enum UpdateError {
     HashMismatch,
 }
 
+impl UpdateError {
+    /// A short, stable name of the reason, for metrics labels and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Signature(_) => "bad_signature",
+            Self::WrongExperiment { .. } => "wrong_experiment",
+            Self::LayoutMismatch { .. } => "wrong_layout",
+            Self::WrongEncoding { .. } => "wrong_encoding",
+            Self::WrongPayloadSize { .. } => "wrong_payload_size",
+            Self::BadChunkSize(_) => "bad_chunk_size",
+            Self::Payload(_) => "undecodable_payload",
+            Self::BadSampleWeight(_) => "bad_sample_weight",
+            Self::ChunkOutOfPlace { .. } => "chunk_out_of_place",
+            Self::Incomplete { .. } => "incomplete_payload",
+            Self::HashMismatch => "hash_mismatch",
+        }
+    }
+}
+
 impl From<SignatureError> for UpdateError {
     fn from(e: SignatureError) -> Self {
         Self::Signature(e)

@@ -170,6 +170,10 @@ pub struct Averaging {
     /// Refuse updates whose distance to the local model exceeds this L2 norm.
     #[serde(default)]
     pub norm_bound: Option<f64>,
+    /// Clip each received model's distance to the local model to this L2 norm before
+    /// combining (centred clipping): one peer moves the model at most this far per round.
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
 }
 
 /// Optional protection of what leaves a site.
@@ -514,6 +518,14 @@ impl Manifest {
             bad(
                 "averaging.norm_bound",
                 format!("{b} must be a positive number"),
+            );
+        }
+        if let Some(c) = av.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            bad(
+                "averaging.clip_norm",
+                format!("{c} must be a positive number"),
             );
         }
 

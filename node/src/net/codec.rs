@@ -12,6 +12,22 @@ use medmesh_protocol::messages::MAX_MESSAGE_BYTES;
 
 use crate::metrics::Metrics;
 
+/// An inbound request as read off a stream: a message, or why its frame was refused. A
+/// refusal is reported to the event loop (which knows the peer, unlike the codec) rather
+/// than failing the stream, so it is counted, logged with the sender's id and answered.
+#[derive(Debug)]
+pub enum Frame {
+    /// A well-formed message (boxed: messages are large, refusals small).
+    Message(Box<Message>),
+    /// A frame that broke the rules.
+    Refused {
+        /// Metrics label: `oversized` or `malformed`.
+        reason: &'static str,
+        /// What exactly was wrong.
+        detail: String,
+    },
+}
+
 /// Encodes and decodes [`Message`]s, counting the bytes it moves.
 #[derive(Clone)]
 pub struct FrameCodec {
@@ -24,24 +40,39 @@ impl FrameCodec {
         Self { metrics }
     }
 
-    async fn read<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<Message> {
+    async fn read<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<Frame> {
         let mut len = [0u8; 4];
         io.read_exact(&mut len).await?;
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_MESSAGE_BYTES {
-            self.metrics.rejected("oversized");
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("message of {len} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes"),
-            ));
+            return Ok(Frame::Refused {
+                reason: "oversized",
+                detail: format!(
+                    "message of {len} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes"
+                ),
+            });
         }
         let mut body = vec![0u8; len];
         io.read_exact(&mut body).await?;
         self.metrics.bytes_received.add(4 + len as u64);
-        Message::decode(&body).map_err(|e| {
-            self.metrics.rejected("malformed");
-            io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+        Ok(match Message::decode(&body) {
+            Ok(message) => Frame::Message(Box::new(message)),
+            Err(e) => Frame::Refused {
+                reason: "malformed",
+                detail: e.to_string(),
+            },
         })
+    }
+
+    /// Reads an answer; a bad one fails the request (the caller knows the peer).
+    async fn read_answer<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<Message> {
+        match self.read(io).await? {
+            Frame::Message(message) => Ok(*message),
+            Frame::Refused { reason, detail } => {
+                self.metrics.rejected(reason);
+                Err(io::Error::new(io::ErrorKind::InvalidData, detail))
+            }
+        }
     }
 
     async fn write<T: AsyncWrite + Unpin + Send>(&self, io: &mut T, m: &Message) -> io::Result<()> {
@@ -60,10 +91,10 @@ impl FrameCodec {
 
 impl libp2p::request_response::Codec for FrameCodec {
     type Protocol = StreamProtocol;
-    type Request = Message;
+    type Request = Frame;
     type Response = Message;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Message>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame>
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -74,19 +105,25 @@ impl libp2p::request_response::Codec for FrameCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        self.read(io).await
+        self.read_answer(io).await
     }
 
     async fn write_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Message,
+        req: Frame,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        self.write(io, &req).await
+        match req {
+            Frame::Message(message) => self.write(io, &message).await,
+            Frame::Refused { detail, .. } => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to send a refused frame: {detail}"),
+            )),
+        }
     }
 
     async fn write_response<T>(

@@ -15,6 +15,7 @@ use medmesh_protocol::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
+use super::codec::Frame;
 use super::{Command, NetError, NetEvent, NetworkHandle};
 use crate::metrics::Metrics;
 
@@ -178,7 +179,11 @@ impl EventLoop {
                 message,
                 reply,
             } => {
-                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, message);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_request(&peer, Frame::Message(Box::new(message)));
                 self.pending_requests.insert(id, reply);
             }
             Command::Respond { channel, message } => {
@@ -325,15 +330,33 @@ impl EventLoop {
         }
     }
 
-    fn on_rpc(&mut self, event: request_response::Event<Message, Message>) {
+    fn on_rpc(&mut self, event: request_response::Event<Frame, Message>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Frame::Refused { reason, detail },
+                    channel,
+                    ..
+                } => {
+                    self.metrics.rejected(reason);
+                    if self.logged.insert((peer, reason)) {
+                        tracing::warn!(%peer, reason, "dropped a bad frame: {detail}");
+                    }
+                    let refused = Message::Refused { reason: detail };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_response(channel, refused);
+                }
+                request_response::Message::Request {
+                    request: Frame::Message(request),
+                    channel,
+                    ..
                 } => {
                     let event = NetEvent::Request {
                         peer,
-                        message: Box::new(request),
+                        message: request,
                         channel,
                     };
                     if let Err(mpsc::error::TrySendError::Full(NetEvent::Request {
@@ -380,14 +403,7 @@ impl EventLoop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                if let request_response::InboundFailure::Io(e) = &error
-                    && e.kind() == std::io::ErrorKind::InvalidData
-                    && self.logged.insert((peer, "malformed"))
-                {
-                    tracing::warn!(%peer, "dropped a malformed message: {e}");
-                } else {
-                    tracing::debug!(%peer, "inbound request failed: {error}");
-                }
+                tracing::debug!(%peer, "inbound request failed: {error}");
             }
             request_response::Event::ResponseSent { .. } => {}
         }

@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::{Swarm, Transport, identity, noise, tcp, yamux};
+use libp2p::{PeerId, Swarm, Transport, identity, noise, tcp, yamux};
 use medmesh_crypto::{Identity, NetworkKey};
 
 use super::behaviour::{Behaviour, BehaviourSettings};
@@ -23,6 +25,25 @@ pub fn keypair(identity: &Identity) -> identity::Keypair {
         .unwrap_or_else(|e| unreachable!("a 32-byte seed is a valid ed25519 secret: {e}"))
 }
 
+/// The private transport alone, for swarms with other behaviours (red-team tools, tests).
+pub fn private_transport(
+    key: &identity::Keypair,
+    network_key: &NetworkKey,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, TransportError> {
+    let psk = PreSharedKey::new(*network_key.as_bytes());
+    let noise = noise::Config::new(key).map_err(|e| TransportError(e.to_string()))?;
+    Ok(
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(upgrade::Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(Duration::from_secs(20))
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    )
+}
+
 /// Builds a swarm on the private transport.
 pub fn build_swarm(
     identity: &Identity,
@@ -31,23 +52,13 @@ pub fn build_swarm(
     codec: FrameCodec,
     idle_timeout: Duration,
 ) -> Result<Swarm<Behaviour>, TransportError> {
-    let psk = PreSharedKey::new(*network_key.as_bytes());
     let err = |e: &dyn std::fmt::Display| TransportError(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair(identity))
         .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                let noise = noise::Config::new(key)?;
-                Ok(
-                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                        .upgrade(upgrade::Version::V1Lazy)
-                        .authenticate(noise)
-                        .multiplex(yamux::Config::default())
-                        .timeout(Duration::from_secs(20)),
-                )
-            },
-        )
+        .with_other_transport(|key| {
+            private_transport(key, network_key)
+                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        })
         .map_err(|e| err(&e))?
         .with_dns()
         .map_err(|e| err(&e))?

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use libp2p::PeerId;
 use medmesh_crypto::PublicKey;
-use medmesh_protocol::{Message, PayloadAssembler, UpdateEnvelope, UpdateExpectation};
+use medmesh_protocol::{Message, PayloadAssembler, UpdateEnvelope, UpdateError, UpdateExpectation};
 
 use super::Node;
 use crate::net::{NetError, NetworkHandle};
@@ -53,8 +53,13 @@ pub enum FetchError {
     #[error(transparent)]
     Net(#[from] NetError),
     /// The update broke the rules; the peer is misbehaving.
-    #[error("{0}")]
-    Invalid(String),
+    #[error("{detail}")]
+    Invalid {
+        /// A short name of the rule broken (the metrics label).
+        reason: &'static str,
+        /// What exactly was wrong.
+        detail: String,
+    },
     /// The peer answered with the wrong kind of message.
     #[error("unexpected answer: {0}")]
     Protocol(String),
@@ -120,18 +125,22 @@ pub async fn fetch_update(
         }
     };
     if envelope.header.sender != sender {
-        node.metrics.rejected("wrong_sender");
-        return Err(FetchError::Invalid(format!(
-            "update signed by {} arrived from {peer}",
-            envelope.header.sender
-        )));
+        return Err(FetchError::Invalid {
+            reason: "wrong_sender",
+            detail: format!(
+                "update signed by {} arrived from {peer}",
+                envelope.header.sender
+            ),
+        });
     }
     if want.round.is_some_and(|r| r != envelope.header.round) {
-        node.metrics.rejected("replayed_update");
-        return Err(FetchError::Invalid(format!(
-            "asked for round {:?}, got an update of round {}",
-            want.round, envelope.header.round
-        )));
+        return Err(FetchError::Invalid {
+            reason: "replayed_update",
+            detail: format!(
+                "asked for round {:?}, got an update of round {}",
+                want.round, envelope.header.round
+            ),
+        });
     }
     let _permit = node
         .transfers
@@ -139,19 +148,22 @@ pub async fn fetch_update(
         .await
         .map_err(|_| NetError::Shutdown)?;
     let started = Instant::now();
-    let values = download(&node.net, peer, &envelope, &want.expect)
-        .await
-        .inspect_err(|e| {
-            if matches!(e, FetchError::Invalid(_)) {
-                node.metrics.rejected("bad_update");
-            }
-        })?;
+    let values = download(&node.net, peer, &envelope, &want.expect).await?;
     node.metrics.transfer_done(started.elapsed());
     Ok(Fetched {
         sender,
         envelope,
         values,
     })
+}
+
+impl From<UpdateError> for FetchError {
+    fn from(e: UpdateError) -> Self {
+        Self::Invalid {
+            reason: e.label(),
+            detail: e.to_string(),
+        }
+    }
 }
 
 /// Streams the payload of `envelope` from `peer` and returns the decoded values.
@@ -161,8 +173,8 @@ pub async fn download(
     envelope: &UpdateEnvelope,
     expect: &UpdateExpectation<'_>,
 ) -> Result<Vec<f32>, FetchError> {
-    let mut assembler = PayloadAssembler::new(envelope, expect, Vec::new())
-        .map_err(|e| FetchError::Invalid(e.to_string()))?;
+    let mut assembler =
+        PayloadAssembler::new(envelope, expect, Vec::new()).map_err(FetchError::from)?;
     let h = &envelope.header;
     let chunk = u64::from(h.chunk_size);
     let mut attempts = 0;
@@ -187,7 +199,7 @@ pub async fn download(
                 Ok(Message::UpdateChunk(c)) if c.round == h.round => {
                     assembler
                         .push(c.offset, &c.bytes)
-                        .map_err(|e| FetchError::Invalid(e.to_string()))?;
+                        .map_err(FetchError::from)?;
                 }
                 Ok(other) => return Err(FetchError::Protocol(describe(&other))),
                 Err(e) => {
@@ -205,9 +217,7 @@ pub async fn download(
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempts))).await;
         }
     }
-    assembler
-        .finish()
-        .map_err(|e| FetchError::Invalid(e.to_string()))
+    assembler.finish().map_err(FetchError::from)
 }
 
 /// A short name of a message, for errors.

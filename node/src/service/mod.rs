@@ -116,12 +116,18 @@ impl Node {
 /// Rewrites a round's outgoing weights in place.
 pub type UpdateTamper = Arc<dyn Fn(u64, &mut [f32]) + Send + Sync>;
 
+/// Rewrites a round's sealed offer (envelope and payload bytes) in place.
+pub type OfferTamper = Arc<dyn Fn(u64, &mut UpdateEnvelope, &mut Vec<u8>) + Send + Sync>;
+
 /// Changes a node's behaviour for drills and tests; the `medmesh` binary runs with none.
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// Rewrites this node's outgoing update of a round before it is sealed (a red-team node
     /// that sends poisoned weights).
     pub tamper_update: Option<UpdateTamper>,
+    /// Rewrites the offer after sealing (a red-team node that breaks the wire rules:
+    /// flipped bits, foreign layouts, replayed rounds).
+    pub tamper_offer: Option<OfferTamper>,
 }
 
 /// Runs a node until interrupted (Ctrl-C or SIGTERM).

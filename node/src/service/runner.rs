@@ -12,7 +12,9 @@ use medmesh_crypto::PublicKey;
 use medmesh_protocol::averaging::weighted_mean;
 use medmesh_protocol::envelope::DEFAULT_CHUNK_SIZE;
 use medmesh_protocol::manifest::{Aggregation, Scheme};
-use medmesh_protocol::robust::{check_update, coordinate_median, trim_count, trimmed_mean};
+use medmesh_protocol::robust::{
+    check_update, clip_towards, coordinate_median, trim_count, trimmed_mean,
+};
 use medmesh_protocol::{
     Manifest, Message, ParamLayout, ProgressRecord, Provenance, SignedManifest, SignedProgress,
     SignedProvenance, UpdateEnvelope, UpdateExpectation, UpdateHeader,
@@ -115,8 +117,9 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
                 Ok(f) => match check_update(&f.values, &layout, &local, m.averaging.norm_bound) {
                     Ok(()) => accepted.push(f),
                     Err(e) => {
-                        node.metrics.rejected(rejection_label(&e));
-                        tracing::warn!(%peer, round, "dropped an update: {e}");
+                        let reason = rejection_label(&e);
+                        node.metrics.rejected(reason);
+                        tracing::warn!(%peer, round, reason, "dropped an update: {e}");
                     }
                 },
                 Err(FetchError::Unavailable {
@@ -129,8 +132,9 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
                         ahead = Some((peer, key, k));
                     }
                 }
-                Err(e @ FetchError::Invalid(_)) => {
-                    tracing::warn!(%peer, round, "dropped an update: {e}");
+                Err(FetchError::Invalid { reason, detail }) => {
+                    node.metrics.rejected(reason);
+                    tracing::warn!(%peer, round, reason, "dropped an update: {detail}");
                 }
                 Err(e) => tracing::debug!(%peer, round, "no update: {e}"),
             }
@@ -261,7 +265,11 @@ fn serve(
         payload_hash: [0; 32],
         chunk_size: DEFAULT_CHUNK_SIZE,
     };
-    let envelope = UpdateEnvelope::seal(header, &payload, &node.identity);
+    let mut envelope = UpdateEnvelope::seal(header, &payload, &node.identity);
+    let mut payload = payload;
+    if let Some(tamper) = &node.hooks.tamper_offer {
+        tamper(round, &mut envelope, &mut payload);
+    }
     if let Some(e) = lock(&node.experiments).get_mut(&m.id) {
         e.served
             .insert(round, Arc::new(Served { envelope, payload }));
@@ -311,13 +319,22 @@ fn aggregate(
     me: PublicKey,
     accepted: &[Fetched],
 ) -> Result<Vec<f32>> {
+    // Centred clipping: no single peer can move the model further than `clip_norm`.
+    let clipped: Vec<Vec<f32>> = match m.averaging.clip_norm {
+        Some(bound) => accepted
+            .iter()
+            .map(|f| {
+                let mut v = f.values.clone();
+                clip_towards(&mut v, local, bound);
+                v
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let mut inputs: Vec<(PublicKey, &[f32], f64)> = vec![(me, local, local_weight)];
-    inputs.extend(accepted.iter().map(|f| {
-        (
-            f.sender,
-            f.values.as_slice(),
-            f.envelope.header.sample_weight,
-        )
+    inputs.extend(accepted.iter().enumerate().map(|(i, f)| {
+        let values = clipped.get(i).unwrap_or(&f.values);
+        (f.sender, values.as_slice(), f.envelope.header.sample_weight)
     }));
     inputs.sort_by_key(|(k, _, _)| k.to_bytes());
     let mut out = vec![0f32; local.len()];

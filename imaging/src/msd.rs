@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array, IxDyn, ShapeBuilder};
 use nifti::writer::WriterOptions;
-use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
+use nifti::{IntoNdArray, NiftiObject};
 use serde::{Deserialize, Serialize};
 
 use super::{Case, DataError, LabelVolume, Volume, io_error};
@@ -96,8 +96,60 @@ fn case_name(path: &Path) -> String {
 }
 
 /// Reads a NIfTI volume as f32 with x fastest: `[x, y, z]` or `[x, y, z, channels]`.
-pub(crate) fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
-    let (shape, data) = read_nifti_unchecked(path)?;
+pub fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    decode_nifti(&bytes, path)
+}
+
+/// Decodes a single-file NIfTI-1 volume (`.nii`, or gzip-compressed `.nii.gz`, told apart
+/// by the gzip magic bytes, not the name) as f32 with x fastest. `path` only names the
+/// source in errors. The header's declared voxel data is checked against what `bytes`
+/// can hold before anything is allocated for it.
+pub fn decode_nifti(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
+    let nifti_err = |reason: String| DataError::Nifti {
+        path: path.to_owned(),
+        reason,
+    };
+    let gzipped = bytes.starts_with(&[0x1f, 0x8b]);
+    let capacity = if gzipped {
+        bytes.len().saturating_mul(crate::MAX_DEFLATE_RATIO)
+    } else {
+        bytes.len()
+    };
+    let header = if gzipped {
+        nifti::NiftiHeader::from_reader(flate2::read::GzDecoder::new(bytes))
+    } else {
+        nifti::NiftiHeader::from_reader(bytes)
+    }
+    .map_err(|e| nifti_err(e.to_string()))?;
+    let declared = declared_bytes(&header).ok_or_else(|| {
+        nifti_err("the header's dimensions, data type or bit depth are invalid or disagree".into())
+    })?;
+    let offset = header.vox_offset;
+    if !(offset.is_finite() && offset >= 0.0 && (offset as usize) <= capacity) {
+        return Err(nifti_err(format!(
+            "the header puts the voxel data at offset {offset}, beyond the file's {} bytes",
+            bytes.len()
+        )));
+    }
+    check_extensions(bytes, gzipped, &header, offset as usize).map_err(nifti_err)?;
+    if declared > capacity {
+        return Err(nifti_err(format!(
+            "the header declares {declared} bytes of voxel data, more than the file's {} bytes can hold",
+            bytes.len()
+        )));
+    }
+    let object = if gzipped {
+        nifti::InMemNiftiObject::from_reader(flate2::read::GzDecoder::new(bytes))
+    } else {
+        nifti::InMemNiftiObject::from_reader(bytes)
+    }
+    .map_err(|e| nifti_err(e.to_string()))?;
+    let array = object
+        .into_volume()
+        .into_ndarray::<f32>()
+        .map_err(|e| nifti_err(e.to_string()))?;
+    let shape = array.shape().to_vec();
     // An empty axis would make every later step (slicing, resizing) meaningless.
     if shape.is_empty() || shape.contains(&0) {
         return Err(DataError::Dimensions {
@@ -105,29 +157,78 @@ pub(crate) fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataErro
             shape,
         });
     }
-    Ok((shape, data))
-}
-
-fn read_nifti_unchecked(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
-    if !path.exists() {
-        return Err(DataError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-        });
-    }
-    let nifti_err = |e: nifti::NiftiError| DataError::Nifti {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    };
-    let object = ReaderOptions::new().read_file(path).map_err(nifti_err)?;
-    let array = object
-        .into_volume()
-        .into_ndarray::<f32>()
-        .map_err(nifti_err)?;
-    let shape = array.shape().to_vec();
     // Reversing the axes makes logical iteration order x-fastest, whatever the memory order.
     let data: Vec<f32> = array.reversed_axes().iter().copied().collect();
     Ok((shape, data))
+}
+
+/// Walks the extension chain between the header and the voxel data: each extension must
+/// be at least its own 8-byte preamble and end before the data starts. (The nifti crate
+/// reserves whatever size an extension claims, so a 2 kB file could ask for gigabytes.)
+fn check_extensions(
+    bytes: &[u8],
+    gzipped: bool,
+    header: &nifti::NiftiHeader,
+    data_offset: usize,
+) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let source: Box<dyn Read + '_> = if gzipped {
+        Box::new(flate2::read::GzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    };
+    source
+        .take(data_offset as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| format!("reading the header and extensions: {e}"))?;
+    // No extender bytes, or extender says "none": nothing to walk.
+    if head.len() < 352 || head[348] == 0 {
+        return Ok(());
+    }
+    let mut at = 352;
+    while at < data_offset {
+        let Some(size) = head.get(at..at + 4) else {
+            return Err(format!("extension at byte {at} is cut off"));
+        };
+        let size: [u8; 4] = size.try_into().unwrap_or_default();
+        let size = match header.endianness {
+            nifti::Endianness::Little => i32::from_le_bytes(size),
+            nifti::Endianness::Big => i32::from_be_bytes(size),
+        };
+        let end = usize::try_from(size)
+            .ok()
+            .filter(|s| *s >= 8)
+            .and_then(|s| at.checked_add(s))
+            .filter(|end| *end <= data_offset);
+        match end {
+            Some(end) => at = end,
+            None => {
+                return Err(format!(
+                    "extension at byte {at} claims {size} bytes, past the voxel data at byte {data_offset}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Voxel bytes the header declares, or `None` when its dimensions or bit depth make no sense.
+fn declared_bytes(header: &nifti::NiftiHeader) -> Option<usize> {
+    let rank = usize::from(header.dim[0]);
+    if !(1..=7).contains(&rank) {
+        return None;
+    }
+    let voxels = header.dim[1..=rank]
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(usize::from(d)))?;
+    // The reader sizes the data by `bitpix` but converts it by `datatype`: they must agree,
+    // or the conversion finds the wrong number of bytes (and the nifti crate panics).
+    let element = header.data_type().ok()?.size_of();
+    if usize::try_from(header.bitpix).ok()? != element * 8 {
+        return None;
+    }
+    voxels.checked_mul(element)
 }
 
 fn read_image(path: &Path) -> Result<Volume, DataError> {
@@ -346,6 +447,44 @@ mod tests {
         fs::write(&raw, bytes).unwrap();
         let err = read_nifti(&raw).unwrap_err();
         assert!(err.to_string().contains("zero.nii"), "{err}");
+
+        // A header claiming a 30000^3 volume in a file of a few hundred bytes is refused
+        // before anything is allocated for it, plain or gzipped.
+        let mut bytes = fs::read(&raw).unwrap();
+        for axis in 0..3 {
+            let at = 42 + 2 * axis;
+            bytes[at..at + 2].copy_from_slice(&30_000i16.to_le_bytes());
+        }
+        let err = decode_nifti(&bytes, Path::new("huge.nii")).unwrap_err();
+        assert!(
+            err.to_string().contains("huge.nii") && err.to_string().contains("declares"),
+            "{err}"
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &bytes).unwrap();
+        let err = decode_nifti(&gz.finish().unwrap(), Path::new("huge.nii.gz")).unwrap_err();
+        assert!(err.to_string().contains("declares"), "{err}");
+
+        // Found by `fuzz/run.sh` (target `nifti`): a 1.6 kB file with an extension claiming
+        // 1.6 GB made the nifti crate reserve it; now refused by name.
+        let mut bytes = fs::read(&raw).unwrap();
+        let data_at = 352 + 16;
+        bytes[108..112].copy_from_slice(&(data_at as f32).to_le_bytes()); // vox_offset
+        bytes[348] = 1;
+        let mut with_ext = bytes[..352].to_vec();
+        with_ext.extend_from_slice(&1_600_000_000i32.to_le_bytes());
+        with_ext.extend_from_slice(&[0; 12]);
+        with_ext.extend_from_slice(&bytes[352..]);
+        let err = decode_nifti(&with_ext, Path::new("ext.nii")).unwrap_err();
+        assert!(err.to_string().contains("claims 1600000000 bytes"), "{err}");
+
+        // Found by `fuzz/run.sh` (target `nifti`): a bit depth that disagrees with the data
+        // type made the nifti crate panic while converting; now a named error.
+        let mut bytes = fs::read(&raw).unwrap();
+        bytes[42..44].copy_from_slice(&4i16.to_le_bytes());
+        bytes[72..74].copy_from_slice(&8i16.to_le_bytes()); // bitpix 8 with datatype float32
+        let err = decode_nifti(&bytes, Path::new("mixed.nii")).unwrap_err();
+        assert!(err.to_string().contains("disagree"), "{err}");
 
         fs::write(
             dir.path().join("dataset.json"),

@@ -1,7 +1,7 @@
 //! PNG image/mask pairs: `images/NAME.png` with `masks/NAME.png`, one 2D case each.
 //! Images are 8- or 16-bit grayscale; masks are 8-bit grayscale class indices.
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::{Case, DataError, LabelVolume, Volume, io_error};
@@ -86,12 +86,22 @@ pub fn read_pairs(dir: &Path, classes: usize) -> Result<Vec<Case>, DataError> {
 
 /// Reads a grayscale PNG of one of `depths` bits, row-major (which is x fastest).
 fn read_gray(path: &Path, depths: &[u8]) -> Result<(usize, usize, Vec<f32>), DataError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    decode_gray(&bytes, path, depths)
+}
+
+/// Decodes a grayscale PNG of one of `depths` bits (8 or 16) into `(width, height,
+/// pixels)`, row-major. `path` only names the source in errors.
+pub fn decode_gray(
+    bytes: &[u8],
+    path: &Path,
+    depths: &[u8],
+) -> Result<(usize, usize, Vec<f32>), DataError> {
     let png_err = |reason: String| DataError::Png {
         path: path.to_owned(),
         reason,
     };
-    let file = File::open(path).map_err(io_error(path))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     let mut reader = decoder
         .read_info()
         .map_err(|e| png_err(format!("not a readable PNG: {e}")))?;
@@ -114,12 +124,16 @@ fn read_gray(path: &Path, depths: &[u8]) -> Result<(usize, usize, Vec<f32>), Dat
         )));
     }
     let (w, h) = (info.width as usize, info.height as usize);
-    let mut buf = vec![
-        0;
-        reader
-            .output_buffer_size()
-            .ok_or_else(|| png_err("image too large".into()))?
-    ];
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| png_err(format!("{w}x{h} pixels is too large an image")))?;
+    if size > bytes.len().saturating_mul(crate::MAX_DEFLATE_RATIO) {
+        return Err(png_err(format!(
+            "the header declares {w}x{h} pixels, more than the file's {} bytes can hold",
+            bytes.len()
+        )));
+    }
+    let mut buf = vec![0; size];
     let frame = reader
         .next_frame(&mut buf)
         .map_err(|e| png_err(format!("corrupt image data: {e}")))?;
@@ -138,6 +152,7 @@ fn read_gray(path: &Path, depths: &[u8]) -> Result<(usize, usize, Vec<f32>), Dat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     fn write_png(
         path: &Path,
@@ -249,6 +264,46 @@ mod tests {
             read_pairs(dir.path(), 2),
             Err(DataError::Unpaired { .. })
         ));
+    }
+
+    /// Found by `fuzz/run.sh` (target `png`): an 85-byte file whose header claimed a
+    /// huge image made the loader allocate 6 GB before reading a pixel.
+    #[test]
+    fn header_claiming_more_pixels_than_the_file_holds_is_refused() {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, 4, 4);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder
+            .write_header()
+            .unwrap()
+            .write_image_data(&[0; 16])
+            .unwrap();
+        // IHDR's width and height (bytes 16..24), then its CRC (29..33), recomputed.
+        bytes[16..20].copy_from_slice(&60_000u32.to_be_bytes());
+        bytes[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+        let err = decode_gray(&bytes, Path::new("huge.png"), &[8]).unwrap_err();
+        assert!(
+            err.to_string().contains("huge.png") && err.to_string().contains("60000x100000 pixels"),
+            "{err}"
+        );
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
     }
 
     #[test]

@@ -1,0 +1,367 @@
+//! A malicious member and a crowd of outsiders against real nodes on loopback.
+//!
+//! * A member breaks every rule an update can break, one round each (NaN weights, a norm far
+//!   beyond the bound, a flipped payload bit, a foreign layout, a replayed round), and sends
+//!   oversized and malformed frames: the honest nodes drop each one, count it under its
+//!   reason, log it once with the sender's id, and finish the experiment.
+//! * 1,000 connection attempts without the network key: none completes a handshake, and the
+//!   nodes train and answer their researcher meanwhile.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{StreamProtocol, SwarmBuilder};
+use medmesh_node::client::Client;
+use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
+use medmesh_node::config::NodeConfig;
+use medmesh_node::metrics::parse_value;
+use medmesh_node::net::behaviour::Protocols;
+use medmesh_node::net::{peer_id_of, transport};
+use medmesh_node::service::{self, Hooks};
+use medmesh_protocol::{Manifest, Message, SignedManifest, SignedProgress, UpdateEnvelope};
+use tokio::io::AsyncWriteExt as _;
+
+const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
+
+/// A sealed envelope with its payload, as a node offers it.
+type Offer = (UpdateEnvelope, Vec<u8>);
+
+fn manifest(id: &str, rounds: u32) -> Manifest {
+    let mut m = demo::demo_manifest(rounds).unwrap();
+    m.id = id.into();
+    m.task.input_size = [32, 32];
+    m.averaging.round_timeout_secs = 60;
+    m.validate().unwrap();
+    m
+}
+
+fn wait_finished(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    id: &str,
+    n: usize,
+) -> Vec<SignedProgress> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let records = rt.block_on(client.status(Some(id))).unwrap();
+        if records.len() == n && records.iter().all(|p| p.record.finished) {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "did not finish: {records:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Sends whatever bytes it is given as a request, and reads any answer whole: a member's
+/// client that does not follow the framing rules.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut buf = Vec::new();
+        io.take(1 << 20).read_to_end(&mut buf).await?;
+        Ok(buf)
+    }
+
+    async fn read_response<T>(&mut self, p: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        self.read_request(p, io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        r: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&r).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        p: &StreamProtocol,
+        io: &mut T,
+        r: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        self.write_request(p, io, r).await
+    }
+}
+
+/// Connects to `c`'s node 0 as member `site` and sends it an oversized and a malformed frame.
+async fn send_bad_frames(c: &LocalConsortium, site: usize) {
+    let protocol = Protocols::for_consortium(&c.roster.consortium).rpc;
+    let keypair = transport::keypair(&c.sites[site]);
+    let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(|key| {
+            transport::private_transport(key, &c.network_key)
+                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        })
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::<RawCodec>::new(
+                [(protocol, ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        .build();
+    swarm.dial(c.addr(0)).unwrap();
+    let node = peer_id_of(&c.sites[0].public_key());
+    loop {
+        if let SwarmEvent::ConnectionEstablished { peer_id, .. } = swarm.select_next_some().await
+            && peer_id == node
+        {
+            break;
+        }
+    }
+    let mut oversized = u32::MAX.to_le_bytes().to_vec();
+    oversized.extend_from_slice(&[0xAB; 64]);
+    let mut malformed = 40u32.to_le_bytes().to_vec();
+    malformed.extend_from_slice(&[0xFF; 40]);
+    swarm.behaviour_mut().send_request(&node, oversized);
+    swarm.behaviour_mut().send_request(&node, malformed);
+    // Each is answered with a refusal that says what was wrong.
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        match swarm.select_next_some().await {
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
+                panic!("the node did not answer a bad frame: {error}")
+            }
+            SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Response { response, .. },
+                ..
+            }) => answers.push(Message::decode(&response[4..]).unwrap()),
+            _ => {}
+        }
+    }
+    let reasons: Vec<String> = answers
+        .into_iter()
+        .map(|a| match a {
+            Message::Refused { reason } => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        })
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("exceeds the limit")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("malformed")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sites 0-2 honest, 3 the attacker's node (in this process), 4 its raw client.
+    let (honest, attacker, raw) = (3, 3, 4);
+    let c = LocalConsortium::create(dir.path(), 5, 49000).unwrap();
+    c.prepare_data(8, 32, 4).unwrap();
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..honest {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let identity = medmesh_crypto::Identity::from_seed(&c.sites[attacker].seed());
+    let replay: Arc<Mutex<Option<Offer>>> = Arc::default();
+    let hooks = Hooks {
+        tamper_update: Some(Arc::new(|round: u64, w: &mut [f32]| match round {
+            2 => w[17] = f32::NAN,
+            3 => w.iter_mut().for_each(|v| *v *= 1e4),
+            _ => {}
+        })),
+        tamper_offer: Some(Arc::new(move |round, envelope, payload| match round {
+            1 => *replay.lock().unwrap() = Some((envelope.clone(), payload.clone())),
+            4 => payload[100] ^= 0x08,
+            5 => {
+                let mut header = envelope.header.clone();
+                header.layout_digest[0] ^= 1;
+                header.num_params += 1;
+                payload.extend_from_slice(&[0; 4]);
+                *envelope = UpdateEnvelope::seal(header, payload, &identity);
+            }
+            6 => {
+                let old = replay.lock().unwrap().clone().unwrap();
+                (*envelope, *payload) = old;
+            }
+            _ => {}
+        })),
+    };
+    let config = NodeConfig::load(&c.node_dir(attacker).join("node.toml"), None).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.spawn(async move {
+        if let Err(e) = service::run_with(config, hooks).await {
+            eprintln!("in-process node stopped: {e:#}");
+        }
+    });
+    let metrics: Vec<String> = (0..=attacker).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, attacker + 1).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap_or_default();
+        panic!("{e}\n{log}")
+    });
+
+    rt.block_on(send_bad_frames(&c, raw));
+
+    let client = rt
+        .block_on(Client::connect(
+            &c.researcher,
+            &c.network_key,
+            c.roster.clone(),
+            c.addr(0),
+        ))
+        .unwrap();
+    let mut m = manifest("adversarial-test", 8);
+    m.averaging.norm_bound = Some(1e3);
+    rt.block_on(client.submit(SignedManifest::sign(m, &c.researcher)))
+        .unwrap();
+    let records = wait_finished(&rt, &client, "adversarial-test", attacker + 1);
+    for p in &records {
+        assert!(p.record.metric.is_finite() && p.record.round == 8, "{p:?}");
+    }
+
+    let attacker_id = peer_id_of(&c.sites[attacker].public_key()).to_string();
+    let raw_id = peer_id_of(&c.sites[raw].public_key()).to_string();
+    for i in 0..honest {
+        let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+        let log = std::fs::read_to_string(c.node_dir(i).join("node.log")).unwrap();
+        for reason in [
+            "non_finite_weights",
+            "norm_bound",
+            "hash_mismatch",
+            "wrong_layout",
+            "replayed_update",
+        ] {
+            let counted = parse_value(
+                &text,
+                &format!("medmesh_rejected_total{{reason=\"{reason}\"}}"),
+            );
+            assert_eq!(counted, Some(1.0), "node {i}, {reason}:\n{text}");
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("dropped an update") && l.contains(reason))
+                .collect();
+            assert_eq!(lines.len(), 1, "node {i}, {reason}: {lines:?}");
+            assert!(lines[0].contains(&attacker_id), "{}", lines[0]);
+        }
+        if i == 0 {
+            for reason in ["oversized", "malformed"] {
+                let counted = parse_value(
+                    &text,
+                    &format!("medmesh_rejected_total{{reason=\"{reason}\"}}"),
+                );
+                assert_eq!(counted, Some(1.0), "{reason}:\n{text}");
+            }
+            for reason in ["oversized", "malformed"] {
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("dropped a bad frame") && l.contains(reason))
+                    .collect();
+                assert_eq!(lines.len(), 1, "{reason}: {lines:?}");
+                assert!(lines[0].contains(&raw_id), "{}", lines[0]);
+            }
+        }
+    }
+    drop(nodes);
+    rt.shutdown_background();
+}
+
+#[test]
+fn a_thousand_outsider_attempts_fail_while_the_nodes_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2;
+    let c = LocalConsortium::create(dir.path(), n, 49200).unwrap();
+    c.prepare_data(8, 32, 4).unwrap();
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..n {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap();
+    let client = rt
+        .block_on(Client::connect(
+            &c.researcher,
+            &c.network_key,
+            c.roster.clone(),
+            c.addr(0),
+        ))
+        .unwrap();
+    rt.block_on(client.submit(SignedManifest::sign(
+        manifest("outsiders-test", 6),
+        &c.researcher,
+    )))
+    .unwrap();
+
+    // What a peer with another network key sends: a 24-byte pnet nonce, then a stream
+    // encrypted under its key, which is noise under ours. 1,000 of them, 50 at a time.
+    let target = format!("127.0.0.1:{}", c.port);
+    let attempts = rt.block_on(async {
+        let mut done = 0u32;
+        for wave in 0..20u32 {
+            let sends = (0..50u32).map(|k| {
+                let target = target.clone();
+                async move {
+                    let mut stream = tokio::net::TcpStream::connect(&target).await.ok()?;
+                    let noise: Vec<u8> = (0..24 + 96u32)
+                        .map(|b| (b.wrapping_mul(31) ^ (wave * 50 + k)) as u8)
+                        .collect();
+                    stream.write_all(&noise).await.ok()?;
+                    let _ = stream.shutdown().await;
+                    Some(())
+                }
+            });
+            done += futures::future::join_all(sends)
+                .await
+                .iter()
+                .flatten()
+                .count() as u32;
+            // The researcher is answered while the crowd knocks.
+            assert!(client.status(Some("outsiders-test")).await.is_ok());
+        }
+        done
+    });
+    assert_eq!(attempts, 1000, "every attempt reached the node's socket");
+
+    let records = wait_finished(&rt, &client, "outsiders-test", n);
+    assert!(records.iter().all(|p| p.record.round == 6));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+        let failed = parse_value(&text, "medmesh_handshakes_failed_total").unwrap_or(0.0);
+        let peers = parse_value(&text, "medmesh_peers_connected").unwrap_or(0.0);
+        // No outsider ever became a peer: the one peer is the other node.
+        assert!(peers <= 1.0, "{text}");
+        if failed >= 1000.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {failed} failed handshakes counted:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(nodes);
+}
