@@ -138,6 +138,9 @@ fn main() {
         Message::Refused {
             reason: "not a member".into(),
         },
+        Message::Busy {
+            retry_after_ms: 250,
+        },
     ];
     for (i, message) in messages.iter().enumerate() {
         write(

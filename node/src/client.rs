@@ -19,6 +19,19 @@ pub struct Client {
     net: NetworkHandle,
     peer: PeerId,
     roster: Roster,
+    _tasks: Tasks,
+}
+
+/// The swarm's task and the responder's: they hold each other's channels, so they are
+/// stopped on drop (else the swarm and its connections would outlive the client).
+struct Tasks([tokio::task::AbortHandle; 2]);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 impl Client {
@@ -52,10 +65,10 @@ impl Client {
             &protocols,
             Arc::new(Metrics::default()),
         );
-        tokio::spawn(event_loop.run());
+        let swarm_task = tokio::spawn(event_loop.run()).abort_handle();
         // A client serves nothing; refuse whatever a node might ask it.
         let responder = handle.clone();
-        tokio::spawn(async move {
+        let responder_task = tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 if let net::NetEvent::Request { channel, .. } = event {
                     let refusal = Message::Refused {
@@ -65,6 +78,7 @@ impl Client {
                 }
             }
         });
+        let tasks = Tasks([swarm_task, responder_task.abort_handle()]);
         let peer = tokio::time::timeout(Duration::from_secs(20), handle.dial(addr.clone()))
             .await
             .map_err(|_| anyhow::anyhow!("no connection to {addr} within 20 s"))?
@@ -77,12 +91,18 @@ impl Client {
             net: handle,
             peer,
             roster,
+            _tasks: tasks,
         })
     }
 
     /// The node's peer id.
     pub fn peer(&self) -> PeerId {
         self.peer
+    }
+
+    /// The client's network, for requests beyond the researcher's commands.
+    pub fn network(&self) -> &NetworkHandle {
+        &self.net
     }
 
     async fn ask(&self, m: Message) -> Result<Message> {

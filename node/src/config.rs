@@ -32,6 +32,8 @@ max_connections = 64
 request_timeout_secs = 30      # one query or one 1 MiB chunk of a model
 idle_timeout_secs = 600        # keep connections between rounds
 max_concurrent_transfers = 4   # model downloads at once
+peer_requests_per_sec = 100    # each peer's sustained request budget (a 1 MiB chunk is one)
+peer_request_burst = 200       # requests a peer may send at once; beyond: "busy, retry"
 
 [metrics]
 listen = "127.0.0.1:9464"      # Prometheus endpoint; "" to disable
@@ -109,6 +111,20 @@ pub struct NetworkSection {
     /// Model downloads running at once.
     #[serde(default = "default_max_transfers")]
     pub max_concurrent_transfers: u32,
+    /// Requests per second each peer may send, sustained.
+    #[serde(default = "default_peer_rate")]
+    pub peer_requests_per_sec: u32,
+    /// Requests each peer may send at once.
+    #[serde(default = "default_peer_burst")]
+    pub peer_request_burst: u32,
+}
+
+fn default_peer_rate() -> u32 {
+    100
+}
+
+fn default_peer_burst() -> u32 {
+    200
 }
 
 fn default_request_timeout() -> u32 {
@@ -377,6 +393,16 @@ impl NodeConfig {
                 self.network.max_concurrent_transfers,
                 1..=64,
             ),
+            (
+                "network.peer_requests_per_sec",
+                self.network.peer_requests_per_sec,
+                1..=1_000_000,
+            ),
+            (
+                "network.peer_request_burst",
+                self.network.peer_request_burst,
+                1..=1_000_000,
+            ),
         ] {
             if !range.contains(&value) {
                 return Err(invalid(
@@ -475,6 +501,10 @@ mod tests {
             (
                 EXAMPLE.replace("max_connections = 64", "max_connections = \"many\""),
                 "max_connections",
+            ),
+            (
+                EXAMPLE.replace("peer_requests_per_sec = 100", "peer_requests_per_sec = 0"),
+                "network.peer_requests_per_sec",
             ),
         ];
         for (text, field) in cases {

@@ -74,6 +74,9 @@ pub struct Metrics {
     pub transfers: Counter,
     /// Sum of transfer durations, in microseconds.
     pub transfer_micros: Counter,
+    /// Checkpoint or state writes that failed (full disk, I/O errors); the previous
+    /// checkpoint stays in place.
+    pub checkpoint_failures: Counter,
     /// Messages and updates dropped, by reason.
     rejected: Mutex<Vec<(&'static str, u64)>>,
 }
@@ -186,6 +189,12 @@ impl Metrics {
             "counter",
             "Seconds spent receiving model updates.",
             (self.transfer_micros.get() as f64 / 1e6).to_string(),
+        );
+        metric(
+            "medmesh_checkpoint_failures_total",
+            "counter",
+            "Checkpoint writes that failed (the previous checkpoint was kept).",
+            self.checkpoint_failures.get().to_string(),
         );
         let _ = writeln!(
             out,

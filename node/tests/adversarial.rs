@@ -209,6 +209,7 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
             }
             _ => {}
         })),
+        ..Hooks::default()
     };
     let config = NodeConfig::load(&c.node_dir(attacker).join("node.toml"), None).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -363,5 +364,98 @@ fn a_thousand_outsider_attempts_fail_while_the_nodes_train() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    drop(nodes);
+}
+
+#[test]
+fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    // Site 3's key floods; it runs no node.
+    let (n, sites) = (2, 3);
+    let c = LocalConsortium::create(dir.path(), sites, 49800).unwrap();
+    c.prepare_data(8, 32, 4).unwrap();
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..n {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap();
+    let connect = |key| {
+        rt.block_on(Client::connect(
+            key,
+            &c.network_key,
+            c.roster.clone(),
+            c.addr(0),
+        ))
+        .unwrap()
+    };
+    let client = connect(&c.researcher);
+    rt.block_on(client.submit(SignedManifest::sign(
+        manifest("flood-test", 6),
+        &c.researcher,
+    )))
+    .unwrap();
+
+    // 2,004 status queries, 12 at a time (a client's stream limit is 16, shared with the
+    // node's own pushes to this member), each sent once (no retry on "busy"); the researcher
+    // asks between the waves.
+    let flooder = connect(&c.sites[2]);
+    let (mut answered, mut busy, mut failed) = (0u32, 0u32, 0u32);
+    let started = Instant::now();
+    rt.block_on(async {
+        for wave in 0..167 {
+            let asks = (0..12).map(|_| {
+                let query = Message::StatusQuery {
+                    experiment_id: None,
+                };
+                flooder.network().request_once(flooder.peer(), query)
+            });
+            for answer in futures::future::join_all(asks).await {
+                match answer {
+                    Ok(Message::StatusAnswer { .. }) => answered += 1,
+                    Ok(Message::Busy { retry_after_ms }) => {
+                        assert!((1..=60_000).contains(&retry_after_ms));
+                        busy += 1;
+                    }
+                    other => {
+                        eprintln!("unexpected: {other:?}");
+                        failed += 1;
+                    }
+                }
+            }
+            if wave % 5 == 0 {
+                assert!(client.status(Some("flood-test")).await.is_ok());
+            }
+        }
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!("flood: {answered} answered, {busy} busy, {failed} failed in {elapsed:.2} s");
+    assert_eq!(failed, 0);
+    // The budget (config defaults): a burst of 200, then 100 per second.
+    assert!(answered >= 200, "the burst is served: {answered}");
+    let budget = 200.0 + 100.0 * elapsed;
+    assert!(
+        f64::from(answered) <= budget + 1.0,
+        "{answered} answered, budget {budget}"
+    );
+    assert!(busy >= 500, "the rest is refused: {busy}");
+
+    let records = wait_finished(&rt, &client, "flood-test", n);
+    assert!(records.iter().all(|p| p.record.round == 6));
+    let text = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+    assert!(
+        text.contains(&format!(
+            "medmesh_rejected_total{{reason=\"rate_limited\"}} {busy}"
+        )),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("exceeds its request rate"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains(&flooder.network().local_peer_id().to_string()));
     drop(nodes);
 }

@@ -89,7 +89,18 @@ fn wait_until(
 
 /// Waits up to 10 s for a node's metric to reach `at_least`.
 fn wait_for_metric(rt: &tokio::runtime::Runtime, addr: &str, name: &str, at_least: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_for_metric_within(rt, addr, name, at_least, Duration::from_secs(10));
+}
+
+/// Waits up to `timeout` for a node's metric to reach `at_least`.
+fn wait_for_metric_within(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    name: &str,
+    at_least: f64,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
     loop {
         let text = rt.block_on(demo::scrape(addr)).unwrap();
         let value = parse_value(&text, name).unwrap();
@@ -389,5 +400,156 @@ fn with_a_third_of_the_nodes_killed_the_rest_finish() {
         let r = records.iter().find(|p| p.record.node == key).unwrap();
         assert!(!r.record.finished && r.record.round < 10, "{r:?}");
     }
+    drop(nodes);
+}
+
+/// A tmpfs mounted over a directory (tests run as root, as CI does), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: u64) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let options = format!("size={size}");
+        sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &options,
+                "tmpfs",
+                path.to_str().unwrap(),
+            ],
+        );
+        Self(path.to_owned())
+    }
+
+    /// Bytes in use.
+    fn used(&self) -> u64 {
+        let out = sh("df", &["-B1", "--output=used", self.0.to_str().unwrap()]);
+        out.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+
+    fn resize(&self, size: u64) {
+        let options = format!("remount,size={size}");
+        sh("mount", &["-o", &options, self.0.to_str().unwrap()]);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn sh(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The round of the checkpoint at `path`, loaded and checksum-checked as a node resumes it.
+fn checkpoint_round(path: &Path, m: &Manifest) -> Result<u64, String> {
+    let device = "flex"
+        .parse::<medmesh_training::DeviceSpec>()
+        .unwrap()
+        .device()
+        .unwrap();
+    medmesh_training::checkpoint::load(
+        path,
+        medmesh_training::model::UNetConfig::from_manifest(m),
+        medmesh_training::TrainSettings::from_manifest(m),
+        device,
+    )
+    .map(|t| t.round())
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_full_disk_keeps_the_previous_checkpoint_and_the_node_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, port, rounds) = (2, 49600, 10);
+    let c = LocalConsortium::create(dir.path(), n, port).unwrap();
+    c.prepare_data(8, 32, 4).unwrap();
+    // Node 1's state lives on a small disk of its own.
+    let disk = Tmpfs::mount(&c.node_dir(0).join("state"), 64 << 20);
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..n {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap();
+    let client = researcher(&c, &rt, 1);
+    let m = manifest(rounds);
+    rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
+        .unwrap();
+
+    // After its first checkpoint, the disk fills up: half a checkpoint is left free, and an
+    // atomic write needs a whole one beside the old.
+    let ckpt = c
+        .node_dir(0)
+        .join("state/experiments/net-test/checkpoint.bin");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while checkpoint_round(&ckpt, &m).is_err() {
+        assert!(Instant::now() < deadline, "no checkpoint\n{}", logs(&c, n));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let size = std::fs::metadata(&ckpt).unwrap().len();
+    disk.resize(disk.used() + size / 2);
+    let kept = checkpoint_round(&ckpt, &m).unwrap();
+    assert!(
+        kept < u64::from(rounds) - 3,
+        "disk filled too late, at {kept}"
+    );
+
+    // Rounds go on; each failed write is counted, and the kept checkpoint stays whole.
+    wait_for_metric_within(
+        &rt,
+        &c.metrics_addr(0),
+        "medmesh_checkpoint_failures_total",
+        2.0,
+        Duration::from_secs(120),
+    );
+    assert_eq!(checkpoint_round(&ckpt, &m), Ok(kept));
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    assert!(
+        log.contains("could not write the checkpoint") && log.contains("No space left on device"),
+        "{log}"
+    );
+    // The other node kept averaging with the full-disk node meanwhile.
+    let key0 = c.sites[0].public_key();
+    let records = rt.block_on(client.status(Some("net-test"))).unwrap();
+    let at = records.iter().find(|p| p.record.node == key0).unwrap();
+    assert!(at.record.round >= kept + 2, "{records:?}");
+
+    // Killed while the disk is full, restarted once space is freed: it resumes from the
+    // kept checkpoint and finishes with the other.
+    nodes.0[0].kill().unwrap();
+    nodes.0[0].wait().unwrap();
+    assert_eq!(checkpoint_round(&ckpt, &m), Ok(kept));
+    disk.resize(64 << 20);
+    nodes.0[0] = c.spawn_node(Path::new(BIN), 0, 1).unwrap();
+    wait_until(
+        &c,
+        &rt,
+        &client,
+        n,
+        Duration::from_secs(400),
+        all_finished(n),
+    );
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    assert!(log.contains("resumed from checkpoint"), "{log}");
+    assert_eq!(checkpoint_round(&ckpt, &m), Ok(u64::from(rounds)));
     drop(nodes);
 }

@@ -136,6 +136,12 @@ pub enum Message {
         /// Latest record per (experiment, site).
         records: Vec<SignedProgress>,
     },
+    /// The node is overloaded or the requester exceeded its request rate: ask again after
+    /// `retry_after_ms`.
+    Busy {
+        /// When to ask again, in milliseconds.
+        retry_after_ms: u32,
+    },
 }
 
 /// Files a node exports at the end of an experiment.
@@ -320,6 +326,9 @@ mod tests {
             Message::Ack,
             Message::Refused {
                 reason: "not a member".into(),
+            },
+            Message::Busy {
+                retry_after_ms: 250,
             },
             Message::UpdateChunk(UpdateChunk {
                 experiment_id: "e".into(),

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
@@ -16,11 +16,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::codec::Frame;
+use super::rate_limit::{PeerBudgets, RateLimit};
 use super::{Command, NetError, NetEvent, NetworkHandle};
 use crate::metrics::Metrics;
 
 /// Inbound requests waiting for the application; beyond this, peers are told "busy".
 const INBOUND_QUEUE: usize = 256;
+
+/// When a peer should ask again after the inbound queue was full.
+const QUEUE_FULL_RETRY_MS: u32 = 250;
 
 /// Owns the swarm. Run it with [`EventLoop::run`].
 pub struct EventLoop {
@@ -38,6 +42,13 @@ pub struct EventLoop {
     metrics: Arc<Metrics>,
     /// (peer, reason) pairs already logged, so a misbehaving peer is logged once.
     logged: HashSet<(PeerId, &'static str)>,
+    /// Request budgets per peer, when limited.
+    budgets: Option<PeerBudgets>,
+    /// Peers this node is cut off from (a partition drill).
+    isolated: HashSet<PeerId>,
+    /// Members' listen addresses as they last told them, to reconnect after the DHT has
+    /// forgotten them (a healed partition, a restarted site).
+    addresses: HashMap<PeerId, Vec<Multiaddr>>,
 }
 
 impl EventLoop {
@@ -69,6 +80,9 @@ impl EventLoop {
             identify_version: protocols.identify.clone(),
             metrics,
             logged: HashSet::new(),
+            budgets: None,
+            isolated: HashSet::new(),
+            addresses: HashMap::new(),
         };
         this.set_members(members);
         (this, handle, event_rx)
@@ -80,6 +94,12 @@ impl EventLoop {
             .listen_on(addr.clone())
             .map(|_| ())
             .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    }
+
+    /// Limits each peer's inbound requests to `limit`; beyond it, peers are answered
+    /// [`Message::Busy`].
+    pub fn set_rate_limit(&mut self, limit: RateLimit) {
+        self.budgets = Some(PeerBudgets::new(limit));
     }
 
     /// Runs until every [`NetworkHandle`] is dropped.
@@ -116,7 +136,7 @@ impl EventLoop {
             .copied()
             .collect();
         if let Some(allowed) = self.swarm.behaviour_mut().allowed.as_mut() {
-            for peer in new.keys() {
+            for peer in new.keys().filter(|p| !self.isolated.contains(p)) {
                 allowed.allow_peer(*peer);
             }
             for peer in &removed {
@@ -139,6 +159,44 @@ impl EventLoop {
         self.members.get(peer) == Some(&Role::Node)
     }
 
+    fn isolate(&mut self, peers: Vec<PeerId>) {
+        let new: HashSet<PeerId> = peers.into_iter().collect();
+        let healed: Vec<PeerId> = self.isolated.difference(&new).copied().collect();
+        for peer in &new {
+            if let Some(allowed) = self.swarm.behaviour_mut().allowed.as_mut() {
+                allowed.disallow_peer(*peer);
+            }
+            let _ = self.swarm.disconnect_peer_id(*peer);
+        }
+        for peer in &healed {
+            if self.members.contains_key(peer)
+                && let Some(allowed) = self.swarm.behaviour_mut().allowed.as_mut()
+            {
+                allowed.allow_peer(*peer);
+            }
+        }
+        tracing::warn!("partition drill: cut off from {} peer(s)", new.len());
+        self.isolated = new;
+        for peer in healed {
+            self.redial(peer);
+        }
+    }
+
+    /// Dials a node member at the addresses it last told, if it is not connected.
+    fn redial(&mut self, peer: PeerId) {
+        if !self.is_node(&peer) || self.connected.contains(&peer) || self.isolated.contains(&peer) {
+            return;
+        }
+        let Some(addrs) = self.addresses.get(&peer) else {
+            return;
+        };
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .addresses(addrs.clone())
+            .build();
+        let _ = self.swarm.dial(opts);
+    }
+
     /// Re-runs discovery and dials every node member in the routing table not yet connected:
     /// consortia are small enough for a full mesh, which lets any scheme pick any peer.
     fn maintain(&mut self) {
@@ -152,6 +210,10 @@ impl EventLoop {
         for peer in known {
             self.dial_member(peer);
         }
+        let remembered: Vec<PeerId> = self.addresses.keys().copied().collect();
+        for peer in remembered {
+            self.redial(peer);
+        }
         if self.connected.is_empty() && !self.bootnodes.is_empty() {
             for (peer, addr) in self.bootnodes.clone() {
                 let opts = DialOpts::peer_id(peer)
@@ -164,7 +226,8 @@ impl EventLoop {
     }
 
     fn dial_member(&mut self, peer: PeerId) {
-        if self.is_node(&peer) && !self.connected.contains(&peer) {
+        if self.is_node(&peer) && !self.connected.contains(&peer) && !self.isolated.contains(&peer)
+        {
             let opts = DialOpts::peer_id(peer)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build();
@@ -225,6 +288,7 @@ impl EventLoop {
                 let _ = reply.send(nodes);
             }
             Command::SetMembers { members } => self.set_members(members),
+            Command::Isolate { peers } => self.isolate(peers),
         }
     }
 
@@ -317,6 +381,9 @@ impl EventLoop {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                if self.is_node(&peer_id) && !info.listen_addrs.is_empty() {
+                    self.addresses.insert(peer_id, info.listen_addrs.clone());
+                }
                 if info.protocols.contains(&self.kad_protocol) {
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -354,6 +421,19 @@ impl EventLoop {
                     channel,
                     ..
                 } => {
+                    if let Some(budgets) = self.budgets.as_mut()
+                        && let Err(wait) = budgets.admit(peer, Instant::now())
+                    {
+                        self.metrics.rejected("rate_limited");
+                        if self.logged.insert((peer, "rate_limited")) {
+                            tracing::warn!(%peer, "peer exceeds its request rate; answering busy");
+                        }
+                        let busy = Message::Busy {
+                            retry_after_ms: wait.as_millis().clamp(1, 60_000) as u32,
+                        };
+                        let _ = self.swarm.behaviour_mut().rpc.send_response(channel, busy);
+                        return;
+                    }
                     let event = NetEvent::Request {
                         peer,
                         message: request,
@@ -364,8 +444,8 @@ impl EventLoop {
                     })) = self.events.try_send(event)
                     {
                         self.metrics.rejected("busy");
-                        let busy = Message::Refused {
-                            reason: "node busy; retry later".into(),
+                        let busy = Message::Busy {
+                            retry_after_ms: QUEUE_FULL_RETRY_MS,
                         };
                         let _ = self.swarm.behaviour_mut().rpc.send_response(channel, busy);
                     }

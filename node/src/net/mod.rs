@@ -5,13 +5,17 @@
 //! * [`behaviour`]: allow-list, connection limits, identify, ping, Kademlia, request-response.
 //! * [`codec`]: length-prefixed, size-limited bincode frames.
 //! * [`event_loop`]: the task that owns the swarm.
+//! * [`rate_limit`]: per-peer request budgets.
 //! * [`loopback`]: two connected members, for benchmarks and tests.
 
 pub mod behaviour;
 pub mod codec;
 pub mod event_loop;
 pub mod loopback;
+pub mod rate_limit;
 pub mod transport;
+
+use std::time::Duration;
 
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
@@ -56,10 +60,20 @@ pub enum NetError {
         /// What.
         reason: String,
     },
+    /// The peer stayed busy (overloaded, or this node exceeded its request rate there)
+    /// through every retry.
+    #[error("{0} stayed busy; gave up after {BUSY_RETRIES} retries")]
+    Busy(PeerId),
     /// The network task has stopped.
     #[error("the network task has stopped")]
     Shutdown,
 }
+
+/// Times [`NetworkHandle::request`] asks again after a [`Message::Busy`] answer.
+pub const BUSY_RETRIES: u32 = 8;
+
+/// The longest wait between those retries, whatever the peer asks for.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(2);
 
 /// What the network tells the application.
 #[derive(Debug)]
@@ -99,6 +113,9 @@ pub(crate) enum Command {
     SetMembers {
         members: Vec<(PeerId, Role)>,
     },
+    Isolate {
+        peers: Vec<PeerId>,
+    },
 }
 
 /// Talks to the event loop.
@@ -114,8 +131,27 @@ impl NetworkHandle {
         self.local_peer_id
     }
 
-    /// Sends `message` to `peer` (dialing if needed) and waits for the answer.
+    /// Sends `message` to `peer` (dialing if needed) and waits for the answer; a busy peer
+    /// is asked again after the wait it names, up to [`BUSY_RETRIES`] times.
     pub async fn request(&self, peer: PeerId, message: Message) -> Result<Message, NetError> {
+        for _ in 0..BUSY_RETRIES {
+            match self.request_once(peer, message.clone()).await? {
+                Message::Busy { retry_after_ms } => {
+                    let wait = Duration::from_millis(retry_after_ms.into()).min(MAX_BUSY_WAIT);
+                    tokio::time::sleep(wait).await;
+                }
+                answer => return Ok(answer),
+            }
+        }
+        match self.request_once(peer, message).await? {
+            Message::Busy { .. } => Err(NetError::Busy(peer)),
+            answer => Ok(answer),
+        }
+    }
+
+    /// Sends `message` to `peer` once and returns whatever it answers, [`Message::Busy`]
+    /// included.
+    pub async fn request_once(&self, peer: PeerId, message: Message) -> Result<Message, NetError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request {
@@ -164,5 +200,11 @@ impl NetworkHandle {
     /// Replaces the roster's members: only they may connect; others are disconnected.
     pub async fn set_members(&self, members: Vec<(PeerId, Role)>) {
         let _ = self.commands.send(Command::SetMembers { members }).await;
+    }
+
+    /// Cuts this node off from `peers` (a partition drill): their connections are closed
+    /// and refused, and they are not dialed, until a later call leaves them out.
+    pub async fn isolate(&self, peers: Vec<PeerId>) {
+        let _ = self.commands.send(Command::Isolate { peers }).await;
     }
 }

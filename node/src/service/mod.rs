@@ -128,6 +128,9 @@ pub struct Hooks {
     /// Rewrites the offer after sealing (a red-team node that breaks the wire rules:
     /// flipped bits, foreign layouts, replayed rounds).
     pub tamper_offer: Option<OfferTamper>,
+    /// Peers this node is cut off from, changing over time (a partition drill: connections
+    /// are closed and refused until the list leaves them out).
+    pub cut_off: Option<tokio::sync::watch::Receiver<Vec<PeerId>>>,
 }
 
 /// Runs a node until interrupted (Ctrl-C or SIGTERM).
@@ -221,7 +224,23 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
         let addr: Multiaddr = addr.parse().context("network.listen")?;
         event_loop.listen(addr).map_err(anyhow::Error::msg)?;
     }
+    event_loop.set_rate_limit(net::rate_limit::RateLimit {
+        per_sec: config.network.peer_requests_per_sec.into(),
+        burst: config.network.peer_request_burst.into(),
+    });
     tokio::spawn(event_loop.run());
+    if let Some(mut cut_off) = hooks.cut_off.clone() {
+        let net = handle.clone();
+        tokio::spawn(async move {
+            loop {
+                let peers = cut_off.borrow_and_update().clone();
+                net.isolate(peers).await;
+                if cut_off.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
     let node = Arc::new(Node {
         identity,

@@ -3,6 +3,7 @@
 //! updates chosen by the manifest's scheme, check and aggregate them, validate, checkpoint,
 //! and gossip a signed progress record. At the end: export the model with signed provenance.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +48,17 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let data = site_data::load(&dataset.path, m)?;
     let device = node.config.node.device.parse::<DeviceSpec>()?.device()?;
     let ckpt = dir.join("checkpoint.bin");
+    for file in [&ckpt, &dir.join("progress.json")] {
+        match atomic_file::remove_leftovers(file) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                experiment = %m.id,
+                "removed {n} partial file(s) of {} left by an interrupted write",
+                file.display()
+            ),
+            Err(e) => tracing::warn!("cannot clean up beside {}: {e}", file.display()),
+        }
+    }
     let mut trainer = if ckpt.exists() {
         let t = checkpoint::load(
             &ckpt,
@@ -146,7 +158,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             match catch_up(node, &mut trainer, selection, &layout, m, digest, peer, key) {
                 Ok(()) => {
                     tracing::info!(%peer, from = round, to = k, "fell behind; adopted a peer's model");
-                    checkpoint::save(&trainer, &ckpt)?;
+                    persist(node, &trainer, &ckpt, &state, &dir);
                     set_progress(node, &m.id, trainer.round(), false);
                     continue;
                 }
@@ -177,11 +189,10 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         }
         let dice = trainer.evaluate(&data.validation).mean_dice as f32;
         last = (stats.mean_loss as f32, dice);
-        checkpoint::save(&trainer, &ckpt).context("writing the checkpoint")?;
         if !state.contributors.contains(&me) {
             state.contributors.push(me);
         }
-        state.save(&dir)?;
+        persist(node, &trainer, &ckpt, &state, &dir);
         set_progress(node, &m.id, round, false);
         node.metrics.rounds_completed.inc();
         node.metrics.round.set(round as f64);
@@ -216,6 +227,22 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     publish_progress(node, m, digest, trainer.round(), last.0, last.1, 0, true);
     tracing::info!(experiment = %m.id, val_dice = last.1, "experiment finished; model exported");
     Ok(())
+}
+
+/// Writes the checkpoint, then the runner state. A failure (full disk, I/O error) is logged
+/// and counted but not fatal: writes are atomic, so the previous checkpoint stays whole;
+/// training goes on in memory, peers are still served, and the next round writes again.
+fn persist(node: &Node, trainer: &Trainer, ckpt: &Path, state: &RunnerState, dir: &Path) {
+    let written = checkpoint::save(trainer, ckpt)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| state.save(dir));
+    if let Err(e) = written {
+        node.metrics.checkpoint_failures.inc();
+        tracing::error!(
+            round = trainer.round(),
+            "could not write the checkpoint (the previous one is kept; retrying next round): {e:#}"
+        );
+    }
 }
 
 fn rejection_label(e: &medmesh_protocol::robust::UpdateRejection) -> &'static str {
@@ -422,7 +449,7 @@ fn export_results(
     trainer: &Trainer,
     state: &mut RunnerState,
     (loss, metric): (f32, f32),
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<()> {
     let export_dir = dir.join("export");
     let model_path = export_dir.join("model.safetensors");
