@@ -553,3 +553,104 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_the_node_recovers() {
     assert_eq!(checkpoint_round(&ckpt, &m), Ok(u64::from(rounds)));
     drop(nodes);
 }
+
+/// RMS of the change between the updates node 1 sent in the last two rounds of `m`, as a
+/// member fetches them off the wire.
+fn last_sent_change(c: &LocalConsortium, rt: &tokio::runtime::Runtime, m: &Manifest) -> f64 {
+    use medmesh_node::service::exchange;
+    use medmesh_protocol::{Message, UpdateExpectation};
+    use medmesh_training::params::{self, Selection};
+
+    let client = researcher(c, rt, 0);
+    rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let records = rt.block_on(client.status(Some(&m.id))).unwrap();
+        if records.len() == 2 && records.iter().all(|p| p.record.finished) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{records:?}\n{}", logs(c, 2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Site 2's key: a node member may fetch updates.
+    let member = rt
+        .block_on(Client::connect(
+            &c.sites[1],
+            &c.network_key,
+            c.roster.clone(),
+            c.addr(0),
+        ))
+        .unwrap();
+    let device = "flex"
+        .parse::<medmesh_training::DeviceSpec>()
+        .unwrap()
+        .device()
+        .unwrap();
+    let selection = Selection::for_manifest(m.averaging.keep_normalization_local);
+    let layout = params::layout(
+        &medmesh_training::Trainer::new(m, device).model(),
+        selection,
+    );
+    let digest = m.digest();
+    let expect = UpdateExpectation {
+        experiment_id: &m.id,
+        manifest_digest: &digest,
+        layout: &layout,
+        encoding: m.averaging.encoding,
+    };
+    let fetch = |round: u64| {
+        let query = Message::UpdateQuery {
+            experiment_id: m.id.clone(),
+            round: Some(round),
+        };
+        let answer = rt
+            .block_on(member.network().request(member.peer(), query))
+            .unwrap();
+        let Message::UpdateOffer(envelope) = answer else {
+            panic!("no offer for round {round}: {answer:?}");
+        };
+        rt.block_on(exchange::download(
+            member.network(),
+            member.peer(),
+            &envelope,
+            &expect,
+        ))
+        .unwrap()
+    };
+    let rounds = u64::from(m.averaging.rounds);
+    let (a, b) = (fetch(rounds - 1), fetch(rounds));
+    let sum: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum();
+    (sum / a.len() as f64).sqrt()
+}
+
+#[test]
+fn privacy_noise_is_on_what_leaves_a_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, nodes, rt) = start(dir.path(), 2, 50500);
+    let mut plain = manifest(4);
+    plain.id = "plain".into();
+    let mut private = manifest(4);
+    private.id = "private".into();
+    let sigma = 0.2;
+    private.privacy.clip_norm = Some(1.0);
+    private.privacy.noise_multiplier = Some(sigma);
+    private.validate().unwrap();
+
+    let without = last_sent_change(&c, &rt, &plain);
+    let with = last_sent_change(&c, &rt, &private);
+    eprintln!(
+        "RMS change between the last two sent updates: {without:.5} plain, {with:.5} with noise sigma {sigma}"
+    );
+    // Fresh noise each round: the change carries two draws of it (and half a peer's, through
+    // the average the round started from), where training alone moves weights far less.
+    assert!(without < sigma / 5.0, "{without}");
+    assert!((sigma..3.0 * sigma).contains(&with), "{with}");
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    assert!(log.contains("updates leave this site clipped and with Gaussian noise"));
+    drop(nodes);
+}

@@ -18,6 +18,18 @@ pub const MAX_CHUNK_SIZE: u32 = 1 << 20;
 /// Smallest chunk size a receiver accepts (keeps per-chunk overhead sane).
 pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
 
+/// Chunks a sender aims to split a payload into, for payloads under 16 MiB.
+pub const TARGET_CHUNKS: u64 = 16;
+
+/// The chunk size a sender picks for a payload of `payload_len` bytes: about a
+/// [`TARGET_CHUNKS`]th of it, within 16 KiB..=[`MAX_CHUNK_SIZE`], a multiple of 4. Small
+/// models get small chunks, so a receiver with a few chunks in flight holds a small part of
+/// the model at a time rather than all of it, several times over.
+pub fn chunk_size_for(payload_len: u64) -> u32 {
+    let target = (payload_len / TARGET_CHUNKS).clamp(16 << 10, u64::from(MAX_CHUNK_SIZE));
+    (target as u32) & !3
+}
+
 /// Everything an envelope says about an update; the signature covers exactly this.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateHeader {
@@ -399,6 +411,21 @@ mod tests {
     use super::*;
     use crate::layout::{DType, TensorSpec};
     use proptest::prelude::*;
+
+    #[test]
+    fn chunk_sizes_follow_the_payload_within_bounds() {
+        assert_eq!(chunk_size_for(0), 16 << 10);
+        assert_eq!(chunk_size_for(1 << 20), 64 << 10);
+        assert_eq!(chunk_size_for(8 << 20), 512 << 10);
+        assert_eq!(chunk_size_for(1 << 30), MAX_CHUNK_SIZE);
+        for len in [0, 5, 1_000_003, 77_777_777, u64::MAX] {
+            let c = chunk_size_for(len);
+            assert!(
+                (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c) && c.is_multiple_of(4),
+                "{len}: {c}"
+            );
+        }
+    }
 
     fn layout(n: u64) -> ParamLayout {
         ParamLayout {

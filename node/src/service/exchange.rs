@@ -14,9 +14,17 @@ use medmesh_protocol::{Message, PayloadAssembler, UpdateEnvelope, UpdateError, U
 use super::Node;
 use crate::net::{NetError, NetworkHandle};
 
-/// Chunk requests in flight per transfer: enough to hide a round trip, few enough to keep
-/// memory at a handful of chunks.
-const WINDOW: usize = 4;
+/// Most chunk requests in flight per transfer: enough to hide a round trip.
+const MAX_WINDOW: u64 = 4;
+
+/// Chunk requests kept in flight for a payload: up to [`MAX_WINDOW`], but never more than an
+/// eighth of the payload, so that the few copies a chunk has on its way (sender's slice,
+/// frames, receiver's buffer) stay a fraction of the model even for small models.
+fn window(payload_len: u64, chunk: u64) -> usize {
+    (payload_len / 8)
+        .div_ceil(chunk.max(1))
+        .clamp(1, MAX_WINDOW) as usize
+}
 
 /// Attempts to resume one transfer after errors.
 const RESUME_ATTEMPTS: u32 = 3;
@@ -177,13 +185,14 @@ pub async fn download(
         PayloadAssembler::new(envelope, expect, Vec::new()).map_err(FetchError::from)?;
     let h = &envelope.header;
     let chunk = u64::from(h.chunk_size);
+    let window = window(h.payload_len, chunk);
     let mut attempts = 0;
     while !assembler.is_complete() {
         let mut next = assembler.received();
         let mut in_flight = FuturesOrdered::new();
         let mut failed = None;
         loop {
-            while in_flight.len() < WINDOW && next < h.payload_len {
+            while in_flight.len() < window && next < h.payload_len {
                 let request = Message::UpdateRequest {
                     experiment_id: h.experiment_id.clone(),
                     round: h.round,
@@ -229,5 +238,18 @@ pub fn describe(m: &Message) -> String {
             let text = format!("{other:?}");
             text.chars().take(60).collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_window_is_an_eighth_of_the_payload_at_most_four_chunks() {
+        use super::window;
+        assert_eq!(window(1 << 20, 64 << 10), 2);
+        assert_eq!(window(8 << 20, 512 << 10), 2);
+        assert_eq!(window(64 << 20, 1 << 20), 4);
+        assert_eq!(window(10, 16 << 10), 1);
+        assert_eq!(window(0, 0), 1);
     }
 }

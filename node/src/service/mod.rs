@@ -3,11 +3,13 @@
 //!
 //! * [`inbound`]: answers to peers' requests (manifests, progress, updates, status, export).
 //! * [`exchange`]: fetching and checking peers' model updates.
+//! * [`privacy`]: clipping and noise on what leaves the site.
 //! * [`runner`]: an experiment's rounds: train, exchange, average, validate, checkpoint.
 //! * [`store`]: what is kept on disk.
 
 pub mod exchange;
 pub mod inbound;
+pub mod privacy;
 pub mod runner;
 pub mod store;
 

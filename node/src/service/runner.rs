@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use libp2p::PeerId;
 use medmesh_crypto::PublicKey;
 use medmesh_protocol::averaging::weighted_mean;
-use medmesh_protocol::envelope::DEFAULT_CHUNK_SIZE;
+use medmesh_protocol::envelope::chunk_size_for;
 use medmesh_protocol::manifest::{Aggregation, Scheme};
 use medmesh_protocol::robust::{
     check_update, clip_towards, coordinate_median, trim_count, trimmed_mean,
@@ -25,6 +25,7 @@ use medmesh_training::rng::Rng;
 use medmesh_training::{DeviceSpec, Trainer, atomic_file, checkpoint, export};
 
 use super::exchange::{FetchError, Fetched, Want, fetch_update};
+use super::privacy::Privatizer;
 use super::store::{self, RunnerState};
 use super::{Node, SERVED_ROUNDS, Served, inbound, lock};
 use crate::site_data;
@@ -94,6 +95,16 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         publish_progress(node, m, digest, 0, f32::NAN, dice, 0, false);
     }
     let mut last = (f32::NAN, state.dice_initial.unwrap_or(0.0));
+    let mut privatizer =
+        Privatizer::for_manifest(m).context("seeding the privacy noise from the OS")?;
+    if let Some(p) = &privatizer {
+        tracing::info!(
+            experiment = %m.id,
+            clip_norm = m.privacy.clip_norm,
+            noise_sigma = p.sigma(),
+            "updates leave this site clipped and with Gaussian noise"
+        );
+    }
     let mut rng = Rng::derive(
         m.training.seed,
         u64::from_le_bytes(me.to_bytes()[..8].try_into().unwrap_or_default()) ^ trainer.round(),
@@ -101,9 +112,32 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
 
     while trainer.round() < rounds {
         let round = trainer.round() + 1;
+        let start = privatizer.is_some().then(|| trainer.weights(selection));
         let stats = trainer.train_round(&data.train, |_| {});
         let local = trainer.weights(selection);
-        serve(node, m, digest, &layout, round, &local, sample_weight);
+        let shared = match (privatizer.as_mut(), start) {
+            (Some(p), Some(start)) => {
+                let mut shared = local.clone();
+                let factor = p.apply(&start, &mut shared);
+                tracing::debug!(
+                    round,
+                    clip_factor = factor,
+                    "privatized this round's update"
+                );
+                Some(shared)
+            }
+            _ => None,
+        };
+        serve(
+            node,
+            m,
+            digest,
+            &layout,
+            round,
+            shared.as_deref().unwrap_or(&local),
+            sample_weight,
+        );
+        drop(shared);
 
         let peers = node.runtime.block_on(node.net.connected_nodes());
         let chosen = choose_peers(m, &peers, &mut rng);
@@ -290,7 +324,7 @@ fn serve(
         sample_weight,
         payload_len: 0,
         payload_hash: [0; 32],
-        chunk_size: DEFAULT_CHUNK_SIZE,
+        chunk_size: chunk_size_for(payload.len() as u64),
     };
     let mut envelope = UpdateEnvelope::seal(header, &payload, &node.identity);
     let mut payload = payload;
