@@ -137,6 +137,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             shared.as_deref().unwrap_or(&local),
             sample_weight,
         );
+        // Sealed into the served payload now; free it before peers' updates arrive.
         drop(shared);
 
         let peers = node.runtime.block_on(node.net.connected_nodes());
