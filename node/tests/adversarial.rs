@@ -57,6 +57,25 @@ fn wait_finished(
     }
 }
 
+/// A consortium of `sites` whose first `running` sites run `medmesh run`, meshed.
+fn start_nodes(
+    dir: &Path,
+    sites: usize,
+    running: usize,
+    port: u16,
+) -> (LocalConsortium, Nodes, tokio::runtime::Runtime) {
+    let c = LocalConsortium::create(dir, sites, port).unwrap();
+    c.prepare_data(8, 32, 4).unwrap();
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..running {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics: Vec<String> = (0..running).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, running).unwrap();
+    (c, nodes, rt)
+}
+
 /// Sends whatever bytes it is given as a request, and reads any answer whole: a member's
 /// client that does not follow the framing rules.
 #[derive(Clone, Default)]
@@ -293,15 +312,7 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
 fn a_thousand_outsider_attempts_fail_while_the_nodes_train() {
     let dir = tempfile::tempdir().unwrap();
     let n = 2;
-    let c = LocalConsortium::create(dir.path(), n, 49200).unwrap();
-    c.prepare_data(8, 32, 4).unwrap();
-    let mut nodes = Nodes(Vec::new());
-    for i in 0..n {
-        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap();
+    let (c, nodes, rt) = start_nodes(dir.path(), n, n, 49200);
     let client = rt
         .block_on(Client::connect(
             &c.researcher,
@@ -371,16 +382,8 @@ fn a_thousand_outsider_attempts_fail_while_the_nodes_train() {
 fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     // Site 3's key floods; it runs no node.
-    let (n, sites) = (2, 3);
-    let c = LocalConsortium::create(dir.path(), sites, 49800).unwrap();
-    c.prepare_data(8, 32, 4).unwrap();
-    let mut nodes = Nodes(Vec::new());
-    for i in 0..n {
-        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap();
+    let n = 2;
+    let (c, nodes, rt) = start_nodes(dir.path(), 3, n, 49800);
     let connect = |key| {
         rt.block_on(Client::connect(
             key,
