@@ -141,6 +141,14 @@ fn main() {
         Message::Busy {
             retry_after_ms: 250,
         },
+        Message::ExchangeQuery {
+            experiment_id: manifest.id.clone(),
+            round: 4,
+        },
+        Message::ExchangeAnswer {
+            round: 4,
+            state: medmesh_protocol::ExchangeState::Fetched,
+        },
     ];
     for (i, message) in messages.iter().enumerate() {
         write(

@@ -152,20 +152,7 @@ pub enum Command {
     },
     /// A throwaway consortium on this machine: N real nodes on 127.0.0.1, synthetic sites,
     /// one experiment, and a report comparing federated and local-only training.
-    Demo {
-        /// Number of nodes (sites).
-        #[arg(long, default_value_t = 4)]
-        nodes: u32,
-        /// Communication rounds.
-        #[arg(long, default_value_t = 10)]
-        rounds: u32,
-        /// Working directory (keys, data, node states, report.json).
-        #[arg(long, default_value = "medmesh-demo")]
-        out: PathBuf,
-        /// First TCP port; node i listens on port + i.
-        #[arg(long, default_value_t = 47100)]
-        port: u16,
-    },
+    Demo(crate::commands::demo::DemoOptions),
 }
 
 /// How a researcher's command reaches a node.

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         (_, f) => f,
     };
     // The demo prints its own progress; its nodes log to files.
-    let quiet = matches!(cli.command, Command::Demo { .. });
+    let quiet = matches!(cli.command, Command::Demo(_));
     init_logging(format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Data {
@@ -110,17 +110,7 @@ fn main() -> ExitCode {
             rounds,
             plots: !no_plots,
         }),
-        Command::Demo {
-            nodes,
-            rounds,
-            out,
-            port,
-        } => demo::run(&demo::DemoOptions {
-            nodes,
-            rounds,
-            out,
-            port,
-        }),
+        Command::Demo(options) => demo::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ use medmesh_node::metrics::parse_value;
 use medmesh_node::net::behaviour::Protocols;
 use medmesh_node::net::{peer_id_of, transport};
 use medmesh_node::service::{self, Hooks};
+use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::{Manifest, Message, SignedManifest, SignedProgress, UpdateEnvelope};
 use tokio::io::AsyncWriteExt as _;
 
@@ -32,7 +33,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 type Offer = (UpdateEnvelope, Vec<u8>);
 
 fn manifest(id: &str, rounds: u32) -> Manifest {
-    let mut m = demo::demo_manifest(rounds).unwrap();
+    let mut m = demo::demo_manifest(rounds, Scheme::MetropolisHastings).unwrap();
+    // Every site pulls from every other each round: each honest node meets the attacker.
+    m.averaging.fanout = Some(64);
     m.id = id.into();
     m.task.input_size = [32, 32];
     m.averaging.round_timeout_secs = 60;

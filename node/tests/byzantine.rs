@@ -11,7 +11,7 @@ use medmesh_node::client::Client;
 use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
 use medmesh_node::config::NodeConfig;
 use medmesh_node::service::{self, Hooks};
-use medmesh_protocol::manifest::Aggregation;
+use medmesh_protocol::manifest::{Aggregation, Scheme};
 use medmesh_protocol::{Manifest, SignedManifest};
 
 const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
@@ -19,7 +19,9 @@ const SITES: usize = 5;
 const ATTACKER: usize = 4;
 
 fn manifest(aggregation: Aggregation, clip_norm: Option<f64>) -> Manifest {
-    let mut m = demo::demo_manifest(20).unwrap();
+    let mut m = demo::demo_manifest(20, Scheme::MetropolisHastings).unwrap();
+    // Every site averages with all four others each round (the robust rules need inputs).
+    m.averaging.fanout = Some(64);
     m.id = "byzantine-test".into();
     m.task.input_size = [32, 32];
     m.averaging.aggregation = aggregation;

@@ -8,13 +8,14 @@ use medmesh_crypto::{Identity, NetworkKey};
 use medmesh_node::client::Client;
 use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
 use medmesh_node::metrics::parse_value;
+use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::{Manifest, SignedManifest};
 
 const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 
 /// A small, fast experiment: 32 px, few rounds, short timeouts.
 fn manifest(rounds: u32) -> Manifest {
-    let mut m = demo::demo_manifest(rounds).unwrap();
+    let mut m = demo::demo_manifest(rounds, Scheme::MetropolisHastings).unwrap();
     m.id = "net-test".into();
     m.task.input_size = [32, 32];
     m.training.batch_size = 4;

@@ -13,6 +13,7 @@ use medmesh_node::config::NodeConfig;
 use medmesh_node::metrics::parse_value;
 use medmesh_node::net::peer_id_of;
 use medmesh_node::service::{self, Hooks};
+use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::{Manifest, SignedManifest, SignedProgress};
 use tokio::sync::watch;
 
@@ -24,7 +25,10 @@ const SPLIT_AT: u64 = 2;
 const HEAL_AT: u64 = 6;
 
 fn manifest() -> Manifest {
-    let mut m = demo::demo_manifest(ROUNDS as u32).unwrap();
+    let mut m = demo::demo_manifest(ROUNDS as u32, Scheme::MetropolisHastings).unwrap();
+    // Every site pulls from every other it can reach: the split and the heal show in the
+    // number of peers averaged.
+    m.averaging.fanout = Some(64);
     m.id = "partition-test".into();
     m.task.input_size = [32, 32];
     m.averaging.round_timeout_secs = 20;

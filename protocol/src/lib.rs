@@ -9,6 +9,9 @@
 //! * [`provenance`]: signed statements about exported models.
 //! * [`averaging`] and [`robust`]: the averaging rules, as pure functions over flat slices,
 //!   used by the node and the simulator alike.
+//! * [`round`]: the round engine: each round's communication graph, computed alike by every
+//!   site, and how a site combines what it received. Node and simulator call it, nothing else.
+//! * [`rng`]: the seeded generator every site draws the round graphs from.
 //!
 //! Errors say what went wrong in their own text, including the cause (they expose no
 //! `source()` chain), so a single log line or `{err}` is complete.
@@ -23,7 +26,9 @@ pub mod manifest;
 pub mod messages;
 pub mod progress;
 pub mod provenance;
+pub mod rng;
 pub mod robust;
+pub mod round;
 
 pub use encoding::WeightEncoding;
 pub use envelope::{
@@ -31,6 +36,6 @@ pub use envelope::{
 };
 pub use layout::{DType, ParamLayout, TensorSpec};
 pub use manifest::{Manifest, ManifestError, ManifestVerifyError, SignedManifest};
-pub use messages::{Artifact, Message, WireError};
+pub use messages::{Artifact, ExchangeState, Message, WireError};
 pub use progress::{ProgressRecord, SignedProgress};
 pub use provenance::{Provenance, ProvenanceError, SignedProvenance};

@@ -116,7 +116,7 @@ pub struct Training {
 }
 
 /// Averaging schemes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheme {
     /// Randomized pairwise gossip: each round, pairs of peers average.
@@ -129,8 +129,55 @@ pub enum Scheme {
     Epidemic,
 }
 
+impl Scheme {
+    /// The name as written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PairwiseGossip => "pairwise-gossip",
+            Self::PushSum => "push-sum",
+            Self::MetropolisHastings => "metropolis-hastings",
+            Self::Epidemic => "epidemic",
+        }
+    }
+
+    /// Whether the scheme takes `averaging.fanout` (peers per round): epidemic pushes to that
+    /// many, metropolis-hastings averages over that many random matchings. The others talk
+    /// to one peer a round.
+    pub fn takes_fanout(self) -> bool {
+        matches!(self, Self::Epidemic | Self::MetropolisHastings)
+    }
+
+    /// Whether received models combine by `averaging.aggregation`. Pairwise gossip and
+    /// push-sum average by mass (that is what preserves the mean), so only `mean` applies.
+    pub fn takes_aggregation(self) -> bool {
+        self.takes_fanout()
+    }
+
+    /// Every scheme, in a fixed order.
+    pub const ALL: [Scheme; 4] = [
+        Self::PairwiseGossip,
+        Self::PushSum,
+        Self::MetropolisHastings,
+        Self::Epidemic,
+    ];
+}
+
+impl std::str::FromStr for Scheme {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown scheme {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
 /// How received models are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Aggregation {
     /// Sample-weighted mean.
@@ -141,13 +188,26 @@ pub enum Aggregation {
     TrimmedMean,
 }
 
+impl Aggregation {
+    /// The name as written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mean => "mean",
+            Self::Median => "median",
+            Self::TrimmedMean => "trimmed-mean",
+        }
+    }
+}
+
 /// How sites combine their weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Averaging {
     /// The scheme.
     pub scheme: Scheme,
-    /// Peers per round for `epidemic` (required there, refused elsewhere).
+    /// Peers per round: `epidemic` pushes to this many (required there);
+    /// `metropolis-hastings` averages over the union of this many random matchings
+    /// (default 2). Refused by the schemes that talk to one peer a round.
     #[serde(default)]
     pub fanout: Option<u32>,
     /// Communication rounds.
@@ -468,12 +528,15 @@ impl Manifest {
                 "averaging.fanout",
                 "the epidemic scheme needs a fanout".into(),
             ),
-            (Scheme::Epidemic, Some(f)) if !(1..=64).contains(&f) => {
+            (s, Some(f)) if s.takes_fanout() && !(1..=64).contains(&f) => {
                 bad("averaging.fanout", format!("{f} must be 1 to 64"))
             }
-            (s, Some(_)) if s != Scheme::Epidemic => bad(
+            (s, Some(_)) if !s.takes_fanout() => bad(
                 "averaging.fanout",
-                "only the epidemic scheme takes a fanout".into(),
+                format!(
+                    "{} talks to one peer a round; only epidemic (pushes) and metropolis-hastings (random matchings) take a fanout",
+                    s.as_str()
+                ),
             ),
             _ => {}
         }
@@ -493,6 +556,15 @@ impl Manifest {
             bad(
                 "averaging.min_peers",
                 format!("{} is more than any consortium", av.min_peers),
+            );
+        }
+        if !av.scheme.takes_aggregation() && av.aggregation != Aggregation::Mean {
+            bad(
+                "averaging.aggregation",
+                format!(
+                    "{} averages two models by their weights; only \"mean\" applies (robust rules need metropolis-hastings or epidemic)",
+                    av.scheme.as_str()
+                ),
             );
         }
         match (av.aggregation, av.trim_fraction) {

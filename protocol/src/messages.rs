@@ -142,6 +142,33 @@ pub enum Message {
         /// When to ask again, in milliseconds.
         retry_after_ms: u32,
     },
+    /// Ask the other end of a pairwise exchange whether it got this node's model of `round`;
+    /// answered by `ExchangeAnswer`. Both ends use the exchange only if both got it.
+    ExchangeQuery {
+        /// The experiment.
+        experiment_id: String,
+        /// The round of the exchange.
+        round: u64,
+    },
+    /// Where this node's side of a pairwise exchange stands.
+    ExchangeAnswer {
+        /// The round asked about.
+        round: u64,
+        /// Its state.
+        state: ExchangeState,
+    },
+}
+
+/// One end's side of a pairwise exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExchangeState {
+    /// Still fetching (or not yet at that round).
+    Pending,
+    /// It has the other end's model, checked: it will use the exchange if the other end has
+    /// its model too.
+    Fetched,
+    /// It gave up on the other end's model: neither end may use the exchange.
+    Failed,
 }
 
 /// Files a node exports at the end of an experiment.
@@ -329,6 +356,14 @@ mod tests {
             },
             Message::Busy {
                 retry_after_ms: 250,
+            },
+            Message::ExchangeQuery {
+                experiment_id: "e".into(),
+                round: 7,
+            },
+            Message::ExchangeAnswer {
+                round: 7,
+                state: ExchangeState::Fetched,
             },
             Message::UpdateChunk(UpdateChunk {
                 experiment_id: "e".into(),

@@ -86,6 +86,25 @@ impl Arena {
         self.next = std::mem::replace(&mut self.current, next);
     }
 
+    /// [`Arena::step`] where each row's computation also returns a value (one per node).
+    pub fn step_map<R: Send>(
+        &mut self,
+        compute: impl Fn(usize, &Arena, &mut [f32]) -> R + Sync,
+    ) -> Vec<R> {
+        if self.dim == 0 {
+            return Vec::new();
+        }
+        let mut next = std::mem::take(&mut self.next);
+        let this = &*self;
+        let out = next
+            .par_chunks_mut(this.dim)
+            .enumerate()
+            .map(|(i, row)| compute(i, this, row))
+            .collect();
+        self.next = std::mem::replace(&mut self.current, next);
+        out
+    }
+
     /// Mixes with a sparse row-stochastic matrix: `x_i <- sum_j w_ij x_j` (rows of
     /// `(column, weight)`; an empty row keeps the node's vector).
     pub fn mix(&mut self, weights: &[Vec<(usize, f64)>]) {

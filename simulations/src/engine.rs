@@ -3,6 +3,9 @@
 
 use medmesh_protocol::Manifest;
 use medmesh_protocol::averaging::metropolis_hastings_weights;
+use medmesh_protocol::manifest::{Aggregation, Scheme};
+use medmesh_protocol::robust::check_update;
+use medmesh_protocol::round::{Overlay, Phase, RoundRules};
 use medmesh_training::data::brain::BrainTemplate;
 use medmesh_training::data::generate_site_cases;
 use medmesh_training::data::slices::{SliceSet, site_split};
@@ -15,8 +18,8 @@ use serde::Serialize;
 use crate::arena::Arena;
 use crate::churn::Presence;
 use crate::links::{self, Site};
-use crate::mixing::{Mixer, exchange};
-use crate::scenario::{AggregationName, Attack, DataTask, Mode, Scenario, SchemeName, Topology};
+use crate::mixing::{Round, exchange};
+use crate::scenario::{Attack, DataTask, Method, Mode, Scenario, Topology};
 use crate::{spectral, topology};
 
 /// Why a simulation could not run.
@@ -75,27 +78,85 @@ pub struct VariantResult {
 }
 
 /// Every variant of a scenario, in a fixed order.
-pub fn variants(s: &Scenario) -> Vec<(SchemeName, AggregationName, Option<String>)> {
+pub fn variants(s: &Scenario) -> Vec<(Method, Aggregation, Option<String>)> {
     let presets: Vec<Option<String>> = match s.mode {
         Mode::Consensus => vec![None],
         Mode::Learning => s.learning.presets.iter().cloned().map(Some).collect(),
     };
     let mut out = Vec::new();
     for preset in presets {
-        for &scheme in &s.schemes {
-            let rules: Vec<AggregationName> = match scheme {
-                // These combine exactly two values (or shares); the rule does not apply.
-                SchemeName::PairwiseGossip | SchemeName::PushSum | SchemeName::LocalOnly => {
-                    vec![AggregationName::Mean]
-                }
-                _ => s.aggregations.clone(),
+        for &method in &s.schemes {
+            let rules: Vec<Aggregation> = if aggregates(method) {
+                s.aggregations.clone()
+            } else {
+                vec![Aggregation::Mean]
             };
             for rule in rules {
-                out.push((scheme, rule, preset.clone()));
+                out.push((method, rule, preset.clone()));
             }
         }
     }
     out
+}
+
+/// Whether `method` combines by an aggregation rule.
+fn aggregates(method: Method) -> bool {
+    match method {
+        Method::Gossip(scheme) => scheme.takes_aggregation(),
+        Method::Fedavg => true,
+        Method::LocalOnly => false,
+    }
+}
+
+/// The round rules of a variant: from the learning manifest (what a node would run), or in
+/// consensus mode from the scenario alone (no final reduce: a consensus study measures the
+/// gossip itself). Baselines use the rules for their aggregation rule only.
+pub fn variant_rules(
+    s: &Scenario,
+    method: Method,
+    aggregation: Aggregation,
+) -> Result<RoundRules, SimError> {
+    let (scheme, gossip) = match method {
+        Method::Gossip(scheme) => (scheme, true),
+        Method::Fedavg | Method::LocalOnly => (Scheme::PairwiseGossip, false),
+    };
+    let mut rules = match s.mode {
+        Mode::Learning if gossip => {
+            let m = variant_manifest(s, scheme, aggregation)?;
+            RoundRules::from_manifest(&m)
+        }
+        _ => RoundRules {
+            scheme,
+            seed: s.seed,
+            fanout: s.fanout,
+            aggregation,
+            trim_fraction: s.byzantine.trim_fraction,
+            clip_norm: None,
+            training_rounds: u64::from(s.rounds),
+            final_reduce: false,
+        },
+    };
+    if !gossip {
+        rules.final_reduce = false;
+    }
+    Ok(rules)
+}
+
+/// The manifest a consortium would sign for this variant.
+pub fn variant_manifest(
+    s: &Scenario,
+    scheme: Scheme,
+    aggregation: Aggregation,
+) -> Result<Manifest, SimError> {
+    let mut m = learning_manifest(s)?;
+    m.averaging.scheme = scheme;
+    m.averaging.aggregation = aggregation;
+    m.averaging.fanout = scheme.takes_fanout().then_some(s.fanout as u32);
+    m.averaging.trim_fraction =
+        (aggregation == Aggregation::TrimmedMean).then_some(s.byzantine.trim_fraction);
+    m.validate()
+        .map_err(|e| SimError::Training(e.to_string()))?;
+    Ok(m)
 }
 
 /// The scenario's communication graph.
@@ -209,16 +270,17 @@ fn attack(x: &mut [f32], kind: Attack, scale: f64, rng: &mut Rng) {
 /// Runs one variant. `on_round` is called after each round.
 pub fn run_variant(
     s: &Scenario,
-    scheme: SchemeName,
-    aggregation: AggregationName,
+    method: Method,
+    aggregation: Aggregation,
     preset: Option<&str>,
     on_round: &mut dyn FnMut(),
 ) -> Result<VariantResult, SimError> {
     let n = s.nodes;
-    let adjacency = match scheme {
-        SchemeName::Fedavg => topology::star(n, 0)?,
+    let adjacency = match method {
+        Method::Fedavg => topology::star(n, 0)?,
         _ => build_topology(s)?,
     };
+    let rules = variant_rules(s, method, aggregation)?;
     let sites: Vec<Site> = links::draw_sites(n, &s.network, s.seed);
     let byzantine = byzantine_sites(s);
     let mut learning = match (s.mode, preset) {
@@ -228,12 +290,12 @@ pub fn run_variant(
         }
         _ => None,
     };
+    let selection = learning.as_ref().map_or(Selection::All, |(_, m)| {
+        Selection::for_manifest(m.averaging.keep_normalization_local)
+    });
     let (mut arena, sample_weights, compute_s) = match &learning {
         Some((ls, m)) => {
-            let rows: Vec<Vec<f32>> = ls
-                .iter()
-                .map(|l| l.trainer.weights(Selection::All))
-                .collect();
+            let rows: Vec<Vec<f32>> = ls.iter().map(|l| l.trainer.weights(selection)).collect();
             let weights: Vec<f64> = ls.iter().map(|l| l.train.len().max(1) as f64).collect();
             let steps = f64::from(m.training.local_steps.unwrap_or(1));
             (Arena::new(&rows), weights, steps * s.network.step_seconds)
@@ -248,35 +310,31 @@ pub fn run_variant(
             (arena, vec![1.0; n], s.network.step_seconds)
         }
     };
+    // The node's update checks (layout, finiteness) on what a site receives.
+    let layout = learning
+        .as_ref()
+        .map(|(ls, _)| medmesh_training::params::layout(&ls[0].trainer.model(), selection));
+    let accept = layout.as_ref().map(|layout| {
+        move |values: &[f32], own: &[f32]| check_update(values, layout, own, None).is_ok()
+    });
     let bytes = s.network.encoding.payload_len(arena.dim() as u64);
-    let mut push_weights = vec![1.0; n];
-    let is_push_sum = scheme == SchemeName::PushSum;
-    if is_push_sum {
-        // Push-sum starts from (x_i * w_i, w_i) with the sample weights as masses.
-        for (i, w) in sample_weights.iter().enumerate() {
-            push_weights[i] = *w;
-            arena.row_mut(i).iter_mut().for_each(|v| *v *= *w as f32);
-        }
-    }
-    let mixer = Mixer {
-        adjacency: &adjacency,
-        sample_weights: &sample_weights,
-        aggregation,
-        trim_fraction: s.byzantine.trim_fraction,
-        fanout: s.fanout,
-        server: 0,
-    };
+    // Every site's mass: its sample count (push-sum moves it around).
+    let mut mass = sample_weights.clone();
     let mut presence = Presence::new(n, s.seed);
-    let mut rng = Rng::derive(s.seed, 0x51_0000 + scheme as u64);
     let mut attack_rng = Rng::derive(s.seed, 0xA77);
     let mut clock = vec![0.0f64; n];
     let mut bytes_total = 0u64;
-    let mut rows = Vec::with_capacity(s.rounds as usize);
+    let rounds = match method {
+        Method::Gossip(_) => rules.total_rounds(n),
+        Method::Fedavg | Method::LocalOnly => u64::from(s.rounds),
+    };
+    let mut rows = Vec::with_capacity(rounds as usize);
     let honest: Vec<usize> = (0..n).filter(|&i| !byzantine[i]).collect();
     let mut final_dice = Vec::new();
 
-    for round in 1..=s.rounds {
-        let back = presence.advance(&s.churn, round);
+    for round in 1..=rounds {
+        let round_u32 = u32::try_from(round).unwrap_or(u32::MAX);
+        let back = presence.advance(&s.churn, round_u32);
         let online: Vec<bool> = presence.flags().to_vec();
         let now = (0..n)
             .filter(|&i| online[i])
@@ -285,51 +343,53 @@ pub fn run_variant(
         for i in back {
             clock[i] = clock[i].max(now);
         }
-        if let Some((ls, _)) = &mut learning {
+        let trains = rules.phase(round) == Phase::Train;
+        if trains && let Some((ls, _)) = &mut learning {
             for i in honest.iter().copied().filter(|&i| online[i]) {
-                let scale = if is_push_sum { push_weights[i] } else { 1.0 };
-                let current: Vec<f32> = arena.row(i).iter().map(|v| v / scale as f32).collect();
                 let site = &mut ls[i];
                 site.trainer
-                    .set_weights(&current, Selection::All)
+                    .set_weights(arena.row(i), selection)
                     .map_err(|e| SimError::Training(e.to_string()))?;
                 site.trainer.train_round(&site.train, |_| {});
-                let trained = site.trainer.weights(Selection::All);
-                arena
-                    .row_mut(i)
-                    .iter_mut()
-                    .zip(&trained)
-                    .for_each(|(o, v)| *o = v * scale as f32);
+                let trained = site.trainer.weights(selection);
+                arena.row_mut(i).copy_from_slice(&trained);
             }
         }
-        for i in (0..n).filter(|&i| byzantine[i] && online[i]) {
-            attack(
-                arena.row_mut(i),
-                s.byzantine.attack,
-                s.byzantine.scale,
-                &mut attack_rng,
-            );
+        if trains {
+            for i in (0..n).filter(|&i| byzantine[i] && online[i]) {
+                attack(
+                    arena.row_mut(i),
+                    s.byzantine.attack,
+                    s.byzantine.scale,
+                    &mut attack_rng,
+                );
+            }
         }
         let ready: Vec<f64> = (0..n)
             .map(|i| {
-                if online[i] {
+                if online[i] && trains {
                     clock[i] + compute_s / sites[i].speed
                 } else {
                     clock[i]
                 }
             })
             .collect();
-        let transfers = exchange(
-            scheme,
-            &mixer,
-            &mut arena,
-            &mut push_weights,
-            &online,
-            &mut rng,
-        )?;
+        let step = Round {
+            method,
+            rules: &rules,
+            overlay: match s.topology {
+                Topology::Complete => Overlay::Complete(n),
+                _ => Overlay::Restricted(&adjacency),
+            },
+            sample_weights: &sample_weights,
+            round,
+            online: &online,
+            accept: accept.as_ref().map(|f| f as &crate::mixing::Accept<'_>),
+        };
+        let transfers = exchange(&step, &mut arena, &mut mass)?;
         let mut next_clock = clock.clone();
-        match scheme {
-            SchemeName::Fedavg => {
+        match method {
+            Method::Fedavg => {
                 let clients: Vec<usize> = (1..n).filter(|&i| online[i]).collect();
                 if online[0] {
                     links::settle_star_round(
@@ -361,17 +421,14 @@ pub fn run_variant(
         }
         bytes_total += bytes * transfers.pairs.len() as u64;
         let members: Vec<usize> = honest.iter().copied().filter(|&i| online[i]).collect();
-        let scale = is_push_sum.then_some(push_weights.as_slice());
-        let consensus_error = arena.consensus_error(&members, scale);
+        let consensus_error = arena.consensus_error(&members, None);
         let (mut mean_dice, mut min_dice) = (None, None);
         if let Some((ls, _)) = &mut learning {
             let mut scores = Vec::with_capacity(honest.len());
             for &i in &honest {
-                let w = if is_push_sum { push_weights[i] } else { 1.0 };
-                let current: Vec<f32> = arena.row(i).iter().map(|v| v / w as f32).collect();
                 let site = &mut ls[i];
                 site.trainer
-                    .set_weights(&current, Selection::All)
+                    .set_weights(arena.row(i), selection)
                     .map_err(|e| SimError::Training(e.to_string()))?;
                 scores.push((i, site.trainer.evaluate(&site.validation).mean_dice));
             }
@@ -381,7 +438,7 @@ pub fn run_variant(
             final_dice = scores;
         }
         rows.push(RoundRow {
-            round,
+            round: round_u32,
             virtual_time_s: (0..n).map(|i| clock[i]).fold(0.0, f64::max),
             consensus_error,
             mean_dice,
@@ -392,14 +449,16 @@ pub fn run_variant(
         on_round();
     }
 
-    let slem = (scheme == SchemeName::MetropolisHastings)
+    // The spectral prediction holds where Metropolis-Hastings mixes on a fixed graph: the
+    // whole topology every round (a fanout of at least its largest degree).
+    let max_degree = adjacency.iter().map(Vec::len).max().unwrap_or(0);
+    let slem = (method == Method::Gossip(Scheme::MetropolisHastings)
+        && aggregation == Aggregation::Mean
+        && rules.fanout >= max_degree)
         .then(|| metropolis_hastings_weights(&adjacency).map(|w| spectral::slem(&w, 2000)))
         .transpose()?;
-    let mut name = scheme.as_str().to_string();
-    if !matches!(
-        scheme,
-        SchemeName::PairwiseGossip | SchemeName::PushSum | SchemeName::LocalOnly
-    ) {
+    let mut name = method.as_str().to_string();
+    if aggregates(method) {
         name = format!("{name}/{}", aggregation.as_str());
     }
     if let Some(p) = preset {
@@ -407,7 +466,7 @@ pub fn run_variant(
     }
     Ok(VariantResult {
         name,
-        scheme: scheme.as_str().into(),
+        scheme: method.as_str().into(),
         aggregation: aggregation.as_str().into(),
         preset: preset.map(str::to_owned),
         rows,

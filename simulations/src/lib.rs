@@ -1,7 +1,8 @@
 //! medmesh's consortium simulator: replays consortia (tens to thousands of sites, WAN links,
-//! churn, attackers, non-IID data) in virtual time and compares averaging schemes. It reuses
-//! the averaging rules of `medmesh-protocol` and the training engine of `medmesh-training`
-//! (never copies of them), so what it predicts is what the nodes do.
+//! churn, attackers, non-IID data) in virtual time and compares averaging schemes. Each
+//! round's graph, mass split, confirmation and combination come from `medmesh-protocol`'s
+//! round engine, and training from `medmesh-training`: the functions the nodes call, never
+//! copies of them, so what it predicts is what the nodes do.
 //!
 //! * [`scenario`]: the scenario file format.
 //! * [`topology`]: communication graphs.
@@ -37,7 +38,15 @@ pub fn run(
     on_round: &mut dyn FnMut(u64, u64),
 ) -> Result<(Report, Vec<engine::VariantResult>), SimError> {
     let variants = engine::variants(scenario);
-    let total = variants.len() as u64 * u64::from(scenario.rounds);
+    let mut total = 0;
+    for (method, rule, _) in &variants {
+        total += match method {
+            scenario::Method::Gossip(_) => {
+                engine::variant_rules(scenario, *method, *rule)?.total_rounds(scenario.nodes)
+            }
+            _ => u64::from(scenario.rounds),
+        };
+    }
     let mut done = 0;
     let mut results = Vec::with_capacity(variants.len());
     for (scheme, rule, preset) in variants {

@@ -1,6 +1,7 @@
 //! Scenario files: what to simulate. TOML, unknown keys refused, every value checked with the
 //! offending key named. See `simulations/scenarios/*.toml` for commented examples.
 
+use medmesh_protocol::manifest::{Aggregation, Scheme};
 use serde::{Deserialize, Serialize};
 
 /// A whole scenario.
@@ -22,14 +23,17 @@ pub struct Scenario {
     /// Communication rounds.
     pub rounds: u32,
     /// Schemes compared, each run on the same sites.
-    pub schemes: Vec<SchemeName>,
+    pub schemes: Vec<Method>,
     /// Aggregation rules compared (each scheme runs once per rule).
     #[serde(default = "default_aggregations")]
-    pub aggregations: Vec<AggregationName>,
-    /// Sites each site pushes to per round under `epidemic`.
+    pub aggregations: Vec<Aggregation>,
+    /// Peers a round, as a manifest's `averaging.fanout`: sites each site pushes to under
+    /// `epidemic`; random matchings per round under `metropolis-hastings` (at least the
+    /// topology's largest degree: the whole topology, every round).
     #[serde(default = "default_fanout")]
     pub fanout: usize,
-    /// Communication graph of the gossip schemes.
+    /// The graph the gossip schemes draw each round's edges from (`complete`: as the nodes,
+    /// who can reach every member through the DHT).
     pub topology: Topology,
     /// Links and hardware.
     #[serde(default)]
@@ -52,8 +56,8 @@ fn default_fanout() -> usize {
     2
 }
 
-fn default_aggregations() -> Vec<AggregationName> {
-    vec![AggregationName::Mean]
+fn default_aggregations() -> Vec<Aggregation> {
+    vec![Aggregation::Mean]
 }
 
 /// Simulation mode.
@@ -66,58 +70,51 @@ pub enum Mode {
     Learning,
 }
 
-/// Averaging schemes.
+/// What a variant runs: one of the product's gossip schemes (through `medmesh-protocol`'s
+/// round engine, exactly as the nodes run it), or a baseline only the simulator has.
+/// Written as the scheme's name: `pairwise-gossip`, `push-sum`, `metropolis-hastings`,
+/// `epidemic`, `fedavg` or `local-only`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SchemeName {
-    /// Random pairs of neighbours average (a random matching of the graph per round).
-    PairwiseGossip,
-    /// Push-sum: each node keeps half its (sum, weight) and pushes half to a random neighbour.
-    PushSum,
-    /// Neighbour averaging with Metropolis-Hastings weights (D-PSGD).
-    MetropolisHastings,
-    /// Each node pushes its model to `fanout` random online sites; receivers aggregate.
-    Epidemic,
-    /// Centralized FedAvg with the server at site 0 (a star).
+#[serde(try_from = "String", into = "String")]
+pub enum Method {
+    /// A gossip scheme, as a manifest names it.
+    Gossip(Scheme),
+    /// Centralized FedAvg with the server at site 0 (a star): the baseline gossip competes
+    /// with, which medmesh nodes do not run (they have no server).
     Fedavg,
     /// No communication.
     LocalOnly,
 }
 
-impl SchemeName {
+impl Method {
     /// The name as written in scenarios.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::PairwiseGossip => "pairwise-gossip",
-            Self::PushSum => "push-sum",
-            Self::MetropolisHastings => "metropolis-hastings",
-            Self::Epidemic => "epidemic",
+            Self::Gossip(s) => s.as_str(),
             Self::Fedavg => "fedavg",
             Self::LocalOnly => "local-only",
         }
     }
 }
 
-/// Aggregation rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AggregationName {
-    /// Weighted mean.
-    Mean,
-    /// Coordinate-wise median.
-    Median,
-    /// Coordinate-wise trimmed mean (`byzantine.trim_fraction` at each end).
-    TrimmedMean,
+impl TryFrom<String> for Method {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        match name.as_str() {
+            "fedavg" => Ok(Self::Fedavg),
+            "local-only" => Ok(Self::LocalOnly),
+            other => other
+                .parse::<Scheme>()
+                .map(Self::Gossip)
+                .map_err(|e| format!("{e}, fedavg, local-only")),
+        }
+    }
 }
 
-impl AggregationName {
-    /// The name as written in scenarios.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Mean => "mean",
-            Self::Median => "median",
-            Self::TrimmedMean => "trimmed-mean",
-        }
+impl From<Method> for String {
+    fn from(m: Method) -> String {
+        m.as_str().to_string()
     }
 }
 
@@ -638,7 +635,7 @@ kind = "ring"
     #[test]
     fn minimal_scenario_parses_with_defaults() {
         let s = Scenario::from_toml(MINIMAL).unwrap();
-        assert_eq!(s.aggregations, vec![AggregationName::Mean]);
+        assert_eq!(s.aggregations, vec![Aggregation::Mean]);
         assert_eq!(s.consensus.dim, 1000);
     }
 

@@ -18,7 +18,9 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod params;
-pub mod rng;
+/// The seeded generator lives in `medmesh-protocol`: the round engine draws each round's
+/// graph from it, so every site must draw the same numbers.
+pub use medmesh_protocol::rng;
 pub mod trainer;
 
 pub use device::DeviceSpec;

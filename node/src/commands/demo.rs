@@ -25,15 +25,22 @@ use crate::keystore;
 use crate::metrics::parse_value;
 
 /// Options of `medmesh demo`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
-    /// Sites.
+    /// Number of nodes (sites), 2 to 16.
+    #[arg(long, default_value_t = 4)]
     pub nodes: u32,
-    /// Rounds.
+    /// Training rounds (the final averaging-only rounds come on top).
+    #[arg(long, default_value_t = 10)]
     pub rounds: u32,
-    /// Working directory.
+    /// Averaging scheme: pairwise-gossip, push-sum, metropolis-hastings or epidemic.
+    #[arg(long, default_value = "pairwise-gossip")]
+    pub scheme: Scheme,
+    /// Working directory (keys, data, node states, report.json).
+    #[arg(long, default_value = "medmesh-demo")]
     pub out: PathBuf,
-    /// First port.
+    /// First TCP port; node i listens on port + i.
+    #[arg(long, default_value_t = 47100)]
     pub port: u16,
 }
 
@@ -222,10 +229,12 @@ impl Drop for Nodes {
 }
 
 /// The demo's manifest: the quickstart experiment, averaged over every live peer.
-pub fn demo_manifest(rounds: u32) -> Result<Manifest> {
+pub fn demo_manifest(rounds: u32, scheme: Scheme) -> Result<Manifest> {
     let mut m = Manifest::parse(include_str!("../../../examples/synthetic-quickstart.toml"))?;
     m.id = EXPERIMENT.into();
-    m.averaging.scheme = Scheme::MetropolisHastings;
+    m.averaging.scheme = scheme;
+    // Epidemic needs a fanout; two peers a round, as metropolis-hastings' default.
+    m.averaging.fanout = (scheme == Scheme::Epidemic).then_some(2);
     m.averaging.rounds = rounds;
     m.averaging.round_timeout_secs = 120;
     m.stop.target_metric = None;
@@ -269,7 +278,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
     wait_for_mesh(&rt, &metrics_addrs, &mut children, n)?;
     println!("    every node found the other {} through the DHT", n - 1);
 
-    let manifest = demo_manifest(o.rounds)?;
+    let manifest = demo_manifest(o.rounds, o.scheme)?;
     let digest = hex::encode(manifest.digest());
     let signed = SignedManifest::sign(manifest.clone(), researcher);
     let first = consortium.addr(0);
@@ -294,6 +303,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
         + Duration::from_secs(
             u64::from(o.rounds) * u64::from(manifest.averaging.round_timeout_secs) + 300,
         );
+    let mut shown = String::new();
     let records = loop {
         std::thread::sleep(Duration::from_secs(3));
         check_alive(&mut children)?;
@@ -309,7 +319,11 @@ pub fn run(o: &DemoOptions) -> Result<()> {
                 )
             })
             .collect();
-        println!("    {}", line.join(" | "));
+        let line = line.join(" | ");
+        if line != shown {
+            println!("    {line}");
+            shown = line;
+        }
         if records.len() == n && records.iter().all(|p| p.record.finished) {
             break records;
         }
@@ -399,7 +413,9 @@ pub fn check_alive(children: &mut Nodes) -> Result<()> {
     Ok(())
 }
 
-/// Waits until every node is connected to all others (per their metrics).
+/// Waits until every node has found the other `n - 1` through the DHT (its routing table,
+/// per its metrics). Nodes connect only to the peers their rounds need, so the routing
+/// table, not the connection count, says a consortium has formed.
 pub fn wait_for_mesh(
     rt: &tokio::runtime::Runtime,
     metrics: &[String],
@@ -409,16 +425,18 @@ pub fn wait_for_mesh(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         check_alive(children)?;
-        let mut connected = Vec::new();
+        let mut known = Vec::new();
         for addr in metrics {
             let text = rt.block_on(scrape(addr)).unwrap_or_default();
-            connected.push(parse_value(&text, "medmesh_peers_connected").unwrap_or(0.0) as usize);
+            known.push(parse_value(&text, "medmesh_routing_table_peers").unwrap_or(0.0) as usize);
         }
-        if connected.iter().all(|&c| c + 1 >= n) {
+        if known.iter().all(|&c| c + 1 >= n) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("nodes did not find each other within 60 s (connected peers: {connected:?})");
+            bail!(
+                "nodes did not find each other within 60 s (peers in each routing table: {known:?})"
+            );
         }
         std::thread::sleep(Duration::from_millis(300));
     }

@@ -49,6 +49,9 @@ pub struct EventLoop {
     /// Members' listen addresses as they last told them, to reconnect after the DHT has
     /// forgotten them (a healed partition, a restarted site).
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Node members wanted now, and by the previous [`Command::Want`] (a slower peer may
+    /// still be finishing that round with this node).
+    wanted: (HashSet<PeerId>, HashSet<PeerId>),
 }
 
 impl EventLoop {
@@ -83,6 +86,7 @@ impl EventLoop {
             budgets: None,
             isolated: HashSet::new(),
             addresses: HashMap::new(),
+            wanted: Default::default(),
         };
         this.set_members(members);
         (this, handle, event_rx)
@@ -197,22 +201,20 @@ impl EventLoop {
         let _ = self.swarm.dial(opts);
     }
 
-    /// Re-runs discovery and dials every node member in the routing table not yet connected:
-    /// consortia are small enough for a full mesh, which lets any scheme pick any peer.
+    /// Keeps the wanted members connected, and reaches the bootnodes again if every
+    /// connection is gone.
     fn maintain(&mut self) {
-        let mut known = Vec::new();
-        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
-            for entry in bucket.iter() {
-                known.push(*entry.node.key.preimage());
-            }
-        }
-        self.metrics.routing_table_peers.set(known.len() as f64);
-        for peer in known {
-            self.dial_member(peer);
-        }
-        let remembered: Vec<PeerId> = self.addresses.keys().copied().collect();
-        for peer in remembered {
-            self.redial(peer);
+        let known = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum::<usize>();
+        self.metrics.routing_table_peers.set(known as f64);
+        let wanted: Vec<PeerId> = self.wanted.0.iter().copied().collect();
+        for peer in wanted {
+            self.dial_wanted(peer);
         }
         if self.connected.is_empty() && !self.bootnodes.is_empty() {
             for (peer, addr) in self.bootnodes.clone() {
@@ -225,13 +227,51 @@ impl EventLoop {
         }
     }
 
-    fn dial_member(&mut self, peer: PeerId) {
-        if self.is_node(&peer) && !self.connected.contains(&peer) && !self.isolated.contains(&peer)
-        {
-            let opts = DialOpts::peer_id(peer)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            let _ = self.swarm.dial(opts);
+    /// Dials a wanted node member: at the addresses it told, or those the DHT knows; with
+    /// neither, looks it up in the DHT first (the dial follows once the lookup finds it).
+    fn dial_wanted(&mut self, peer: PeerId) {
+        if !self.is_node(&peer) || self.connected.contains(&peer) || self.isolated.contains(&peer) {
+            return;
+        }
+        let told = self.addresses.get(&peer).cloned().unwrap_or_default();
+        let in_dht = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbucket(peer)
+            .is_some_and(|b| b.iter().any(|e| *e.node.key.preimage() == peer));
+        if told.is_empty() && !in_dht {
+            self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .addresses(told)
+            .extend_addresses_through_behaviour()
+            .build();
+        let _ = self.swarm.dial(opts);
+    }
+
+    fn want(&mut self, peers: Vec<PeerId>) {
+        let now: HashSet<PeerId> = peers.into_iter().collect();
+        let previous = std::mem::replace(&mut self.wanted.0, now);
+        self.wanted.1 = previous;
+        let bootnodes: HashSet<PeerId> = self.bootnodes.iter().map(|(p, _)| *p).collect();
+        let stale: Vec<PeerId> = self
+            .connected
+            .iter()
+            .filter(|p| {
+                !self.wanted.0.contains(p) && !self.wanted.1.contains(p) && !bootnodes.contains(p)
+            })
+            .copied()
+            .collect();
+        for peer in stale {
+            tracing::debug!(%peer, "closing the connection to a member this round does not need");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let wanted: Vec<PeerId> = self.wanted.0.iter().copied().collect();
+        for peer in wanted {
+            self.dial_wanted(peer);
         }
     }
 
@@ -289,6 +329,7 @@ impl EventLoop {
             }
             Command::SetMembers { members } => self.set_members(members),
             Command::Isolate { peers } => self.isolate(peers),
+            Command::Want { peers } => self.want(peers),
         }
     }
 
@@ -392,7 +433,19 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
-            })) => self.dial_member(peer),
+            })) => {
+                let known = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .map(|b| b.num_entries())
+                    .sum::<usize>();
+                self.metrics.routing_table_peers.set(known as f64);
+                if self.wanted.0.contains(&peer) {
+                    self.dial_wanted(peer);
+                }
+            }
             _ => {}
         }
     }

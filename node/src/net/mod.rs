@@ -116,6 +116,9 @@ pub(crate) enum Command {
     Isolate {
         peers: Vec<PeerId>,
     },
+    Want {
+        peers: Vec<PeerId>,
+    },
 }
 
 /// Talks to the event loop.
@@ -200,6 +203,14 @@ impl NetworkHandle {
     /// Replaces the roster's members: only they may connect; others are disconnected.
     pub async fn set_members(&self, members: Vec<(PeerId, Role)>) {
         let _ = self.commands.send(Command::SetMembers { members }).await;
+    }
+
+    /// The node members this node talks to now (a round's neighbours): they are dialed if
+    /// not connected, found through the DHT if their addresses are unknown, and connections
+    /// to members wanted neither now nor by the previous call are closed. So a node's
+    /// connections follow its rounds' sparse graph (plus its bootnodes), not the roster.
+    pub async fn want(&self, peers: Vec<PeerId>) {
+        let _ = self.commands.send(Command::Want { peers }).await;
     }
 
     /// Cuts this node off from `peers` (a partition drill): their connections are closed

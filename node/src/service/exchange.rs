@@ -93,6 +93,7 @@ pub async fn fetch_update(
     want: &Want<'_>,
 ) -> Result<Fetched, FetchError> {
     let id = want.expect.experiment_id;
+    let mut announced = false;
     let envelope = loop {
         let answer = node
             .net
@@ -112,12 +113,20 @@ pub async fn fetch_update(
                 ..
             } => {
                 let training_it = match (want.round, latest_round) {
-                    // It runs the experiment and is at most one round behind: it is training
-                    // the round now. An unknown experiment may still be on its way to it.
-                    (Some(r), Some(done)) => done + 1 >= r && done < r,
+                    // It runs the experiment and has not reached the round: it is on its
+                    // way (training, or a step of the final reduce behind). The round's
+                    // deadline bounds the wait. An unknown experiment may still be on its
+                    // way to it.
+                    (Some(r), Some(done)) => done < r,
                     (Some(_), None) => reason == "unknown experiment",
                     (None, _) => false,
                 };
+                if latest_round.is_none() && reason == "unknown experiment" && !announced {
+                    // Sparse connections can leave a member out of the manifest's flood:
+                    // whoever needs it in a round hands it over.
+                    announced = true;
+                    announce_manifest(node, peer, id).await;
+                }
                 if !(want.wait_for_training && training_it) {
                     return Err(FetchError::Unavailable {
                         reason,
@@ -163,6 +172,20 @@ pub async fn fetch_update(
         envelope,
         values,
     })
+}
+
+/// Sends `peer` this node's signed manifest of experiment `id`.
+async fn announce_manifest(node: &Node, peer: PeerId, id: &str) {
+    let signed = super::lock(&node.experiments)
+        .get(id)
+        .map(|e| e.signed.clone());
+    if let Some(signed) = signed {
+        tracing::debug!(%peer, experiment = %id, "peer does not know the experiment; announcing it");
+        let _ = node
+            .net
+            .request(peer, Message::ManifestAnnouncement(signed))
+            .await;
+    }
 }
 
 impl From<UpdateError> for FetchError {

@@ -6,9 +6,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::messages::{MAX_STATUS_RECORDS, UpdateChunk};
-use medmesh_protocol::{Artifact, Message, SignedManifest, SignedProgress};
+use medmesh_protocol::{Artifact, ExchangeState, Message, SignedManifest, SignedProgress};
 
 use super::{Experiment, Node, Served, lock, runner, store};
 
@@ -28,6 +27,10 @@ pub async fn handle(node: &Arc<Node>, peer: PeerId, message: Message) -> Message
             offset,
         } => on_update_request(node, &experiment_id, round, offset),
         Message::StatusQuery { experiment_id } => on_status(node, experiment_id.as_deref()),
+        Message::ExchangeQuery {
+            experiment_id,
+            round,
+        } => on_exchange_query(node, &experiment_id, round),
         Message::ArtifactRequest {
             experiment_id,
             artifact,
@@ -90,12 +93,6 @@ fn on_manifest(node: &Arc<Node>, peer: PeerId, signed: SignedManifest) -> Messag
         node.metrics.rejected("bad_manifest");
         tracing::warn!(%peer, experiment = %id, "rejected a manifest: {e}");
         return ack(Some(e));
-    }
-    if signed.manifest.averaging.scheme == Scheme::PushSum {
-        node.metrics.rejected("bad_manifest");
-        let why = "push-sum needs directed pushes that nodes do not run yet; use pairwise-gossip, metropolis-hastings or epidemic (the simulator runs push-sum)".to_string();
-        tracing::warn!(%peer, experiment = %id, "rejected a manifest: {why}");
-        return ack(Some(why));
     }
     // Members forward a new manifest to each other at once: check and register under one
     // lock, so exactly one handler adopts it.
@@ -167,6 +164,7 @@ fn register_in(
             signed: signed.clone(),
             not_participating,
             served: Default::default(),
+            exchanges: Default::default(),
             rounds_done: 0,
             finished: false,
         },
@@ -219,6 +217,38 @@ fn on_progress(node: &Arc<Node>, peer: PeerId, p: SignedProgress) -> Message {
         node.broadcast(Message::Progress(p), &[peer, origin]);
     }
     Message::Ack
+}
+
+/// Asks `peer` for the progress records it knows and keeps the newer ones that verify and
+/// belong to experiments this node knows.
+pub async fn sync_status(node: &Arc<Node>, peer: PeerId) {
+    let answer = node
+        .net
+        .request(
+            peer,
+            Message::StatusQuery {
+                experiment_id: None,
+            },
+        )
+        .await;
+    let records = match answer {
+        Ok(Message::StatusAnswer { records, .. }) => records,
+        Ok(_) | Err(_) => return,
+    };
+    for p in records {
+        let verified = {
+            let roster = node.roster.read().unwrap_or_else(|p| p.into_inner());
+            p.verify(roster.roster()).is_ok()
+        };
+        let known = lock(&node.experiments)
+            .get(&p.record.experiment_id)
+            .is_some_and(|e| e.digest == p.record.manifest_digest);
+        if verified && known {
+            record_progress(node, &p);
+        } else if !verified {
+            node.metrics.rejected("bad_progress");
+        }
+    }
 }
 
 /// Keeps `p` if it is newer than what is known of its site; true if it was.
@@ -333,6 +363,15 @@ pub fn chunk_of(served: &Served, offset: u64) -> Result<Message, String> {
         offset,
         bytes: served.payload[offset as usize..end as usize].to_vec(),
     }))
+}
+
+/// This node's side of a pairwise exchange: `Pending` until its runner has decided.
+fn on_exchange_query(node: &Node, id: &str, round: u64) -> Message {
+    let state = lock(&node.experiments)
+        .get(id)
+        .and_then(|e| e.exchanges.get(&round).copied())
+        .unwrap_or(ExchangeState::Pending);
+    Message::ExchangeAnswer { round, state }
 }
 
 fn on_status(node: &Node, id: Option<&str>) -> Message {

@@ -4,12 +4,15 @@
 //! * [`inbound`]: answers to peers' requests (manifests, progress, updates, status, export).
 //! * [`exchange`]: fetching and checking peers' model updates.
 //! * [`privacy`]: clipping and noise on what leaves the site.
+//! * [`round`]: one round's exchange (gather, check, confirm pairs, merge), over a small
+//!   network trait so that it is unit-tested with an in-memory network.
 //! * [`runner`]: an experiment's rounds: train, exchange, average, validate, checkpoint.
 //! * [`store`]: what is kept on disk.
 
 pub mod exchange;
 pub mod inbound;
 pub mod privacy;
+pub mod round;
 pub mod runner;
 pub mod store;
 
@@ -37,6 +40,11 @@ pub struct Served {
     pub payload: Vec<u8>,
 }
 
+/// How often a node pulls what one other member knows of experiments' progress (members
+/// in turn). Floods of progress records travel the sparse connections of the moment; this
+/// makes every node's view complete within `members x STATUS_SYNC` whatever the overlay.
+const STATUS_SYNC: Duration = Duration::from_secs(2);
+
 /// Rounds of updates kept for slower peers.
 pub const SERVED_ROUNDS: u64 = 3;
 
@@ -51,10 +59,12 @@ pub struct Experiment {
     pub not_participating: Option<String>,
     /// This node's updates by round (the last [`SERVED_ROUNDS`]).
     pub served: BTreeMap<u64, Arc<Served>>,
-    /// Rounds this node has completed.
+    /// Rounds this node has completed, the final reduce's included.
     pub rounds_done: u64,
     /// Whether this node finished (exported) the experiment.
     pub finished: bool,
+    /// This node's side of its recent pairwise exchanges, by round (the partner asks).
+    pub exchanges: BTreeMap<u64, medmesh_protocol::ExchangeState>,
 }
 
 /// Shared by the network task, request handlers and experiment runners.
@@ -98,6 +108,21 @@ impl Node {
             .find(|m| net::peer_id_of(&m.public_key) == *peer)
             .filter(|m| roster.authorize(&m.public_key, Role::Node).is_ok())
             .map(|m| m.public_key)
+    }
+
+    /// The roster's active node members, sorted by key: the round engine's member indices.
+    pub fn node_members(&self) -> Vec<PublicKey> {
+        let roster = self.roster.read().unwrap_or_else(|p| p.into_inner());
+        let mut keys: Vec<PublicKey> = roster
+            .roster()
+            .members
+            .iter()
+            .filter(|m| roster.authorize(&m.public_key, Role::Node).is_ok())
+            .map(|m| m.public_key)
+            .collect();
+        keys.sort_by_key(|k| k.to_bytes());
+        keys.dedup();
+        keys
     }
 
     /// Sends `message` to every connected node except `except`, without waiting.
@@ -276,8 +301,24 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
     }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut status_sync = tokio::time::interval(STATUS_SYNC);
+    let mut next_member = 0usize;
     loop {
         tokio::select! {
+            _ = status_sync.tick() => {
+                let peers: Vec<PeerId> = node
+                    .node_members()
+                    .iter()
+                    .map(net::peer_id_of)
+                    .filter(|p| *p != node.net.local_peer_id())
+                    .collect();
+                if !peers.is_empty() {
+                    let peer = peers[next_member % peers.len()];
+                    next_member = next_member.wrapping_add(1);
+                    let node = node.clone();
+                    tokio::spawn(async move { inbound::sync_status(&node, peer).await });
+                }
+            }
             event = events.recv() => match event {
                 Some(NetEvent::Request { peer, message, channel }) => {
                     let node = node.clone();

@@ -1,7 +1,10 @@
 //! One experiment at one site, on its own thread (training is CPU- or GPU-bound and must
-//! not stall the network task). Each round: train locally, publish the update, fetch peers'
-//! updates chosen by the manifest's scheme, check and aggregate them, validate, checkpoint,
-//! and gossip a signed progress record. At the end: export the model with signed provenance.
+//! not stall the network task). Each round: train locally and offer the result, gather the
+//! models of the round's sources (the round engine's graph, the same at every site), check
+//! them, confirm pairs with the partner, merge by the engine's rule, validate, checkpoint,
+//! and gossip a signed progress record. After the training rounds, the engine's reduce
+//! rounds (exchange only) bring every site to the same model. At the end: export the model
+//! with signed provenance.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,24 +13,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use libp2p::PeerId;
 use medmesh_crypto::PublicKey;
-use medmesh_protocol::averaging::weighted_mean;
 use medmesh_protocol::envelope::chunk_size_for;
-use medmesh_protocol::manifest::{Aggregation, Scheme};
-use medmesh_protocol::robust::{
-    check_update, clip_towards, coordinate_median, trim_count, trimmed_mean,
-};
+use medmesh_protocol::robust::check_update;
+use medmesh_protocol::round::{Overlay, Phase, RoundRules};
 use medmesh_protocol::{
-    Manifest, Message, ParamLayout, ProgressRecord, Provenance, SignedManifest, SignedProgress,
-    SignedProvenance, UpdateEnvelope, UpdateExpectation, UpdateHeader,
+    ExchangeState, Manifest, Message, ParamLayout, ProgressRecord, Provenance, SignedManifest,
+    SignedProgress, SignedProvenance, UpdateEnvelope, UpdateExpectation, UpdateHeader,
 };
 use medmesh_training::params::{self, Selection};
-use medmesh_training::rng::Rng;
 use medmesh_training::{DeviceSpec, Trainer, atomic_file, checkpoint, export};
 
-use super::exchange::{FetchError, Fetched, Want, fetch_update};
+use super::exchange::{FetchError, Want, describe, fetch_update};
 use super::privacy::Privatizer;
+use super::round::{self, Received, RoundNet, RoundView};
 use super::store::{self, RunnerState};
 use super::{Node, SERVED_ROUNDS, Served, inbound, lock};
+use crate::net;
 use crate::site_data;
 
 fn unix_ms() -> u64 {
@@ -78,7 +79,6 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let mut state = RunnerState::load(&dir)?;
     let me = node.identity.public_key();
     let sample_weight = data.train.len() as f64;
-    let rounds = u64::from(m.averaging.rounds);
     tracing::info!(
         experiment = %m.id,
         train_slices = data.train.len(),
@@ -105,15 +105,29 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             "updates leave this site clipped and with Gaussian noise"
         );
     }
-    let mut rng = Rng::derive(
-        m.training.seed,
-        u64::from_le_bytes(me.to_bytes()[..8].try_into().unwrap_or_default()) ^ trainer.round(),
-    );
+    let rules = RoundRules::from_manifest(m);
+    let total = rules.total_rounds(node.node_members().len());
+    let mut mass = state.mass.unwrap_or(sample_weight);
+    // Push-sum shares owed to this site that missed their round: fetched (and their mass
+    // added) the next round instead of dropped.
+    let mut late: Vec<(PublicKey, u64)> = Vec::new();
 
-    while trainer.round() < rounds {
-        let round = trainer.round() + 1;
-        let start = privatizer.is_some().then(|| trainer.weights(selection));
-        let stats = trainer.train_round(&data.train, |_| {});
+    // Rounds this site has completed, the final reduce's included (the trainer counts
+    // training rounds only: progress, checkpoints and provenance speak of those).
+    let mut done = trainer.round();
+    while done < total {
+        let round = done + 1;
+        let members = node.node_members();
+        let me_at = members
+            .iter()
+            .position(|k| *k == me)
+            .context("this node is no longer an active node member of the roster")?;
+        let graph = rules.graph(round, Overlay::Complete(members.len()));
+        let trains = rules.phase(round) == Phase::Train;
+
+        // 1. Train (not in the final reduce), and offer the result.
+        let start = (trains && privatizer.is_some()).then(|| trainer.weights(selection));
+        let stats = trains.then(|| trainer.train_round(&data.train, |_| {}));
         let local = trainer.weights(selection);
         let shared = match (privatizer.as_mut(), start) {
             (Some(p), Some(start)) => {
@@ -128,71 +142,71 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             }
             _ => None,
         };
-        serve(
-            node,
-            m,
-            digest,
-            &layout,
-            round,
-            shared.as_deref().unwrap_or(&local),
-            sample_weight,
-        );
+        let (kept, sent) = rules.split_mass(&graph, me_at, mass);
+        // Only rounds someone pulls are served: a site idle for a few reduce steps would
+        // otherwise push the round its sinks still need out of the served window.
+        if !graph.sinks(me_at).is_empty() {
+            serve(
+                node,
+                m,
+                digest,
+                &layout,
+                round,
+                shared.as_deref().unwrap_or(&local),
+                sent,
+            );
+        }
         // Sealed into the served payload now; free it before peers' updates arrive.
         drop(shared);
 
-        let peers = node.runtime.block_on(node.net.connected_nodes());
-        let chosen = choose_peers(m, &peers, &mut rng);
+        // 2. Gather from this round's sources (and push-sum shares that came late).
+        let neighbours: Vec<PeerId> = graph
+            .neighbours(me_at)
+            .iter()
+            .map(|&j| net::peer_id_of(&members[j]))
+            .collect();
+        node.runtime.block_on(node.net.want(neighbours));
         let deadline = Instant::now() + Duration::from_secs(m.averaging.round_timeout_secs.into());
-        let expect = UpdateExpectation {
-            experiment_id: &m.id,
-            manifest_digest: &digest,
+        let view = RoundView {
+            rules: &rules,
+            graph: &graph,
+            members: &members,
+            me: me_at,
             layout: &layout,
-            encoding: m.averaging.encoding,
+            norm_bound: m.averaging.norm_bound,
         };
-        let want = Want {
-            round: Some(round),
-            expect,
+        let mut round_net = NodeNet {
+            node,
+            expect: UpdateExpectation {
+                experiment_id: &m.id,
+                manifest_digest: &digest,
+                layout: &layout,
+                encoding: m.averaging.encoding,
+            },
             deadline,
-            wait_for_training: true,
         };
-        let results = node.runtime.block_on(fetch_all(node, &chosen, &want));
-
-        let mut accepted: Vec<Fetched> = Vec::new();
-        let mut ahead: Option<(PeerId, PublicKey, u64)> = None;
-        for (peer, result) in results {
-            match result {
-                Ok(f) => match check_update(&f.values, &layout, &local, m.averaging.norm_bound) {
-                    Ok(()) => accepted.push(f),
-                    Err(e) => {
-                        let reason = rejection_label(&e);
-                        node.metrics.rejected(reason);
-                        tracing::warn!(%peer, round, reason, "dropped an update: {e}");
-                    }
-                },
-                Err(FetchError::Unavailable {
-                    latest_round: Some(k),
-                    ..
-                }) if k > round => {
-                    if ahead.is_none_or(|(_, _, best)| k > best)
-                        && let Some(key) = node.node_key(&peer)
-                    {
-                        ahead = Some((peer, key, k));
-                    }
-                }
-                Err(FetchError::Invalid { reason, detail }) => {
-                    node.metrics.rejected(reason);
-                    tracing::warn!(%peer, round, reason, "dropped an update: {detail}");
-                }
-                Err(e) => tracing::debug!(%peer, round, "no update: {e}"),
-            }
+        let x = round::exchange(
+            &view,
+            &local,
+            kept,
+            std::mem::take(&mut late),
+            &mut round_net,
+        )
+        .context("combining the round's models")?;
+        for r in &x.refused {
+            node.metrics.rejected(r.reason);
+            tracing::warn!(peer = %net::peer_id_of(&r.sender), round, reason = r.reason, "dropped an update: {}", r.detail);
         }
-
-        if accepted.is_empty()
-            && let Some((peer, key, k)) = ahead
+        late = x.late;
+        if x.merged.is_none()
+            && let Some((key, k)) = x.ahead
         {
+            let peer = net::peer_id_of(&key);
             match catch_up(node, &mut trainer, selection, &layout, m, digest, peer, key) {
                 Ok(()) => {
                     tracing::info!(%peer, from = round, to = k, "fell behind; adopted a peer's model");
+                    done = trainer.round();
+                    trainer.set_round(done.min(rules.training_rounds));
                     persist(node, &trainer, &ckpt, &state, &dir);
                     set_progress(node, &m.id, trainer.round(), false);
                     continue;
@@ -203,57 +217,59 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             }
         }
 
-        if !accepted.is_empty() {
-            let merged = aggregate(m, &local, sample_weight, me, &accepted)?;
+        // 3. Take the merged model and the new mass.
+        let averaged = x.contributors.len();
+        if let Some(merged) = &x.merged {
             trainer
-                .set_weights(&merged, selection)
+                .set_weights(merged, selection)
                 .context("loading averaged weights")?;
-            for f in &accepted {
-                if !state.contributors.contains(&f.sender) {
-                    state.contributors.push(f.sender);
-                }
+        }
+        mass = x.mass;
+        state.mass = Some(mass);
+        for k in x.contributors {
+            if !state.contributors.contains(&k) {
+                state.contributors.push(k);
             }
         }
-        if (accepted.len() as u32) < m.averaging.min_peers {
+        if trains && (averaged as u32) < m.averaging.min_peers {
             tracing::warn!(
                 round,
-                averaged = accepted.len(),
+                averaged,
                 min_peers = m.averaging.min_peers,
                 "fewer peers than the manifest asks; the round counts as local"
             );
         }
+        done = round;
+        trainer.set_round(round.min(rules.training_rounds));
+
+        // 4. Evaluate, checkpoint, tell.
         let dice = trainer.evaluate(&data.validation).mean_dice as f32;
-        last = (stats.mean_loss as f32, dice);
+        let loss = stats.map_or(last.0, |s| s.mean_loss as f32);
+        last = (loss, dice);
         if !state.contributors.contains(&me) {
             state.contributors.push(me);
         }
         persist(node, &trainer, &ckpt, &state, &dir);
-        set_progress(node, &m.id, round, false);
-        node.metrics.rounds_completed.inc();
-        node.metrics.round.set(round as f64);
+        set_progress(node, &m.id, done, false);
+        if trains {
+            node.metrics.rounds_completed.inc();
+        }
+        node.metrics.round.set(trainer.round() as f64);
         node.metrics.dice.set(f64::from(dice));
-        node.metrics.loss.set(stats.mean_loss);
-        node.metrics.peers_averaged.set(accepted.len() as f64);
+        node.metrics.loss.set(f64::from(loss));
+        node.metrics.peers_averaged.set(averaged as f64);
         tracing::info!(
             experiment = %m.id,
             round,
-            loss = stats.mean_loss,
+            phase = if trains { "train" } else { "reduce" },
+            loss,
             val_dice = dice,
-            peers = accepted.len(),
+            peers = averaged,
+            mass,
             "round done"
         );
-        let finished = round == rounds;
-        if !finished {
-            publish_progress(
-                node,
-                m,
-                digest,
-                round,
-                last.0,
-                dice,
-                accepted.len() as u32,
-                false,
-            );
+        if round < rules.training_rounds {
+            publish_progress(node, m, digest, round, loss, dice, averaged as u32, false);
         }
     }
 
@@ -280,15 +296,8 @@ fn persist(node: &Node, trainer: &Trainer, ckpt: &Path, state: &RunnerState, dir
     }
 }
 
-fn rejection_label(e: &medmesh_protocol::robust::UpdateRejection) -> &'static str {
-    use medmesh_protocol::robust::UpdateRejection as R;
-    match e {
-        R::LayoutMismatch { .. } => "wrong_layout",
-        R::NonFinite { .. } => "non_finite_weights",
-        R::NormExceeded { .. } => "norm_bound",
-    }
-}
-
+/// Records the rounds this site has completed (the final reduce's included: peers read it
+/// to know whether to wait for this site's model) and whether it finished.
 fn set_progress(node: &Node, id: &str, rounds_done: u64, finished: bool) {
     if let Some(e) = lock(&node.experiments).get_mut(id) {
         e.rounds_done = rounds_done;
@@ -341,78 +350,109 @@ fn serve(
     }
 }
 
-/// The peers this round's scheme averages with. Every node runs the whole mesh it is
-/// connected to, so `metropolis-hastings` is neighbour averaging on the complete graph of
-/// live members (there its weights are uniform; samples weigh in instead, as in FedAvg).
-fn choose_peers(m: &Manifest, connected: &[PeerId], rng: &mut Rng) -> Vec<PeerId> {
-    let take = match m.averaging.scheme {
-        Scheme::MetropolisHastings | Scheme::PushSum => connected.len(),
-        Scheme::PairwiseGossip => 1,
-        Scheme::Epidemic => m.averaging.fanout.unwrap_or(1) as usize,
-    };
-    let mut pool = connected.to_vec();
-    let mut chosen = Vec::new();
-    while chosen.len() < take && !pool.is_empty() {
-        let i = rng.below(pool.len());
-        chosen.push(pool.swap_remove(i));
-    }
-    chosen.sort();
-    chosen
+/// Slack past the round deadline for the two ends of a pair to confirm.
+const CONFIRM_GRACE: Duration = Duration::from_secs(2);
+
+/// How often to ask a partner again while its side is pending.
+const CONFIRM_POLL: Duration = Duration::from_millis(100);
+
+/// The round's network: the node's libp2p handle, blocking the runner thread.
+struct NodeNet<'a> {
+    node: &'a Node,
+    expect: UpdateExpectation<'a>,
+    deadline: Instant,
 }
 
-async fn fetch_all(
+impl RoundNet for NodeNet<'_> {
+    fn gather(
+        &mut self,
+        wanted: &[(PublicKey, u64)],
+    ) -> Vec<((PublicKey, u64), Result<Received, FetchError>)> {
+        let (node, expect, deadline) = (self.node, self.expect, self.deadline);
+        let fetches = wanted.iter().map(|&(key, round)| async move {
+            let want = Want {
+                round: Some(round),
+                expect,
+                deadline,
+                wait_for_training: true,
+            };
+            let fetched = fetch_update(node, net::peer_id_of(&key), key, &want).await;
+            let received = fetched.map(|f| Received {
+                sender: f.sender,
+                round: f.envelope.header.round,
+                weight: f.envelope.header.sample_weight,
+                values: f.values,
+            });
+            ((key, round), received)
+        });
+        node.runtime.block_on(futures::future::join_all(fetches))
+    }
+
+    fn confirm(&mut self, partner: PublicKey, round: u64, got: bool) -> bool {
+        let partner = net::peer_id_of(&partner);
+        let (node, id) = (self.node, self.expect.experiment_id);
+        let confirmed = node.runtime.block_on(confirm_pair(
+            node,
+            id,
+            partner,
+            round,
+            got,
+            self.deadline + CONFIRM_GRACE,
+        ));
+        if got && !confirmed {
+            tracing::info!(%partner, round, "the partner did not get this node's model; both keep their own");
+        }
+        confirmed
+    }
+}
+
+/// Settles a pairwise exchange: records this end's side (`got`: it has the partner's model,
+/// checked), then asks the partner for its side until it is decided or `deadline`. True only
+/// if both ends got each other's model, so both use the exchange or neither does.
+async fn confirm_pair(
     node: &Node,
-    peers: &[PeerId],
-    want: &Want<'_>,
-) -> Vec<(PeerId, Result<Fetched, FetchError>)> {
-    let fetches = peers.iter().filter_map(|&peer| {
-        let key = node.node_key(&peer)?;
-        Some(async move { (peer, fetch_update(node, peer, key, want).await) })
-    });
-    futures::future::join_all(fetches).await
-}
-
-/// Combines the local update with the accepted ones by the manifest's rule. Inputs are
-/// ordered by sender key, so every node that averages the same set computes the same bits.
-fn aggregate(
-    m: &Manifest,
-    local: &[f32],
-    local_weight: f64,
-    me: PublicKey,
-    accepted: &[Fetched],
-) -> Result<Vec<f32>> {
-    // Centred clipping: no single peer can move the model further than `clip_norm`.
-    let clipped: Vec<Vec<f32>> = match m.averaging.clip_norm {
-        Some(bound) => accepted
-            .iter()
-            .map(|f| {
-                let mut v = f.values.clone();
-                clip_towards(&mut v, local, bound);
-                v
-            })
-            .collect(),
-        None => Vec::new(),
+    experiment_id: &str,
+    partner: PeerId,
+    round: u64,
+    got: bool,
+    deadline: Instant,
+) -> bool {
+    let state = if got {
+        ExchangeState::Fetched
+    } else {
+        ExchangeState::Failed
     };
-    let mut inputs: Vec<(PublicKey, &[f32], f64)> = vec![(me, local, local_weight)];
-    inputs.extend(accepted.iter().enumerate().map(|(i, f)| {
-        let values = clipped.get(i).unwrap_or(&f.values);
-        (f.sender, values.as_slice(), f.envelope.header.sample_weight)
-    }));
-    inputs.sort_by_key(|(k, _, _)| k.to_bytes());
-    let mut out = vec![0f32; local.len()];
-    let slices: Vec<&[f32]> = inputs.iter().map(|(_, v, _)| *v).collect();
-    match m.averaging.aggregation {
-        Aggregation::Mean => {
-            let weighted: Vec<(&[f32], f64)> = inputs.iter().map(|(_, v, w)| (*v, *w)).collect();
-            weighted_mean(&weighted, &mut out)?;
-        }
-        Aggregation::Median => coordinate_median(&slices, &mut out)?,
-        Aggregation::TrimmedMean => {
-            let trim = trim_count(slices.len(), m.averaging.trim_fraction.unwrap_or(0.0));
-            trimmed_mean(&slices, trim, &mut out)?;
+    if let Some(e) = lock(&node.experiments).get_mut(experiment_id) {
+        e.exchanges.insert(round, state);
+        while e.exchanges.len() as u64 > SERVED_ROUNDS {
+            e.exchanges.pop_first();
         }
     }
-    Ok(out)
+    if !got {
+        return false;
+    }
+    let query = Message::ExchangeQuery {
+        experiment_id: experiment_id.to_owned(),
+        round,
+    };
+    loop {
+        match node.net.request(partner, query.clone()).await {
+            Ok(Message::ExchangeAnswer { round: r, state }) if r == round => match state {
+                ExchangeState::Fetched => return true,
+                ExchangeState::Failed => return false,
+                ExchangeState::Pending => {}
+            },
+            Ok(other) => {
+                tracing::debug!(%partner, round, "unexpected answer to an exchange query: {}", describe(&other));
+                return false;
+            }
+            Err(e) => tracing::debug!(%partner, round, "exchange query failed: {e}"),
+        }
+        if Instant::now() + CONFIRM_POLL >= deadline {
+            return false;
+        }
+        tokio::time::sleep(CONFIRM_POLL).await;
+    }
 }
 
 /// Adopts `peer`'s latest update when this node has fallen behind (a restart after the

@@ -58,6 +58,10 @@ pub struct RunnerState {
     pub dice_initial: Option<f32>,
     /// Sites whose updates were averaged in at least once.
     pub contributors: Vec<PublicKey>,
+    /// This site's mass after the last completed round (the round engine's: its sample
+    /// count, or its push-sum weight); `None` before the first round.
+    #[serde(default)]
+    pub mass: Option<f64>,
 }
 
 impl RunnerState {

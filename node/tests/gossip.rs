@@ -1,0 +1,239 @@
+//! Every averaging scheme in real `medmesh run` processes on loopback: each node pulls from
+//! the round engine's few neighbours (not from every member), and the experiment ends with
+//! every site holding the same model (consensus distance at most 0.01). Also the traffic
+//! table of the README: bytes and connections per node as the consortium grows.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use medmesh_node::client::Client;
+use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
+use medmesh_node::metrics::parse_value;
+use medmesh_protocol::manifest::Scheme;
+use medmesh_protocol::round::RoundRules;
+use medmesh_protocol::{Manifest, SignedManifest};
+
+const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
+
+const ROUNDS: u32 = 3;
+
+fn manifest(scheme: Scheme, fanout: Option<u32>) -> Manifest {
+    let mut m = demo::demo_manifest(ROUNDS, scheme).unwrap();
+    m.id = format!("gossip-{}", scheme.as_str());
+    m.task.input_size = [32, 32];
+    m.training.batch_size = 4;
+    m.averaging.round_timeout_secs = 30;
+    if fanout.is_some() {
+        m.averaging.fanout = fanout;
+    }
+    m.validate().unwrap();
+    m
+}
+
+fn logs(c: &LocalConsortium, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let text = std::fs::read_to_string(c.node_dir(i).join("node.log")).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(25).collect();
+            format!(
+                "--- node {} ---\n{}\n",
+                i + 1,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect()
+}
+
+/// What one experiment on a fresh consortium gave.
+struct Outcome {
+    /// Consensus distance of the exported models.
+    distance: f64,
+    /// Exported model size, bytes.
+    model_bytes: f64,
+    /// Rounds, the final reduce's included.
+    rounds: f64,
+    /// Per node: bytes sent and received over the experiment.
+    bytes: Vec<(f64, f64)>,
+    /// Per node: the most node members it was connected to at once (sampled).
+    connections: Vec<f64>,
+}
+
+fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let c = LocalConsortium::create(dir.path(), sites, port).unwrap();
+    c.prepare_data(8, 32, 4).unwrap();
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..sites {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics: Vec<String> = (0..sites).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, sites)
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&c, sites)));
+    let client = rt
+        .block_on(Client::connect(
+            &c.researcher,
+            &c.network_key,
+            c.roster.clone(),
+            c.addr(sites / 2),
+        ))
+        .unwrap();
+    rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut connections = vec![0f64; sites];
+    loop {
+        for (i, addr) in metrics.iter().enumerate() {
+            let text = rt.block_on(demo::scrape(addr)).unwrap_or_default();
+            let now = parse_value(&text, "medmesh_peers_connected").unwrap_or(0.0);
+            connections[i] = connections[i].max(now);
+        }
+        let records = rt.block_on(client.status(Some(&m.id))).unwrap();
+        if records.len() == sites && records.iter().all(|p| p.record.finished) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: timed out; status {records:?}\n{}",
+            m.id,
+            logs(&c, sites)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    let mut models = Vec::new();
+    for i in 0..sites {
+        let node = rt
+            .block_on(Client::connect(
+                &c.researcher,
+                &c.network_key,
+                c.roster.clone(),
+                c.addr(i),
+            ))
+            .unwrap();
+        let (model, provenance) = rt.block_on(node.export(&m.id)).unwrap();
+        assert_eq!(provenance.provenance.rounds_completed, u64::from(ROUNDS));
+        let path = dir.path().join(format!("model-{i}.safetensors"));
+        std::fs::write(&path, model).unwrap();
+        models.push(path);
+    }
+    let bytes = metrics
+        .iter()
+        .map(|addr| {
+            let text = rt.block_on(demo::scrape(addr)).unwrap();
+            (
+                parse_value(&text, "medmesh_bytes_sent_total").unwrap(),
+                parse_value(&text, "medmesh_bytes_received_total").unwrap(),
+            )
+        })
+        .collect();
+    let outcome = Outcome {
+        distance: demo::consensus_distance(&models).unwrap(),
+        model_bytes: std::fs::metadata(&models[0]).unwrap().len() as f64,
+        rounds: RoundRules::from_manifest(m).total_rounds(sites) as f64,
+        bytes,
+        connections,
+    };
+    if outcome.distance > 0.01 {
+        panic!(
+            "{}: consensus distance {}\n{}",
+            m.id,
+            outcome.distance,
+            logs(&c, sites)
+        );
+    }
+    drop(nodes);
+    outcome
+}
+
+/// Five sites (not a power of two: the final reduce folds and unfolds), `scheme` end to end.
+fn ends_in_agreement(scheme: Scheme, port: u16) {
+    let sites = 5;
+    let m = manifest(scheme, None);
+    let out = run_consortium(&m, sites, port);
+    assert!(out.distance <= 0.01, "{scheme:?}: {}", out.distance);
+    // Traffic follows the round graph: a site downloads about `fanout` models a training
+    // round and one a reduce step, never one from every member each round.
+    let fanout = RoundRules::from_manifest(&m).fanout as f64;
+    for (i, (_, received)) in out.bytes.iter().enumerate() {
+        let per_round = received / out.rounds / out.model_bytes;
+        assert!(
+            per_round > 0.3 && per_round < fanout + 1.0,
+            "{scheme:?}: site {} received {per_round:.2} models a round",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn pairwise_gossip_ends_in_agreement() {
+    ends_in_agreement(Scheme::PairwiseGossip, 49700);
+}
+
+#[test]
+fn push_sum_ends_in_agreement() {
+    ends_in_agreement(Scheme::PushSum, 49720);
+}
+
+#[test]
+fn metropolis_hastings_ends_in_agreement() {
+    ends_in_agreement(Scheme::MetropolisHastings, 49740);
+}
+
+#[test]
+fn epidemic_ends_in_agreement() {
+    ends_in_agreement(Scheme::Epidemic, 49760);
+}
+
+/// The README's traffic table: per scheme and consortium size, what a node sends and
+/// receives per round (in models and MB) and how many members it was connected to at most.
+/// Minutes of work on 2 cores, so it runs on demand:
+/// `cargo test --release -p medmesh-node --test gossip -- --ignored --nocapture`.
+#[test]
+#[ignore = "the README's traffic table; minutes: run with --ignored --nocapture"]
+fn traffic_table() {
+    let mut port = 49800;
+    println!(
+        "| scheme | sites | sent / node / round | received / node / round | connections / node (max) |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let variants = [
+        (Scheme::PairwiseGossip, None, "pairwise-gossip"),
+        (Scheme::PushSum, None, "push-sum"),
+        (
+            Scheme::MetropolisHastings,
+            None,
+            "metropolis-hastings (fanout 2)",
+        ),
+        (Scheme::Epidemic, None, "epidemic (fanout 2)"),
+        (
+            Scheme::MetropolisHastings,
+            Some(64),
+            "all-to-all (metropolis-hastings, fanout >= sites)",
+        ),
+    ];
+    for (scheme, fanout, label) in variants {
+        let mut received_by_size = Vec::new();
+        for sites in [4usize, 8, 16] {
+            let out = run_consortium(&manifest(scheme, fanout), sites, port);
+            port += 20;
+            let n = sites as f64;
+            let sent: f64 = out.bytes.iter().map(|b| b.0).sum::<f64>() / n / out.rounds;
+            let received: f64 = out.bytes.iter().map(|b| b.1).sum::<f64>() / n / out.rounds;
+            let connections = out.connections.iter().sum::<f64>() / n;
+            let max_connections = out.connections.iter().copied().fold(0.0, f64::max);
+            println!(
+                "| {label} | {sites} | {:.2} models ({:.2} MB) | {:.2} models ({:.2} MB) | {connections:.1} (max {max_connections}) |",
+                sent / out.model_bytes,
+                sent / 1e6,
+                received / out.model_bytes,
+                received / 1e6,
+            );
+            received_by_size.push(received);
+        }
+        println!(
+            "|   | 16 vs 4 | | x{:.2} | |",
+            received_by_size[2] / received_by_size[0]
+        );
+    }
+}

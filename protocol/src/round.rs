@@ -1,0 +1,869 @@
+//! The round engine: for round `r` of an experiment, who exchanges with whom, and how a
+//! site combines the models it received. The node and the simulator both call these
+//! functions, and neither keeps a copy of any part of them, so what the simulator predicts
+//! is what the nodes do.
+//!
+//! * Every site computes a round's graph alone, from the manifest seed, the round number and
+//!   the number of node members (sites are indices into the roster's node members sorted by
+//!   key). So all sites agree on it without a coordinator, and each talks to a few peers a
+//!   round, however large the consortium.
+//! * Every exchange is a *pull*: a site fetches the models of its round's [`RoundGraph::sources`].
+//!   A push (push-sum, epidemic) is the receiver pulling from the sender the graph names, so
+//!   nothing arrives uninvited and a receiver bounds its own memory.
+//! * A site carries a *mass* besides its model: its sample count, or under push-sum its
+//!   push-sum weight. Pairwise gossip, Metropolis-Hastings and push-sum preserve
+//!   `Σ mass_i · x_i / Σ mass_i`, the sample-weighted mean of all sites' models, in every
+//!   round without failures.
+//! * After the training rounds, when the rules allow it, a few averaging-only rounds reduce
+//!   the sites' models to that exact mean (recursive doubling over the sorted members), so
+//!   every site exports the same model. See [`RoundRules::reduce_steps`].
+//!
+//! ```
+//! use medmesh_protocol::manifest::{Manifest, Scheme};
+//! use medmesh_protocol::round::{Overlay, RoundRules};
+//! # let mut m = Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
+//! m.averaging.scheme = Scheme::PairwiseGossip;
+//! let rules = RoundRules::from_manifest(&m);
+//! let graph = rules.graph(3, Overlay::Complete(8));
+//! // Round 3's matching, the same at every site: site 0 and its partner pull each other.
+//! let partner = graph.sources(0)[0];
+//! assert_eq!(graph.sources(partner), &[0]);
+//! ```
+
+use std::borrow::Cow;
+
+use crate::averaging::{AveragingError, weighted_mean};
+use crate::manifest::{Aggregation, Manifest, Scheme};
+use crate::rng::Rng;
+use crate::robust::{clip_towards, coordinate_median, trim_count, trimmed_mean};
+
+/// Random matchings per round of `metropolis-hastings` when the manifest names no fanout.
+pub const DEFAULT_MIXING_DEGREE: usize = 2;
+
+/// The random stream the round graphs are drawn from (apart from every other use of the
+/// seed, such as weight initialization and data shuffling).
+const GRAPH_STREAM: u64 = 0x6055_1900_0000_0000;
+
+/// What an experiment's rounds do, from its manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundRules {
+    /// The averaging scheme of the training rounds.
+    pub scheme: Scheme,
+    /// The manifest seed (round graphs derive from it).
+    pub seed: u64,
+    /// Peers a round: pushes per site (epidemic), or random matchings in the union (MH; a
+    /// fanout of at least the overlay's largest degree takes the whole overlay every round).
+    pub fanout: usize,
+    /// How received models combine where the scheme aggregates (MH, epidemic).
+    pub aggregation: Aggregation,
+    /// Fraction trimmed at each end by the trimmed mean.
+    pub trim_fraction: f64,
+    /// Centred clipping of received models, before combining.
+    pub clip_norm: Option<f64>,
+    /// Rounds that train.
+    pub training_rounds: u64,
+    /// Whether averaging-only rounds after training bring every site to the same model.
+    /// Only under the plain mean: a robust rule or clipping exists to keep some inputs out,
+    /// and an exact reduce would let them back in; with privacy noise on, a site's exact
+    /// model never leaves it.
+    pub final_reduce: bool,
+}
+
+/// Which part of the experiment a round belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Train locally, then exchange by the scheme.
+    Train,
+    /// Exchange only: step `step` (0-based) of the final reduce.
+    Reduce {
+        /// Step within the reduce.
+        step: u64,
+    },
+}
+
+/// The graph a round's edges are drawn from.
+#[derive(Debug, Clone, Copy)]
+pub enum Overlay<'a> {
+    /// Any of `n` members can reach any other (the nodes: peers are found through the DHT).
+    Complete(usize),
+    /// Edges come from this undirected graph only (the simulator's topologies).
+    Restricted(&'a [Vec<usize>]),
+}
+
+impl Overlay<'_> {
+    /// Members.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Complete(n) => *n,
+            Self::Restricted(adj) => adj.len(),
+        }
+    }
+
+    /// Whether there are no members.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most members one member can reach.
+    fn max_degree(&self) -> usize {
+        match self {
+            Self::Complete(n) => n.saturating_sub(1),
+            Self::Restricted(adj) => adj.iter().map(Vec::len).max().unwrap_or(0),
+        }
+    }
+
+    /// The members `i` can reach.
+    fn neighbours_of(&self, i: usize) -> Vec<usize> {
+        match self {
+            Self::Complete(n) => (0..*n).filter(|&j| j != i).collect(),
+            Self::Restricted(adj) => adj[i].iter().copied().filter(|&j| j != i).collect(),
+        }
+    }
+
+    /// A uniformly random member that `i` can reach, other than `i`.
+    fn random_neighbour(&self, i: usize, rng: &mut Rng) -> Option<usize> {
+        match self {
+            Self::Complete(n) if *n < 2 => None,
+            Self::Complete(n) => {
+                let j = rng.below(n - 1);
+                Some(if j >= i { j + 1 } else { j })
+            }
+            Self::Restricted(adj) => {
+                let ns: Vec<usize> = adj[i].iter().copied().filter(|&j| j != i).collect();
+                (!ns.is_empty()).then(|| ns[rng.below(ns.len())])
+            }
+        }
+    }
+
+    /// Up to `k` distinct random members that `i` can reach, other than `i`.
+    fn random_neighbours(&self, i: usize, k: usize, rng: &mut Rng) -> Vec<usize> {
+        let mut pool: Vec<usize> = match self {
+            Self::Complete(n) if k * 4 < *n => {
+                // Few out of many: rejection sampling, no O(n) pool.
+                let mut out = Vec::with_capacity(k);
+                while out.len() < k {
+                    if let Some(j) = self.random_neighbour(i, rng)
+                        && !out.contains(&j)
+                    {
+                        out.push(j);
+                    }
+                }
+                return out;
+            }
+            Self::Complete(n) => (0..*n).filter(|&j| j != i).collect(),
+            Self::Restricted(adj) => adj[i].iter().copied().filter(|&j| j != i).collect(),
+        };
+        let k = k.min(pool.len());
+        for t in 0..k {
+            let pick = t + rng.below(pool.len() - t);
+            pool.swap(t, pick);
+        }
+        pool.truncate(k);
+        pool
+    }
+}
+
+/// How the sites of a round combine what they pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Matched pairs average, weighted by mass; both ends must confirm the exchange, or both
+    /// keep their models. In the reduce, masses add up.
+    Pairs {
+        /// Part of the final reduce (masses accumulate).
+        reduce: bool,
+    },
+    /// Neighbour averaging with sample-weighted Metropolis-Hastings weights.
+    Mixing,
+    /// Push-sum: each site keeps half its mass and pushes half, with its model, to one site.
+    PushSum,
+    /// Epidemic: each site pushes to `fanout` sites; receivers aggregate by the rule.
+    Spread,
+    /// First reduce step: sites beyond the largest power of two hand their model and mass in.
+    Fold,
+    /// Last reduce step: those sites take the result back.
+    Unfold,
+}
+
+impl Shape {
+    /// Whether both ends of an exchange must confirm it before either uses it.
+    pub fn needs_confirmation(self) -> bool {
+        matches!(self, Self::Pairs { .. })
+    }
+}
+
+/// One round's communication graph, the same at every site.
+#[derive(Debug, Clone)]
+pub struct RoundGraph {
+    round: u64,
+    shape: Shape,
+    sources: Vec<Vec<usize>>,
+    sinks: Vec<Vec<usize>>,
+}
+
+impl RoundGraph {
+    fn empty(round: u64, shape: Shape, n: usize) -> Self {
+        Self {
+            round,
+            shape,
+            sources: vec![Vec::new(); n],
+            sinks: vec![Vec::new(); n],
+        }
+    }
+
+    fn add_edge(&mut self, from: usize, to: usize) {
+        self.sources[to].push(from);
+        self.sinks[from].push(to);
+    }
+
+    fn finish(mut self) -> Self {
+        for list in self.sources.iter_mut().chain(self.sinks.iter_mut()) {
+            list.sort_unstable();
+            list.dedup();
+        }
+        self
+    }
+
+    /// The round.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// How its sites combine.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// Members.
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Whether there are no members.
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// Members whose model `i` pulls this round, ascending.
+    pub fn sources(&self, i: usize) -> &[usize] {
+        &self.sources[i]
+    }
+
+    /// Members that pull `i`'s model this round, ascending.
+    pub fn sinks(&self, i: usize) -> &[usize] {
+        &self.sinks[i]
+    }
+
+    /// Everyone `i` talks to this round (sources and sinks), ascending.
+    pub fn neighbours(&self, i: usize) -> Vec<usize> {
+        let mut all: Vec<usize> = self.sources[i]
+            .iter()
+            .chain(&self.sinks[i])
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// `i`'s degree in the round's undirected graph (Metropolis-Hastings weights use it).
+    pub fn degree(&self, i: usize) -> usize {
+        self.sources[i].len()
+    }
+}
+
+/// A model a site received this round (or, for push-sum, a share that arrived late).
+#[derive(Debug, Clone)]
+pub struct Incoming<'a> {
+    /// The sender's member index.
+    pub member: usize,
+    /// Its model (clipped in place when the rules clip).
+    pub values: Cow<'a, [f32]>,
+    /// The mass it carries: the sender's sample count, or its push-sum share.
+    pub weight: f64,
+}
+
+/// What [`RoundRules::combine`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Merged {
+    /// The site's mass after the round.
+    pub weight: f64,
+    /// Received models that went into the result.
+    pub combined: usize,
+}
+
+/// The largest power of two `p <= n` (for `n >= 1`) and `n - p`.
+fn split_pow2(n: usize) -> (usize, usize) {
+    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    (p, n - p)
+}
+
+impl RoundRules {
+    /// The rules `m` sets.
+    pub fn from_manifest(m: &Manifest) -> Self {
+        let av = &m.averaging;
+        let fanout = match av.scheme {
+            Scheme::PairwiseGossip | Scheme::PushSum => 1,
+            Scheme::MetropolisHastings => av.fanout.map_or(DEFAULT_MIXING_DEGREE, |f| f as usize),
+            Scheme::Epidemic => av.fanout.map_or(1, |f| f as usize),
+        };
+        Self {
+            scheme: av.scheme,
+            seed: m.training.seed,
+            fanout,
+            aggregation: av.aggregation,
+            trim_fraction: av.trim_fraction.unwrap_or(0.0),
+            clip_norm: av.clip_norm,
+            training_rounds: u64::from(av.rounds),
+            final_reduce: av.aggregation == Aggregation::Mean
+                && av.clip_norm.is_none()
+                && m.privacy.noise_multiplier.is_none(),
+        }
+    }
+
+    /// Averaging-only rounds after training: recursive doubling over the sorted members.
+    /// With `p` the largest power of two not above `members`, the sites beyond `p` first
+    /// hand their model to site `i - p` (fold), then `log2 p` rounds of pairs `i`, `i xor 2^k`
+    /// average with accumulated masses, then the folded sites take the result back (unfold).
+    /// Without failures every site then holds `Σ mass_i · x_i / Σ mass_i` exactly, after
+    /// about `log2(members)` model transfers per site. Zero when the rules have no reduce.
+    pub fn reduce_steps(&self, members: usize) -> u64 {
+        if !self.final_reduce || members < 2 {
+            return 0;
+        }
+        let (p, extra) = split_pow2(members);
+        u64::from(p.trailing_zeros()) + if extra > 0 { 2 } else { 0 }
+    }
+
+    /// Training rounds plus reduce steps.
+    pub fn total_rounds(&self, members: usize) -> u64 {
+        self.training_rounds + self.reduce_steps(members)
+    }
+
+    /// Which phase round `round` (1-based) is in.
+    pub fn phase(&self, round: u64) -> Phase {
+        if round <= self.training_rounds {
+            Phase::Train
+        } else {
+            Phase::Reduce {
+                step: round - self.training_rounds - 1,
+            }
+        }
+    }
+
+    /// Round `round`'s graph over `overlay`'s members.
+    pub fn graph(&self, round: u64, overlay: Overlay<'_>) -> RoundGraph {
+        let n = overlay.len();
+        match self.phase(round) {
+            Phase::Train => self.training_graph(round, overlay),
+            Phase::Reduce { step } => reduce_graph(round, step, self.reduce_steps(n), n),
+        }
+    }
+
+    fn training_graph(&self, round: u64, overlay: Overlay<'_>) -> RoundGraph {
+        let n = overlay.len();
+        let mut rng = Rng::derive(self.seed, GRAPH_STREAM ^ round);
+        match self.scheme {
+            Scheme::PairwiseGossip => {
+                let mut g = RoundGraph::empty(round, Shape::Pairs { reduce: false }, n);
+                for (i, partner) in matching(overlay, &mut rng).into_iter().enumerate() {
+                    if let Some(j) = partner {
+                        g.add_edge(j, i);
+                    }
+                }
+                g.finish()
+            }
+            Scheme::MetropolisHastings => {
+                let mut g = RoundGraph::empty(round, Shape::Mixing, n);
+                if overlay.max_degree() <= self.fanout {
+                    // Every site has at most `fanout` edges: the whole overlay, every round
+                    // (classic D-PSGD on a fixed graph).
+                    for i in 0..n {
+                        for j in overlay.neighbours_of(i) {
+                            g.add_edge(j, i);
+                        }
+                    }
+                } else {
+                    for _ in 0..self.fanout {
+                        for (i, partner) in matching(overlay, &mut rng).into_iter().enumerate() {
+                            if let Some(j) = partner {
+                                g.add_edge(j, i);
+                            }
+                        }
+                    }
+                }
+                g.finish()
+            }
+            Scheme::PushSum => {
+                let mut g = RoundGraph::empty(round, Shape::PushSum, n);
+                for i in 0..n {
+                    if let Some(j) = overlay.random_neighbour(i, &mut rng) {
+                        g.add_edge(i, j);
+                    }
+                }
+                g.finish()
+            }
+            Scheme::Epidemic => {
+                let mut g = RoundGraph::empty(round, Shape::Spread, n);
+                for i in 0..n {
+                    for j in overlay.random_neighbours(i, self.fanout, &mut rng) {
+                        g.add_edge(i, j);
+                    }
+                }
+                g.finish()
+            }
+        }
+    }
+
+    /// The mass `me` keeps and the mass each share it serves carries, from its mass before
+    /// the round. Push-sum splits it evenly between the site and its pushes; every other
+    /// shape sends the whole mass along with the model and keeps it too.
+    pub fn split_mass(&self, graph: &RoundGraph, me: usize, mass: f64) -> (f64, f64) {
+        match graph.shape {
+            Shape::PushSum => {
+                let share = mass / (graph.sinks(me).len() as f64 + 1.0);
+                (share, share)
+            }
+            _ => (mass, mass),
+        }
+    }
+
+    /// Combines `own` (with `own_weight`, the mass [`Self::split_mass`] kept) and what `me`
+    /// received this round into `out`. `incoming` must hold accepted models only (checked,
+    /// and for pairs confirmed by both ends); it is sorted by member, so every site that
+    /// combines the same inputs computes the same bits.
+    pub fn combine(
+        &self,
+        graph: &RoundGraph,
+        me: usize,
+        own: &[f32],
+        own_weight: f64,
+        incoming: &mut [Incoming<'_>],
+        out: &mut [f32],
+    ) -> Result<Merged, AveragingError> {
+        incoming.sort_by_key(|x| x.member);
+        if incoming.is_empty() {
+            if out.len() != own.len() {
+                return Err(AveragingError::LengthMismatch {
+                    index: 0,
+                    len: own.len(),
+                    expected: out.len(),
+                });
+            }
+            out.copy_from_slice(own);
+            return Ok(Merged {
+                weight: own_weight,
+                combined: 0,
+            });
+        }
+        let received: f64 = incoming.iter().map(|x| x.weight).sum();
+        if graph.shape == Shape::Unfold {
+            let from = &incoming[0];
+            weighted_mean(&[(from.values.as_ref(), 1.0)], out)?;
+            return Ok(Merged {
+                weight: from.weight,
+                combined: 1,
+            });
+        }
+        if let Some(bound) = self.clip_norm {
+            for x in incoming.iter_mut() {
+                clip_towards(x.values.to_mut(), own, bound);
+            }
+        }
+        let combined = incoming.len();
+        let (weights, new_weight) = match graph.shape {
+            Shape::Pairs { reduce: false } => (Weights::Mass, own_weight),
+            Shape::Pairs { reduce: true } | Shape::Fold | Shape::PushSum => {
+                (Weights::Mass, own_weight + received)
+            }
+            Shape::Mixing if self.aggregation == Aggregation::Mean => {
+                (Weights::Metropolis, own_weight)
+            }
+            Shape::Mixing | Shape::Spread => (Weights::Rule, own_weight),
+            Shape::Unfold => unreachable!("handled above"),
+        };
+        let mut inputs: Vec<(&[f32], f64)> = Vec::with_capacity(incoming.len() + 1);
+        let own_at = incoming.partition_point(|x| x.member < me);
+        for (k, x) in incoming.iter().enumerate() {
+            if k == own_at {
+                inputs.push((own, own_weight));
+            }
+            inputs.push((x.values.as_ref(), x.weight));
+        }
+        if own_at == incoming.len() {
+            inputs.push((own, own_weight));
+        }
+        match weights {
+            Weights::Mass => weighted_mean(&inputs, out)?,
+            Weights::Metropolis => {
+                // W_ij = min(n_i, n_j) / (1 + max(d_i, d_j)) / n_i, the rest stays with i:
+                // row-stochastic, and Σ_i n_i W_ij = n_j, so Σ n_i x_i is preserved. With
+                // equal sample counts it is the classic Metropolis-Hastings matrix. A
+                // neighbour that did not answer leaves its weight with the site.
+                let d_me = graph.degree(me);
+                let mut own_share = 1.0;
+                let mut k = 0;
+                for (pos, input) in inputs.iter_mut().enumerate() {
+                    if pos == own_at {
+                        continue;
+                    }
+                    let x = &incoming[k];
+                    k += 1;
+                    let flow = own_weight.min(x.weight)
+                        / (1.0 + d_me.max(graph.degree(x.member)) as f64)
+                        / own_weight;
+                    input.1 = flow;
+                    own_share -= flow;
+                }
+                inputs[own_at].1 = own_share.max(0.0);
+                weighted_mean(&inputs, out)?;
+            }
+            Weights::Rule => aggregate(self.aggregation, self.trim_fraction, &inputs, out)?,
+        }
+        Ok(Merged {
+            weight: new_weight,
+            combined,
+        })
+    }
+}
+
+/// Which weights [`RoundRules::combine`] uses.
+enum Weights {
+    /// The masses the inputs carry.
+    Mass,
+    /// Sample-weighted Metropolis-Hastings.
+    Metropolis,
+    /// The aggregation rule over the inputs (sample-weighted where it weighs).
+    Rule,
+}
+
+/// Combines `inputs` (models with sample weights) into `out` by `rule`: the weighted mean,
+/// the coordinate-wise median, or the trimmed mean (`trim_fraction` at each end).
+pub fn aggregate(
+    rule: Aggregation,
+    trim_fraction: f64,
+    inputs: &[(&[f32], f64)],
+    out: &mut [f32],
+) -> Result<(), AveragingError> {
+    match rule {
+        Aggregation::Mean => weighted_mean(inputs, out),
+        Aggregation::Median => {
+            let rows: Vec<&[f32]> = inputs.iter().map(|(x, _)| *x).collect();
+            coordinate_median(&rows, out)
+        }
+        Aggregation::TrimmedMean => {
+            let rows: Vec<&[f32]> = inputs.iter().map(|(x, _)| *x).collect();
+            trimmed_mean(&rows, trim_count(rows.len(), trim_fraction), out)
+        }
+    }
+}
+
+/// A random maximal matching of `overlay`: `partner[i]`.
+fn matching(overlay: Overlay<'_>, rng: &mut Rng) -> Vec<Option<usize>> {
+    let n = overlay.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let mut partner = vec![None; n];
+    match overlay {
+        Overlay::Complete(_) => {
+            for pair in order.chunks_exact(2) {
+                partner[pair[0]] = Some(pair[1]);
+                partner[pair[1]] = Some(pair[0]);
+            }
+        }
+        Overlay::Restricted(adj) => {
+            for &i in &order {
+                if partner[i].is_some() {
+                    continue;
+                }
+                let free: Vec<usize> = adj[i]
+                    .iter()
+                    .copied()
+                    .filter(|&j| j != i && partner[j].is_none())
+                    .collect();
+                if free.is_empty() {
+                    continue;
+                }
+                let j = free[rng.below(free.len())];
+                partner[i] = Some(j);
+                partner[j] = Some(i);
+            }
+        }
+    }
+    partner
+}
+
+/// Step `step` of `steps` of the final reduce over `n` members (see
+/// [`RoundRules::reduce_steps`]).
+fn reduce_graph(round: u64, step: u64, steps: u64, n: usize) -> RoundGraph {
+    if n < 2 || step >= steps {
+        return RoundGraph::empty(round, Shape::Pairs { reduce: true }, n);
+    }
+    let (p, extra) = split_pow2(n);
+    let folds = extra > 0;
+    if folds && step == 0 {
+        let mut g = RoundGraph::empty(round, Shape::Fold, n);
+        for k in 0..extra {
+            g.add_edge(p + k, k);
+        }
+        return g.finish();
+    }
+    if folds && step == steps - 1 {
+        let mut g = RoundGraph::empty(round, Shape::Unfold, n);
+        for k in 0..extra {
+            g.add_edge(k, p + k);
+        }
+        return g.finish();
+    }
+    let dim = step - u64::from(folds);
+    let mut g = RoundGraph::empty(round, Shape::Pairs { reduce: true }, n);
+    for i in 0..p {
+        g.add_edge(i ^ (1 << dim), i);
+    }
+    g.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use proptest::prelude::*;
+
+    fn rules(scheme: Scheme, fanout: usize) -> RoundRules {
+        RoundRules {
+            scheme,
+            seed: 11,
+            fanout,
+            aggregation: Aggregation::Mean,
+            trim_fraction: 0.0,
+            clip_norm: None,
+            training_rounds: 30,
+            final_reduce: true,
+        }
+    }
+
+    /// One synchronous round at every site: each pulls its sources' models (all answer).
+    fn step(r: &RoundRules, round: u64, xs: &mut [Vec<f32>], mass: &mut [f64]) {
+        let g = r.graph(round, Overlay::Complete(xs.len()));
+        let split: Vec<(f64, f64)> = (0..xs.len())
+            .map(|i| r.split_mass(&g, i, mass[i]))
+            .collect();
+        let next: Vec<(Vec<f32>, f64)> = (0..xs.len())
+            .map(|i| {
+                let mut incoming: Vec<Incoming<'_>> = g
+                    .sources(i)
+                    .iter()
+                    .map(|&j| Incoming {
+                        member: j,
+                        values: Cow::Borrowed(&xs[j]),
+                        weight: split[j].1,
+                    })
+                    .collect();
+                let mut out = vec![0.0; xs[i].len()];
+                let merged = r
+                    .combine(&g, i, &xs[i], split[i].0, &mut incoming, &mut out)
+                    .unwrap();
+                (out, merged.weight)
+            })
+            .collect();
+        for (i, (x, w)) in next.into_iter().enumerate() {
+            xs[i] = x;
+            mass[i] = w;
+        }
+    }
+
+    fn weighted_sum(xs: &[Vec<f32>], mass: &[f64]) -> (Vec<f64>, f64) {
+        let total: f64 = mass.iter().sum();
+        let sum = (0..xs[0].len())
+            .map(|c| xs.iter().zip(mass).map(|(x, w)| f64::from(x[c]) * w).sum())
+            .collect();
+        (sum, total)
+    }
+
+    fn spread(xs: &[Vec<f32>]) -> f64 {
+        (0..xs[0].len())
+            .map(|c| {
+                let (lo, hi) = xs.iter().fold((f32::MAX, f32::MIN), |(lo, hi), x| {
+                    (lo.min(x[c]), hi.max(x[c]))
+                });
+                f64::from(hi - lo)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    proptest! {
+        /// Without failures, each round preserves the mass-weighted mean of all sites.
+        #[test]
+        fn every_conservative_scheme_preserves_the_weighted_mean(
+            n in 2usize..20,
+            seed in any::<u64>(),
+            scheme in prop_oneof![Just(Scheme::PairwiseGossip), Just(Scheme::MetropolisHastings), Just(Scheme::PushSum)],
+            fanout in 1usize..4,
+        ) {
+            let mut r = rules(scheme, if scheme == Scheme::MetropolisHastings { fanout } else { 1 });
+            r.seed = seed;
+            let mut rng = Rng::new(seed);
+            let mut xs: Vec<Vec<f32>> = (0..n).map(|_| (0..6).map(|_| rng.range(-5.0, 5.0) as f32).collect()).collect();
+            let mut mass: Vec<f64> = (0..n).map(|_| rng.range(1.0, 50.0).round()).collect();
+            let (s0, w0) = weighted_sum(&xs, &mass);
+            for round in 1..=12 {
+                step(&r, round, &mut xs, &mut mass);
+                let (s, w) = weighted_sum(&xs, &mass);
+                prop_assert!((w - w0).abs() < 1e-9 * w0);
+                for (a, b) in s.iter().zip(&s0) {
+                    prop_assert!((a / w - b / w0).abs() < 1e-4, "round {round}: {} vs {}", a / w, b / w0);
+                }
+            }
+        }
+
+        /// The reduce ends every site at the exact weighted mean, for any consortium size.
+        #[test]
+        fn the_reduce_ends_at_the_exact_mean(n in 1usize..40, seed in any::<u64>()) {
+            let r = rules(Scheme::PairwiseGossip, 1);
+            let mut rng = Rng::new(seed);
+            let mut xs: Vec<Vec<f32>> = (0..n).map(|_| (0..4).map(|_| rng.range(-5.0, 5.0) as f32).collect()).collect();
+            let mut mass: Vec<f64> = (0..n).map(|_| rng.range(1.0, 50.0).round()).collect();
+            let (s0, w0) = weighted_sum(&xs, &mass);
+            let total = r.total_rounds(n);
+            prop_assert_eq!(total - r.training_rounds, r.reduce_steps(n));
+            prop_assert!(r.reduce_steps(n) <= 2 + (n as f64).log2().ceil() as u64);
+            for round in r.training_rounds + 1..=total {
+                step(&r, round, &mut xs, &mut mass);
+            }
+            for x in &xs {
+                for (v, s) in x.iter().zip(&s0) {
+                    prop_assert!((f64::from(*v) - s / w0).abs() < 1e-4, "{v} vs {}", s / w0);
+                }
+            }
+            prop_assert_eq!(spread(&xs), 0.0);
+        }
+    }
+
+    #[test]
+    fn every_scheme_reaches_consensus_and_talks_to_few_peers() {
+        for (scheme, fanout) in [
+            (Scheme::PairwiseGossip, 1),
+            (Scheme::MetropolisHastings, 2),
+            (Scheme::PushSum, 1),
+            (Scheme::Epidemic, 2),
+        ] {
+            let r = rules(scheme, fanout);
+            let n = 64;
+            let mut rng = Rng::new(3);
+            let mut xs: Vec<Vec<f32>> = (0..n)
+                .map(|_| (0..3).map(|_| rng.range(-1.0, 1.0) as f32).collect())
+                .collect();
+            let mut mass = vec![1.0; n];
+            for round in 1..=r.training_rounds {
+                let g = r.graph(round, Overlay::Complete(n));
+                // Pulls per site do not grow with the consortium: `fanout` on average.
+                let pulls: usize = (0..n).map(|i| g.sources(i).len()).sum();
+                assert!(pulls <= n * fanout, "{scheme:?}: {pulls} pulls");
+                step(&r, round, &mut xs, &mut mass);
+            }
+            assert!(spread(&xs) < 0.05, "{scheme:?}: spread {}", spread(&xs));
+            // The reduce then ends every site at the same bits.
+            for round in r.training_rounds + 1..=r.total_rounds(n) {
+                step(&r, round, &mut xs, &mut mass);
+            }
+            assert_eq!(spread(&xs), 0.0, "{scheme:?}");
+        }
+    }
+
+    #[test]
+    fn every_site_computes_the_same_graph() {
+        let r = rules(Scheme::Epidemic, 3);
+        let a = r.graph(5, Overlay::Complete(30));
+        let b = r.graph(5, Overlay::Complete(30));
+        for i in 0..30 {
+            assert_eq!(a.sources(i), b.sources(i));
+            assert_eq!(a.sinks(i).len(), 3);
+        }
+        let c = r.graph(6, Overlay::Complete(30));
+        assert!((0..30).any(|i| a.sources(i) != c.sources(i)));
+    }
+
+    #[test]
+    fn pairs_are_symmetric_and_both_ends_compute_the_same_bits() {
+        let r = rules(Scheme::PairwiseGossip, 1);
+        let g = r.graph(1, Overlay::Complete(9));
+        let idle: Vec<usize> = (0..9).filter(|&i| g.sources(i).is_empty()).collect();
+        assert_eq!(idle.len(), 1);
+        let xs: Vec<Vec<f32>> = (0..9)
+            .map(|i| vec![i as f32 * 0.37, 1.0 / (i + 1) as f32])
+            .collect();
+        for i in (0..9).filter(|i| !idle.contains(i)) {
+            let j = g.sources(i)[0];
+            assert_eq!(g.sources(j), &[i]);
+            let mut out_i = vec![0.0; 2];
+            let mut out_j = vec![0.0; 2];
+            let mut from_j = [Incoming {
+                member: j,
+                values: Cow::Borrowed(&xs[j]),
+                weight: 3.0,
+            }];
+            let mut from_i = [Incoming {
+                member: i,
+                values: Cow::Borrowed(&xs[i]),
+                weight: 7.0,
+            }];
+            r.combine(&g, i, &xs[i], 7.0, &mut from_j, &mut out_i)
+                .unwrap();
+            r.combine(&g, j, &xs[j], 3.0, &mut from_i, &mut out_j)
+                .unwrap();
+            assert_eq!(out_i, out_j);
+        }
+    }
+
+    #[test]
+    fn a_restricted_overlay_only_uses_its_edges() {
+        let ring: Vec<Vec<usize>> = (0..10).map(|i| vec![(i + 9) % 10, (i + 1) % 10]).collect();
+        for scheme in Scheme::ALL {
+            let r = rules(scheme, 2);
+            for round in 1..5 {
+                let g = r.graph(round, Overlay::Restricted(&ring));
+                for i in 0..10 {
+                    for j in g.neighbours(i) {
+                        assert!(ring[i].contains(&j), "{scheme:?}: {i}-{j}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_neighbour_leaves_its_weight_with_the_site() {
+        let r = rules(Scheme::MetropolisHastings, 2);
+        let g = r.graph(2, Overlay::Complete(10));
+        let me = 0;
+        let own = vec![1.0f32; 3];
+        let mut out = vec![0.0; 3];
+        // Nothing arrived: the model stays.
+        r.combine(&g, me, &own, 5.0, &mut [], &mut out).unwrap();
+        assert_eq!(out, own);
+        // One of its neighbours answered with the same model: still the same model.
+        let j = g.sources(me)[0];
+        let mut inc = [Incoming {
+            member: j,
+            values: Cow::Borrowed(&own),
+            weight: 5.0,
+        }];
+        let merged = r.combine(&g, me, &own, 5.0, &mut inc, &mut out).unwrap();
+        assert_eq!((merged.weight, merged.combined), (5.0, 1));
+        for v in &out {
+            assert!((v - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn robust_rules_and_clipping_have_no_exact_reduce() {
+        let mut m =
+            Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
+        m.averaging.scheme = Scheme::MetropolisHastings;
+        assert!(RoundRules::from_manifest(&m).final_reduce);
+        assert_eq!(RoundRules::from_manifest(&m).fanout, DEFAULT_MIXING_DEGREE);
+        m.averaging.aggregation = Aggregation::Median;
+        let r = RoundRules::from_manifest(&m);
+        assert!(!r.final_reduce);
+        assert_eq!(r.total_rounds(16), r.training_rounds);
+    }
+}
