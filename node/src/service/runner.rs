@@ -253,11 +253,11 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         set_progress(node, &m.id, done, false);
         if trains {
             node.metrics.rounds_completed.inc();
+            node.metrics.peers_averaged.set(averaged as f64);
         }
         node.metrics.round.set(trainer.round() as f64);
         node.metrics.dice.set(f64::from(dice));
         node.metrics.loss.set(f64::from(loss));
-        node.metrics.peers_averaged.set(averaged as f64);
         tracing::info!(
             experiment = %m.id,
             round,
