@@ -237,3 +237,171 @@ fn traffic_table() {
         );
     }
 }
+
+/// The simulator predicts the product: the same manifest, data and seed, once through real
+/// nodes and once through `medmesh simulate`'s learning mode, give every site the same
+/// validation Dice in every round, bit for bit (both run the same round engine and trainer;
+/// each node process and the simulator compute on one thread, so float sums add up in the
+/// same order), and the same final agreement.
+#[test]
+fn the_simulator_predicts_what_the_nodes_do() {
+    use medmesh_protocol::manifest::Aggregation;
+    use medmesh_training::data::generate_site_cases;
+    use medmesh_training::data::msd::write_dataset;
+    use medmesh_training::data::synthetic::Preset;
+
+    let sites = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let scenario_path = dir.path().join("agree.toml");
+    std::fs::write(
+        &scenario_path,
+        r#"
+name = "agree"
+seed = 1
+mode = "learning"
+nodes = 4
+rounds = 3
+schemes = ["pairwise-gossip"]
+[topology]
+kind = "complete"
+[learning]
+task = "synthetic"
+presets = ["feature-shift"]
+cases = 8
+size = 32
+slices = 4
+base_channels = 8
+depth = 3
+local_steps = 3
+batch_size = 4
+learning_rate = 0.003
+"#,
+    )
+    .unwrap();
+    let scenario = medmesh_sim::Scenario::from_file(&scenario_path).unwrap();
+    let m =
+        medmesh_sim::engine::variant_manifest(&scenario, Scheme::PairwiseGossip, Aggregation::Mean)
+            .unwrap();
+
+    // The simulator, as a researcher runs it.
+    let sim_out = dir.path().join("sim");
+    let run = std::process::Command::new(BIN)
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["simulate", "--no-plots", "--scenario"])
+        .arg(&scenario_path)
+        .arg("--out")
+        .arg(&sim_out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let csv = std::fs::read_to_string(sim_out.join("pairwise-gossip_feature-shift.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let sim_rows: Vec<Vec<f64>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .map(|v| v.parse().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect();
+
+    // The nodes: node i holds the cases the simulator generates for its member index (its
+    // place among the sorted node keys).
+    let c = LocalConsortium::create(dir.path(), sites, 49900).unwrap();
+    let mut keys: Vec<_> = c.sites.iter().map(|s| s.public_key()).collect();
+    keys.sort_by_key(|k| k.to_bytes());
+    let l = &scenario.learning;
+    for (i, site) in c.sites.iter().enumerate() {
+        let member = keys.iter().position(|k| *k == site.public_key()).unwrap();
+        let cases = generate_site_cases(
+            None,
+            "feature-shift".parse::<Preset>().unwrap(),
+            member,
+            l.cases,
+            l.size,
+            l.slices,
+            scenario.seed,
+        );
+        let data = dir.path().join(format!("data/site-{}", i + 1));
+        write_dataset(
+            &data,
+            "agree",
+            "agreement test",
+            &["background", "lesion"],
+            &cases,
+        )
+        .unwrap();
+    }
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..sites {
+        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics: Vec<String> = (0..sites).map(|i| c.metrics_addr(i)).collect();
+    demo::wait_for_mesh(&rt, &metrics, &mut nodes, sites)
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&c, sites)));
+    let client = rt
+        .block_on(Client::connect(
+            &c.researcher,
+            &c.network_key,
+            c.roster.clone(),
+            c.addr(0),
+        ))
+        .unwrap();
+    rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let records = rt.block_on(client.status(Some(&m.id))).unwrap();
+        if records.len() == sites && records.iter().all(|p| p.record.finished) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "timed out\n{}", logs(&c, sites));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(nodes);
+
+    // Each node's per-round Dice, from its log ("round done ... round=R ... val_dice=D").
+    let field = |line: &str, name: &str| -> Option<String> {
+        let start = line.find(&format!(" {name}="))? + name.len() + 2;
+        Some(line[start..].split(' ').next()?.to_string())
+    };
+    let total = RoundRules::from_manifest(&m).total_rounds(sites) as usize;
+    assert_eq!(sim_rows.len(), total, "{csv}");
+    for (i, site) in c.sites.iter().enumerate() {
+        let member = keys.iter().position(|k| *k == site.public_key()).unwrap();
+        let column = header
+            .iter()
+            .position(|h| *h == format!("dice_site_{member}"))
+            .unwrap();
+        let log = std::fs::read_to_string(c.node_dir(i).join("node.log")).unwrap();
+        let node_dice: Vec<(usize, f32)> = log
+            .lines()
+            .filter(|l| l.contains("round done") && l.contains(&m.id))
+            .map(|l| {
+                (
+                    field(l, "round").unwrap().parse().unwrap(),
+                    field(l, "val_dice").unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(node_dice.len(), total, "site {}: {log}", i + 1);
+        for (round, dice) in node_dice {
+            let predicted = sim_rows[round - 1][column] as f32;
+            assert_eq!(
+                dice,
+                predicted,
+                "site {} (member {member}), round {round}: node {dice}, simulator {predicted}\n{csv}",
+                i + 1
+            );
+        }
+    }
+    // Both end in exact agreement.
+    let consensus = header.iter().position(|h| *h == "consensus_error").unwrap();
+    assert_eq!(sim_rows[total - 1][consensus], 0.0, "{csv}");
+}

@@ -52,6 +52,8 @@ pub struct RoundRow {
     pub mean_dice: Option<f64>,
     /// Worst honest site's Dice (learning mode).
     pub min_dice: Option<f64>,
+    /// Each honest site's Dice, by site index (learning mode).
+    pub site_dice: Vec<f64>,
     /// Bytes sent by all sites so far.
     pub bytes_total: u64,
     /// Sites online this round.
@@ -422,7 +424,7 @@ pub fn run_variant(
         bytes_total += bytes * transfers.pairs.len() as u64;
         let members: Vec<usize> = honest.iter().copied().filter(|&i| online[i]).collect();
         let consensus_error = arena.consensus_error(&members, None);
-        let (mut mean_dice, mut min_dice) = (None, None);
+        let (mut mean_dice, mut min_dice, mut site_dice) = (None, None, Vec::new());
         if let Some((ls, _)) = &mut learning {
             let mut scores = Vec::with_capacity(honest.len());
             for &i in &honest {
@@ -435,6 +437,7 @@ pub fn run_variant(
             let k = scores.len().max(1) as f64;
             mean_dice = Some(scores.iter().map(|(_, d)| d).sum::<f64>() / k);
             min_dice = Some(scores.iter().map(|(_, d)| *d).fold(f64::INFINITY, f64::min));
+            site_dice = scores.iter().map(|(_, d)| *d).collect();
             final_dice = scores;
         }
         rows.push(RoundRow {
@@ -443,6 +446,7 @@ pub fn run_variant(
             consensus_error,
             mean_dice,
             min_dice,
+            site_dice,
             bytes_total,
             online: online.iter().filter(|o| **o).count(),
         });

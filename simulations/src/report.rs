@@ -99,13 +99,16 @@ pub fn summarize(s: &Scenario, v: &VariantResult) -> Summary {
 
 /// The CSV time series of one variant.
 pub fn csv(v: &VariantResult) -> String {
-    let mut out = String::from(
-        "round,virtual_time_s,consensus_error,mean_dice,min_dice,bytes_total,online\n",
-    );
+    let mut out =
+        String::from("round,virtual_time_s,consensus_error,mean_dice,min_dice,bytes_total,online");
+    for (site, _) in &v.final_dice {
+        out.push_str(&format!(",dice_site_{site}"));
+    }
+    out.push('\n');
     let opt = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.6}"));
     for r in &v.rows {
         out.push_str(&format!(
-            "{},{:.3},{:.6e},{},{},{},{}\n",
+            "{},{:.3},{:.6e},{},{},{},{}",
             r.round,
             r.virtual_time_s,
             r.consensus_error,
@@ -114,6 +117,11 @@ pub fn csv(v: &VariantResult) -> String {
             r.bytes_total,
             r.online
         ));
+        // Each site's Dice at full precision: what a node logs for the same round.
+        for d in &r.site_dice {
+            out.push_str(&format!(",{d}"));
+        }
+        out.push('\n');
     }
     out
 }
