@@ -43,6 +43,9 @@ pub enum Command {
         /// Where to write it.
         #[arg(long, default_value = "node.toml")]
         out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the public key and peer id of an identity file.
     Whoami {
@@ -307,6 +310,9 @@ pub enum ExperimentCommand {
         /// Where to write the signed manifest (TOML).
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Verify a signed manifest against a roster, as a node does before it starts training.
     Verify {

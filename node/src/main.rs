@@ -66,14 +66,17 @@ fn main() -> ExitCode {
         } => train::evaluate(&model, &data, manifest.as_deref(), &device),
         Command::Keygen { out, force } => keys::keygen(&out, force),
         Command::Whoami { key } => keys::whoami(&key),
-        Command::Init { out } => init(&out),
+        Command::Init { out, force } => init(&out, force),
         Command::NetworkKey { out, force } => keys::network_key(&out, force),
         Command::Roster { command } => roster::run(command),
         Command::Experiment { command } => match command {
             ExperimentCommand::Check { manifest } => experiment::check(&manifest),
-            ExperimentCommand::Sign { manifest, key, out } => {
-                experiment::sign(&manifest, &key, &out)
-            }
+            ExperimentCommand::Sign {
+                manifest,
+                key,
+                out,
+                force,
+            } => experiment::sign(&manifest, &key, &out, force),
             ExperimentCommand::Verify { signed, roster } => experiment::verify(&signed, &roster),
             ExperimentCommand::Submit {
                 connect,
@@ -121,11 +124,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Writes the example configuration, refusing to replace an existing file.
-fn init(out: &std::path::Path) -> anyhow::Result<()> {
+/// Writes the example configuration, refusing to replace an existing file without `force`.
+fn init(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
     anyhow::ensure!(
-        !out.exists(),
-        "{} already exists; refusing to overwrite it",
+        force || !out.exists(),
+        "{} already exists; refusing to overwrite it (pass --force to replace it)",
         out.display()
     );
     std::fs::write(out, medmesh_node::config::EXAMPLE)

@@ -287,5 +287,38 @@ fn init_writes_a_config_once() {
     let text = std::fs::read_to_string(c.path("node.toml")).unwrap();
     assert!(text.contains("[network]") && text.contains("MEDMESH_"));
     let err = c.fails(&["init", "--out", "node.toml"]);
-    assert!(err.contains("already exists"), "{err}");
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    std::fs::write(c.path("node.toml"), "edited").unwrap();
+    c.ok(&["init", "--out", "node.toml", "--force"]);
+    let text = std::fs::read_to_string(c.path("node.toml")).unwrap();
+    assert!(text.contains("[network]"), "{text}");
+}
+
+#[test]
+fn signing_does_not_overwrite_a_file_without_force() {
+    let c = Consortium::new();
+    c.set_up();
+    c.sign("researcher.key", "signed.toml");
+    let manifest = manifest();
+    let args = [
+        "experiment",
+        "sign",
+        "--manifest",
+        &manifest,
+        "--key",
+        "researcher.key",
+        "--out",
+        "signed.toml",
+    ];
+    let err = c.fails(&args);
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    c.ok(&forced);
 }

@@ -334,6 +334,15 @@ impl RoundRules {
         u64::from(p.trailing_zeros()) + if extra > 0 { 2 } else { 0 }
     }
 
+    /// Whether every training round mixes by Metropolis-Hastings weights on the whole of
+    /// `overlay` (a fanout of at least its largest degree): a fixed mixing matrix, whose
+    /// spectral gap then predicts the rate of consensus.
+    pub fn mixes_on_the_whole_overlay(&self, overlay: Overlay<'_>) -> bool {
+        self.scheme == Scheme::MetropolisHastings
+            && self.aggregation == Aggregation::Mean
+            && overlay.max_degree() <= self.fanout
+    }
+
     /// Training rounds plus reduce steps.
     pub fn total_rounds(&self, members: usize) -> u64 {
         self.training_rounds + self.reduce_steps(members)
@@ -376,7 +385,7 @@ impl RoundRules {
                 let mut g = RoundGraph::empty(round, Shape::Mixing, n);
                 if overlay.max_degree() <= self.fanout {
                     // Every site has at most `fanout` edges: the whole overlay, every round
-                    // (classic D-PSGD on a fixed graph).
+                    // (classic D-PSGD on a fixed graph). Robust rules use it too.
                     for i in 0..n {
                         for j in overlay.neighbours_of(i) {
                             g.add_edge(j, i);
@@ -821,9 +830,9 @@ mod tests {
             let r = rules(scheme, 2);
             for round in 1..5 {
                 let g = r.graph(round, Overlay::Restricted(&ring));
-                for i in 0..10 {
+                for (i, edges) in ring.iter().enumerate() {
                     for j in g.neighbours(i) {
-                        assert!(ring[i].contains(&j), "{scheme:?}: {i}-{j}");
+                        assert!(edges.contains(&j), "{scheme:?}: {i}-{j}");
                     }
                 }
             }

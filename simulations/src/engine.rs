@@ -110,24 +110,17 @@ fn aggregates(method: Method) -> bool {
     }
 }
 
-/// The round rules of a variant: from the learning manifest (what a node would run), or in
-/// consensus mode from the scenario alone (no final reduce: a consensus study measures the
-/// gossip itself). Baselines use the rules for their aggregation rule only.
+/// The round rules of a gossip variant: from the learning manifest (what a node would run),
+/// or in consensus mode from the scenario alone (no final reduce: a consensus study
+/// measures the gossip itself).
 pub fn variant_rules(
     s: &Scenario,
-    method: Method,
+    scheme: Scheme,
     aggregation: Aggregation,
 ) -> Result<RoundRules, SimError> {
-    let (scheme, gossip) = match method {
-        Method::Gossip(scheme) => (scheme, true),
-        Method::Fedavg | Method::LocalOnly => (Scheme::PairwiseGossip, false),
-    };
-    let mut rules = match s.mode {
-        Mode::Learning if gossip => {
-            let m = variant_manifest(s, scheme, aggregation)?;
-            RoundRules::from_manifest(&m)
-        }
-        _ => RoundRules {
+    Ok(match s.mode {
+        Mode::Learning => RoundRules::from_manifest(&variant_manifest(s, scheme, aggregation)?),
+        Mode::Consensus => RoundRules {
             scheme,
             seed: s.seed,
             fanout: s.fanout,
@@ -137,11 +130,7 @@ pub fn variant_rules(
             training_rounds: u64::from(s.rounds),
             final_reduce: false,
         },
-    };
-    if !gossip {
-        rules.final_reduce = false;
-    }
-    Ok(rules)
+    })
 }
 
 /// The manifest a consortium would sign for this variant.
@@ -282,7 +271,10 @@ pub fn run_variant(
         Method::Fedavg => topology::star(n, 0)?,
         _ => build_topology(s)?,
     };
-    let rules = variant_rules(s, method, aggregation)?;
+    let rules = match method {
+        Method::Gossip(scheme) => Some(variant_rules(s, scheme, aggregation)?),
+        Method::Fedavg | Method::LocalOnly => None,
+    };
     let sites: Vec<Site> = links::draw_sites(n, &s.network, s.seed);
     let byzantine = byzantine_sites(s);
     let mut learning = match (s.mode, preset) {
@@ -326,9 +318,12 @@ pub fn run_variant(
     let mut attack_rng = Rng::derive(s.seed, 0xA77);
     let mut clock = vec![0.0f64; n];
     let mut bytes_total = 0u64;
-    let rounds = match method {
-        Method::Gossip(_) => rules.total_rounds(n),
-        Method::Fedavg | Method::LocalOnly => u64::from(s.rounds),
+    let rounds = rules
+        .as_ref()
+        .map_or(u64::from(s.rounds), |r| r.total_rounds(n));
+    let overlay = match s.topology {
+        Topology::Complete => Overlay::Complete(n),
+        _ => Overlay::Restricted(&adjacency),
     };
     let mut rows = Vec::with_capacity(rounds as usize);
     let honest: Vec<usize> = (0..n).filter(|&i| !byzantine[i]).collect();
@@ -345,7 +340,9 @@ pub fn run_variant(
         for i in back {
             clock[i] = clock[i].max(now);
         }
-        let trains = rules.phase(round) == Phase::Train;
+        let trains = rules
+            .as_ref()
+            .is_none_or(|r| r.phase(round) == Phase::Train);
         if trains && let Some((ls, _)) = &mut learning {
             for i in honest.iter().copied().filter(|&i| online[i]) {
                 let site = &mut ls[i];
@@ -378,11 +375,10 @@ pub fn run_variant(
             .collect();
         let step = Round {
             method,
-            rules: &rules,
-            overlay: match s.topology {
-                Topology::Complete => Overlay::Complete(n),
-                _ => Overlay::Restricted(&adjacency),
-            },
+            rules: rules.as_ref(),
+            aggregation,
+            trim_fraction: s.byzantine.trim_fraction,
+            overlay,
             sample_weights: &sample_weights,
             round,
             online: &online,
@@ -455,10 +451,9 @@ pub fn run_variant(
 
     // The spectral prediction holds where Metropolis-Hastings mixes on a fixed graph: the
     // whole topology every round (a fanout of at least its largest degree).
-    let max_degree = adjacency.iter().map(Vec::len).max().unwrap_or(0);
-    let slem = (method == Method::Gossip(Scheme::MetropolisHastings)
-        && aggregation == Aggregation::Mean
-        && rules.fanout >= max_degree)
+    let slem = rules
+        .as_ref()
+        .is_some_and(|r| r.mixes_on_the_whole_overlay(overlay))
         .then(|| metropolis_hastings_weights(&adjacency).map(|w| spectral::slem(&w, 2000)))
         .transpose()?;
     let mut name = method.as_str().to_string();

@@ -41,10 +41,10 @@ pub fn run(
     let mut total = 0;
     for (method, rule, _) in &variants {
         total += match method {
-            scenario::Method::Gossip(_) => {
-                engine::variant_rules(scenario, *method, *rule)?.total_rounds(scenario.nodes)
+            scenario::Method::Gossip(scheme) => {
+                engine::variant_rules(scenario, *scheme, *rule)?.total_rounds(scenario.nodes)
             }
-            _ => u64::from(scenario.rounds),
+            scenario::Method::Fedavg | scenario::Method::LocalOnly => u64::from(scenario.rounds),
         };
     }
     let mut done = 0;
@@ -79,6 +79,9 @@ pub fn run_to_dir(
     plots: bool,
     on_round: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
+    if plots {
+        plot::ensure_font()?;
+    }
     let (report, results) = run(scenario, on_round)?;
     report::write(out, &report, &results)?;
     if plots {

@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 
 use medmesh_protocol::averaging::AveragingError;
+use medmesh_protocol::manifest::Aggregation;
 use medmesh_protocol::round::{Incoming, Overlay, RoundRules, aggregate};
 
 use crate::arena::Arena;
@@ -21,8 +22,12 @@ pub type Accept<'a> = dyn Fn(&[f32], &[f32]) -> bool + Sync + 'a;
 pub struct Round<'a> {
     /// What the variant runs.
     pub method: Method,
-    /// The experiment's round rules (baselines use their aggregation rule only).
-    pub rules: &'a RoundRules,
+    /// The round rules of a gossip scheme (`None` for the baselines).
+    pub rules: Option<&'a RoundRules>,
+    /// FedAvg's rule.
+    pub aggregation: Aggregation,
+    /// FedAvg's trimmed-mean fraction.
+    pub trim_fraction: f64,
     /// The graph rounds draw their edges from.
     pub overlay: Overlay<'a>,
     /// Training samples per site (FedAvg's weights).
@@ -42,21 +47,26 @@ pub fn exchange(
     arena: &mut Arena,
     mass: &mut [f64],
 ) -> Result<Transfers, AveragingError> {
-    match r.method {
-        Method::LocalOnly => Ok(Transfers::default()),
-        Method::Fedavg => fedavg(r, arena),
-        Method::Gossip(_) => gossip(r, arena, mass),
+    match (r.method, r.rules) {
+        (Method::Gossip(_), Some(rules)) => gossip(r, rules, arena, mass),
+        (Method::Fedavg, _) => fedavg(r, arena),
+        (Method::LocalOnly, _) | (Method::Gossip(_), None) => Ok(Transfers::default()),
     }
 }
 
-fn gossip(r: &Round<'_>, arena: &mut Arena, mass: &mut [f64]) -> Result<Transfers, AveragingError> {
+fn gossip(
+    r: &Round<'_>,
+    rules: &RoundRules,
+    arena: &mut Arena,
+    mass: &mut [f64],
+) -> Result<Transfers, AveragingError> {
     let n = arena.nodes();
-    let graph = r.rules.graph(r.round, r.overlay);
+    let graph = rules.graph(r.round, r.overlay);
     let online = r.online;
     let split: Vec<(f64, f64)> = (0..n)
         .map(|i| {
             if online[i] {
-                r.rules.split_mass(&graph, i, mass[i])
+                rules.split_mass(&graph, i, mass[i])
             } else {
                 (mass[i], 0.0)
             }
@@ -102,7 +112,7 @@ fn gossip(r: &Round<'_>, arena: &mut Arena, mass: &mut [f64]) -> Result<Transfer
                 weight: split[j].1,
             })
             .collect();
-        r.rules
+        rules
             .combine(&graph, i, a.row(i), split[i].0, &mut incoming, out)
             .map(|merged| merged.weight)
     });
@@ -125,12 +135,7 @@ fn fedavg(r: &Round<'_>, arena: &mut Arena) -> Result<Transfers, AveragingError>
         .map(|&i| (arena.row(i), r.sample_weights[i]))
         .collect();
     let mut global = vec![0f32; arena.dim()];
-    aggregate(
-        r.rules.aggregation,
-        r.rules.trim_fraction,
-        &inputs,
-        &mut global,
-    )?;
+    aggregate(r.aggregation, r.trim_fraction, &inputs, &mut global)?;
     for &i in &everyone {
         arena.row_mut(i).copy_from_slice(&global);
         if i != 0 {
@@ -145,7 +150,7 @@ fn fedavg(r: &Round<'_>, arena: &mut Arena) -> Result<Transfers, AveragingError>
 mod tests {
     use super::*;
     use crate::topology::{complete, ring};
-    use medmesh_protocol::manifest::{Aggregation, Scheme};
+    use medmesh_protocol::manifest::Scheme;
 
     fn rows(n: usize, dim: usize) -> Vec<Vec<f32>> {
         (0..n)
@@ -186,21 +191,24 @@ mod tests {
         w: &[f64],
         online: &[bool],
         arena: &mut Arena,
-        mass: &mut [f64],
         rounds: u64,
     ) -> Transfers {
+        // Every site's mass starts as its sample count.
+        let mut mass = w.to_vec();
         let mut last = Transfers::default();
         for round in 1..=rounds {
             let r = Round {
                 method,
-                rules,
+                rules: Some(rules),
+                aggregation: rules.aggregation,
+                trim_fraction: rules.trim_fraction,
                 overlay: Overlay::Restricted(adj),
                 sample_weights: w,
                 round,
                 online,
                 accept: None,
             };
-            last = exchange(&r, arena, mass).unwrap();
+            last = exchange(&r, arena, &mut mass).unwrap();
         }
         last
     }
@@ -218,7 +226,6 @@ mod tests {
             Scheme::MetropolisHastings,
         ] {
             let mut a = Arena::new(&init);
-            let mut mass = w.clone();
             run(
                 Method::Gossip(scheme),
                 &rules(scheme),
@@ -226,7 +233,6 @@ mod tests {
                 &w,
                 &[true; 16],
                 &mut a,
-                &mut mass,
                 80,
             );
             for i in 0..n {
@@ -251,7 +257,6 @@ mod tests {
             &w,
             &[true; 6],
             &mut a,
-            &mut w.clone(),
             1,
         );
         assert_eq!(t.pairs.len(), 2 * (n - 1));
@@ -279,7 +284,6 @@ mod tests {
                 &w,
                 &online,
                 &mut a,
-                &mut w.clone(),
                 1,
             );
             assert_eq!(a.row(2), init[2].as_slice());
@@ -297,7 +301,6 @@ mod tests {
                 &w,
                 &online,
                 &mut a,
-                &mut w.clone(),
                 1,
             );
             assert_eq!(a.row(partner), init[partner].as_slice());

@@ -20,7 +20,9 @@ const FONTS: &[&str] = &[
 
 type PlotResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-fn ensure_font() -> PlotResult {
+/// Loads the plot font, once; an error names the files looked for. `run_to_dir` calls it
+/// before simulating, so a missing font stops a run at its start, not after it.
+pub fn ensure_font() -> PlotResult {
     static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED
         .get_or_init(|| {

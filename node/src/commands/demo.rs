@@ -233,8 +233,8 @@ pub fn demo_manifest(rounds: u32, scheme: Scheme) -> Result<Manifest> {
     let mut m = Manifest::parse(include_str!("../../../examples/synthetic-quickstart.toml"))?;
     m.id = EXPERIMENT.into();
     m.averaging.scheme = scheme;
-    // Epidemic needs a fanout; two peers a round, as metropolis-hastings' default.
-    m.averaging.fanout = (scheme == Scheme::Epidemic).then_some(2);
+    // Two peers a round where the scheme takes a fanout (epidemic needs one).
+    m.averaging.fanout = scheme.takes_fanout().then_some(2);
     m.averaging.rounds = rounds;
     m.averaging.round_timeout_secs = 120;
     m.stop.target_metric = None;

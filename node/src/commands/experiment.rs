@@ -15,8 +15,14 @@ pub fn check(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Signs a manifest with a researcher key and writes the signed manifest as TOML.
-pub fn sign(manifest: &Path, key: &Path, out: &Path) -> Result<()> {
+/// Signs a manifest with a researcher key and writes the signed manifest as TOML, refusing
+/// to replace an existing file without `force`.
+pub fn sign(manifest: &Path, key: &Path, out: &Path, force: bool) -> Result<()> {
+    anyhow::ensure!(
+        force || !out.exists(),
+        "{} already exists; refusing to overwrite it (pass --force to replace it)",
+        out.display()
+    );
     let manifest = load_manifest(manifest)?;
     let researcher = keystore::load_identity(key)?;
     let signed = SignedManifest::sign(manifest, &researcher);
