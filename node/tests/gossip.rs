@@ -17,8 +17,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 
 const ROUNDS: u32 = 3;
 
-fn manifest(scheme: Scheme, fanout: Option<u32>) -> Manifest {
-    let mut m = demo::demo_manifest(ROUNDS, scheme).unwrap();
+fn manifest(scheme: Scheme, fanout: Option<u32>, rounds: u32) -> Manifest {
+    let mut m = demo::demo_manifest(rounds, scheme).unwrap();
     m.id = format!("gossip-{}", scheme.as_str());
     m.task.input_size = [32, 32];
     m.training.batch_size = 4;
@@ -54,8 +54,9 @@ struct Outcome {
     rounds: f64,
     /// Per node: bytes sent and received over the experiment.
     bytes: Vec<(f64, f64)>,
-    /// Per node: the most node members it was connected to at once (sampled).
-    connections: Vec<f64>,
+    /// Per node: node members it was connected to from the end of round 1 to the end of
+    /// the experiment, averaged over samples every 250 ms, and the most at once.
+    connections: Vec<(f64, f64)>,
 }
 
 fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
@@ -81,14 +82,17 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
     rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
-    let mut connections = vec![0f64; sites];
+    let mut samples = vec![Vec::new(); sites];
     loop {
-        for (i, addr) in metrics.iter().enumerate() {
-            let text = rt.block_on(demo::scrape(addr)).unwrap_or_default();
-            let now = parse_value(&text, "medmesh_peers_connected").unwrap_or(0.0);
-            connections[i] = connections[i].max(now);
-        }
         let records = rt.block_on(client.status(Some(&m.id))).unwrap();
+        // Connections while rounds run: from the moment every site has finished round 1
+        // (before, Kademlia's bootstrap has connected a small consortium fully).
+        if records.len() == sites && records.iter().all(|p| p.record.round >= 1) {
+            for (i, addr) in metrics.iter().enumerate() {
+                let text = rt.block_on(demo::scrape(addr)).unwrap_or_default();
+                samples[i].push(parse_value(&text, "medmesh_peers_connected").unwrap_or(0.0));
+            }
+        }
         if records.len() == sites && records.iter().all(|p| p.record.finished) {
             break;
         }
@@ -112,7 +116,10 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
             ))
             .unwrap();
         let (model, provenance) = rt.block_on(node.export(&m.id)).unwrap();
-        assert_eq!(provenance.provenance.rounds_completed, u64::from(ROUNDS));
+        assert_eq!(
+            provenance.provenance.rounds_completed,
+            u64::from(m.averaging.rounds)
+        );
         let path = dir.path().join(format!("model-{i}.safetensors"));
         std::fs::write(&path, model).unwrap();
         models.push(path);
@@ -125,6 +132,13 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
                 parse_value(&text, "medmesh_bytes_sent_total").unwrap(),
                 parse_value(&text, "medmesh_bytes_received_total").unwrap(),
             )
+        })
+        .collect();
+    let connections = samples
+        .iter()
+        .map(|v| {
+            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+            (mean, v.iter().copied().fold(0.0, f64::max))
         })
         .collect();
     let outcome = Outcome {
@@ -149,7 +163,7 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
 /// Five sites (not a power of two: the final reduce folds and unfolds), `scheme` end to end.
 fn ends_in_agreement(scheme: Scheme, port: u16) {
     let sites = 5;
-    let m = manifest(scheme, None);
+    let m = manifest(scheme, None, ROUNDS);
     let out = run_consortium(&m, sites, port);
     assert!(out.distance <= 0.01, "{scheme:?}: {}", out.distance);
     // Traffic follows the round graph: a site downloads about `fanout` models a training
@@ -185,8 +199,9 @@ fn epidemic_ends_in_agreement() {
     ends_in_agreement(Scheme::Epidemic, 49760);
 }
 
-/// The README's traffic table: per scheme and consortium size, what a node sends and
-/// receives per round (in models and MB) and how many members it was connected to at most.
+/// The README's traffic table: per scheme and consortium size (6 training rounds, then the
+/// final reduce), what a node sends and receives per round (in models and MB, over every
+/// round) and how many members it is connected to while rounds run.
 /// Minutes of work on 2 cores, so it runs on demand:
 /// `cargo test --release -p medmesh-node --test gossip -- --ignored --nocapture`.
 #[test]
@@ -194,7 +209,7 @@ fn epidemic_ends_in_agreement() {
 fn traffic_table() {
     let mut port = 49800;
     println!(
-        "| scheme | sites | sent / node / round | received / node / round | connections / node (max) |"
+        "| scheme | sites | sent / node / round | received / node / round | connections / node after round 1: mean (most at once) |"
     );
     println!("| --- | --- | --- | --- | --- |");
     let variants = [
@@ -215,15 +230,15 @@ fn traffic_table() {
     for (scheme, fanout, label) in variants {
         let mut received_by_size = Vec::new();
         for sites in [4usize, 8, 16] {
-            let out = run_consortium(&manifest(scheme, fanout), sites, port);
+            let out = run_consortium(&manifest(scheme, fanout, 6), sites, port);
             port += 20;
             let n = sites as f64;
             let sent: f64 = out.bytes.iter().map(|b| b.0).sum::<f64>() / n / out.rounds;
             let received: f64 = out.bytes.iter().map(|b| b.1).sum::<f64>() / n / out.rounds;
-            let connections = out.connections.iter().sum::<f64>() / n;
-            let max_connections = out.connections.iter().copied().fold(0.0, f64::max);
+            let connections = out.connections.iter().map(|c| c.0).sum::<f64>() / n;
+            let max_connections = out.connections.iter().map(|c| c.1).fold(0.0, f64::max);
             println!(
-                "| {label} | {sites} | {:.2} models ({:.2} MB) | {:.2} models ({:.2} MB) | {connections:.1} (max {max_connections}) |",
+                "| {label} | {sites} | {:.2} models ({:.2} MB) | {:.2} models ({:.2} MB) | {connections:.1} ({max_connections}) |",
                 sent / out.model_bytes,
                 sent / 1e6,
                 received / out.model_bytes,

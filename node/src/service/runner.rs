@@ -125,6 +125,14 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         let graph = rules.graph(round, Overlay::Complete(members.len()));
         let trains = rules.phase(round) == Phase::Train;
 
+        // 0. Connect to this round's neighbours (closing what no round needs) while training.
+        let neighbours: Vec<PeerId> = graph
+            .neighbours(me_at)
+            .iter()
+            .map(|&j| net::peer_id_of(&members[j]))
+            .collect();
+        node.runtime.block_on(node.net.want(neighbours));
+
         // 1. Train (not in the final reduce), and offer the result.
         let start = (trains && privatizer.is_some()).then(|| trainer.weights(selection));
         let stats = trains.then(|| trainer.train_round(&data.train, |_| {}));
@@ -160,12 +168,6 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         drop(shared);
 
         // 2. Gather from this round's sources (and push-sum shares that came late).
-        let neighbours: Vec<PeerId> = graph
-            .neighbours(me_at)
-            .iter()
-            .map(|&j| net::peer_id_of(&members[j]))
-            .collect();
-        node.runtime.block_on(node.net.want(neighbours));
         let deadline = Instant::now() + Duration::from_secs(m.averaging.round_timeout_secs.into());
         let view = RoundView {
             rules: &rules,
