@@ -54,15 +54,31 @@ struct Outcome {
     rounds: f64,
     /// Per node: bytes sent and received over the experiment.
     bytes: Vec<(f64, f64)>,
+    /// Per node: connections while rounds ran, mean and most (see [`Ran`]).
+    connections: Vec<(f64, f64)>,
+}
+
+/// A consortium of `sites` node processes in `dir`, their data written by `prepare`, `m`
+/// submitted and run to the end; the nodes are still running when it returns.
+struct Ran {
+    c: LocalConsortium,
+    nodes: Nodes,
+    rt: tokio::runtime::Runtime,
+    metrics: Vec<String>,
     /// Per node: node members it was connected to from the end of round 1 to the end of
     /// the experiment, averaged over samples every 250 ms, and the most at once.
     connections: Vec<(f64, f64)>,
 }
 
-fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    let c = LocalConsortium::create(dir.path(), sites, port).unwrap();
-    c.prepare_data(8, 32, 4).unwrap();
+fn run_experiment(
+    dir: &Path,
+    m: &Manifest,
+    sites: usize,
+    port: u16,
+    prepare: impl FnOnce(&LocalConsortium),
+) -> Ran {
+    let c = LocalConsortium::create(dir, sites, port).unwrap();
+    prepare(&c);
     let mut nodes = Nodes(Vec::new());
     for i in 0..sites {
         nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
@@ -104,7 +120,34 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    drop(client);
+    let connections = samples
+        .iter()
+        .map(|v| {
+            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+            (mean, v.iter().copied().fold(0.0, f64::max))
+        })
+        .collect();
+    Ran {
+        c,
+        nodes,
+        rt,
+        metrics,
+        connections,
+    }
+}
 
+fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let Ran {
+        c,
+        nodes,
+        rt,
+        metrics,
+        connections,
+    } = run_experiment(dir.path(), m, sites, port, |c| {
+        c.prepare_data(8, 32, 4).unwrap();
+    });
     let mut models = Vec::new();
     for i in 0..sites {
         let node = rt
@@ -134,13 +177,6 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
             )
         })
         .collect();
-    let connections = samples
-        .iter()
-        .map(|v| {
-            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-            (mean, v.iter().copied().fold(0.0, f64::max))
-        })
-        .collect();
     let outcome = Outcome {
         distance: demo::consensus_distance(&models).unwrap(),
         model_bytes: std::fs::metadata(&models[0]).unwrap().len() as f64,
@@ -158,6 +194,13 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
     }
     drop(nodes);
     outcome
+}
+
+/// The node keys sorted: the round engine's member indices.
+fn sorted_keys(c: &LocalConsortium) -> Vec<medmesh_crypto::PublicKey> {
+    let mut keys: Vec<_> = c.sites.iter().map(|s| s.public_key()).collect();
+    keys.sort_by_key(|k| k.to_bytes());
+    keys
 }
 
 /// Five sites (not a power of two: the final reduce folds and unfolds), `scheme` end to end.
@@ -327,59 +370,34 @@ learning_rate = 0.003
 
     // The nodes: node i holds the cases the simulator generates for its member index (its
     // place among the sorted node keys).
-    let c = LocalConsortium::create(dir.path(), sites, 49900).unwrap();
-    let mut keys: Vec<_> = c.sites.iter().map(|s| s.public_key()).collect();
-    keys.sort_by_key(|k| k.to_bytes());
     let l = &scenario.learning;
-    for (i, site) in c.sites.iter().enumerate() {
-        let member = keys.iter().position(|k| *k == site.public_key()).unwrap();
-        let cases = generate_site_cases(
-            None,
-            "feature-shift".parse::<Preset>().unwrap(),
-            member,
-            l.cases,
-            l.size,
-            l.slices,
-            scenario.seed,
-        );
-        let data = dir.path().join(format!("data/site-{}", i + 1));
-        write_dataset(
-            &data,
-            "agree",
-            "agreement test",
-            &["background", "lesion"],
-            &cases,
-        )
-        .unwrap();
-    }
-    let mut nodes = Nodes(Vec::new());
-    for i in 0..sites {
-        nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let metrics: Vec<String> = (0..sites).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, sites)
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&c, sites)));
-    let client = rt
-        .block_on(Client::connect(
-            &c.researcher,
-            &c.network_key,
-            c.roster.clone(),
-            c.addr(0),
-        ))
-        .unwrap();
-    rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let records = rt.block_on(client.status(Some(&m.id))).unwrap();
-        if records.len() == sites && records.iter().all(|p| p.record.finished) {
-            break;
+    let write_data = |c: &LocalConsortium| {
+        let keys = sorted_keys(c);
+        for (i, site) in c.sites.iter().enumerate() {
+            let member = keys.iter().position(|k| *k == site.public_key()).unwrap();
+            let cases = generate_site_cases(
+                None,
+                "feature-shift".parse::<Preset>().unwrap(),
+                member,
+                l.cases,
+                l.size,
+                l.slices,
+                scenario.seed,
+            );
+            let data = dir.path().join(format!("data/site-{}", i + 1));
+            write_dataset(
+                &data,
+                "agree",
+                "agreement test",
+                &["background", "lesion"],
+                &cases,
+            )
+            .unwrap();
         }
-        assert!(Instant::now() < deadline, "timed out\n{}", logs(&c, sites));
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    };
+    let Ran { c, nodes, .. } = run_experiment(dir.path(), &m, sites, 49900, write_data);
     drop(nodes);
+    let keys = sorted_keys(&c);
 
     // Each node's per-round Dice, from its log ("round done ... round=R ... val_dice=D").
     let field = |line: &str, name: &str| -> Option<String> {

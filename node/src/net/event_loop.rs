@@ -204,14 +204,7 @@ impl EventLoop {
     /// Keeps the wanted members connected, and reaches the bootnodes again if every
     /// connection is gone.
     fn maintain(&mut self) {
-        let known = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .kbuckets()
-            .map(|b| b.num_entries())
-            .sum::<usize>();
-        self.metrics.routing_table_peers.set(known as f64);
+        self.count_routing_table();
         let wanted: Vec<PeerId> = self.wanted.0.iter().copied().collect();
         for peer in wanted {
             self.dial_wanted(peer);
@@ -225,6 +218,18 @@ impl EventLoop {
                 let _ = self.swarm.dial(opts);
             }
         }
+    }
+
+    /// Publishes the routing table's size (the demo and tests wait on it).
+    fn count_routing_table(&mut self) {
+        let known: usize = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
+        self.metrics.routing_table_peers.set(known as f64);
     }
 
     /// Dials a wanted node member: at the addresses it told, or those the DHT knows; with
@@ -434,14 +439,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
             })) => {
-                let known = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .kbuckets()
-                    .map(|b| b.num_entries())
-                    .sum::<usize>();
-                self.metrics.routing_table_peers.set(known as f64);
+                self.count_routing_table();
                 if self.wanted.0.contains(&peer) {
                     self.dial_wanted(peer);
                 }
