@@ -261,13 +261,12 @@ impl EventLoop {
         let now: HashSet<PeerId> = peers.into_iter().collect();
         let previous = std::mem::replace(&mut self.wanted.0, now);
         self.wanted.1 = previous;
-        let bootnodes: HashSet<PeerId> = self.bootnodes.iter().map(|(p, _)| *p).collect();
+        // Bootnodes are not kept either: once a node has joined, its routing table finds
+        // peers, and `maintain` dials the bootnodes again if every connection is gone.
         let stale: Vec<PeerId> = self
             .connected
             .iter()
-            .filter(|p| {
-                !self.wanted.0.contains(p) && !self.wanted.1.contains(p) && !bootnodes.contains(p)
-            })
+            .filter(|p| !self.wanted.0.contains(p) && !self.wanted.1.contains(p))
             .copied()
             .collect();
         for peer in stale {

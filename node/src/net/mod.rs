@@ -208,7 +208,7 @@ impl NetworkHandle {
     /// The node members this node talks to now (a round's neighbours): they are dialed if
     /// not connected, found through the DHT if their addresses are unknown, and connections
     /// to members wanted neither now nor by the previous call are closed. So a node's
-    /// connections follow its rounds' sparse graph (plus its bootnodes), not the roster.
+    /// connections follow its rounds' sparse graph, not the roster.
     pub async fn want(&self, peers: Vec<PeerId>) {
         let _ = self.commands.send(Command::Want { peers }).await;
     }
