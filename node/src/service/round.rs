@@ -252,6 +252,24 @@ mod tests {
         }
     }
 
+    /// Site 0's view of `graph`.
+    fn view<'a>(
+        rules: &'a RoundRules,
+        graph: &'a RoundGraph,
+        members: &'a [PublicKey],
+        layout: &'a ParamLayout,
+        norm_bound: Option<f64>,
+    ) -> RoundView<'a> {
+        RoundView {
+            rules,
+            graph,
+            members,
+            me: 0,
+            layout,
+            norm_bound,
+        }
+    }
+
     fn model(v: f32) -> Vec<f32> {
         vec![v; DIM]
     }
@@ -271,14 +289,7 @@ mod tests {
         let r = rules(Scheme::PairwiseGossip);
         let graph = r.graph(2, Overlay::Complete(4));
         let layout = layout();
-        let view = RoundView {
-            rules: &r,
-            graph: &graph,
-            members: &keys,
-            me: 0,
-            layout: &layout,
-            norm_bound: None,
-        };
+        let view = view(&r, &graph, &keys, &layout, None);
         let partner = keys[graph.sources(0)[0]];
         // Both got it: the sample-weighted midpoint.
         let mut net = FakeNet {
@@ -317,14 +328,7 @@ mod tests {
             .find(|(_, g)| !g.sources(0).is_empty())
             .unwrap();
         let layout = layout();
-        let view = RoundView {
-            rules: &r,
-            graph: &graph,
-            members: &keys,
-            me: 0,
-            layout: &layout,
-            norm_bound: None,
-        };
+        let view = view(&r, &graph, &keys, &layout, None);
         let pushers: Vec<PublicKey> = graph.sources(0).iter().map(|&j| keys[j]).collect();
         // Nothing arrives in time: the shares are owed, the mass is what the site kept.
         let mut net = FakeNet::default();
@@ -365,14 +369,7 @@ mod tests {
         r.fanout = 5;
         let graph = r.graph(1, Overlay::Complete(6));
         let layout = layout();
-        let view = RoundView {
-            rules: &r,
-            graph: &graph,
-            members: &keys,
-            me: 0,
-            layout: &layout,
-            norm_bound: Some(10.0),
-        };
+        let view = view(&r, &graph, &keys, &layout, Some(10.0));
         let mut net = FakeNet::default();
         let mut nan = received(keys[1], 1, 1.0, 1.0);
         nan.values[2] = f32::NAN;
@@ -407,14 +404,7 @@ mod tests {
         let r = rules(Scheme::PairwiseGossip);
         let graph = r.graph(1, Overlay::Complete(2));
         let layout = layout();
-        let view = RoundView {
-            rules: &r,
-            graph: &graph,
-            members: &keys,
-            me: 0,
-            layout: &layout,
-            norm_bound: None,
-        };
+        let view = view(&r, &graph, &keys, &layout, None);
         let mut net = FakeNet::default();
         net.models.insert(
             (keys[1], 1),
