@@ -21,8 +21,8 @@ use medmesh_node::net::{NetEvent, loopback};
 use medmesh_node::service::{Served, exchange, inbound};
 use medmesh_protocol::envelope::DEFAULT_CHUNK_SIZE;
 use medmesh_protocol::{
-    DType, Message, ParamLayout, TensorSpec, UpdateEnvelope, UpdateExpectation, UpdateHeader,
-    WeightEncoding,
+    DType, ParamLayout, Request, Response, TensorSpec, UpdateEnvelope, UpdateExpectation,
+    UpdateHeader, UpdateRequest, WeightEncoding,
 };
 use salsa20::XSalsa20;
 use salsa20::cipher::{KeyIvInit, StreamCipher};
@@ -76,13 +76,15 @@ fn transfer(c: &mut Criterion) {
         tokio::spawn(async move {
             while let Some(event) = requests.recv().await {
                 if let NetEvent::Request {
-                    message, channel, ..
+                    request, channel, ..
                 } = event
                 {
-                    let answer = match *message {
-                        Message::UpdateRequest { offset, .. } => inbound::chunk_of(&served, offset)
-                            .unwrap_or_else(|reason| Message::Refused { reason }),
-                        _ => Message::Refused {
+                    let answer = match *request {
+                        Request::Update(UpdateRequest::Chunk { offset, .. }) => {
+                            inbound::chunk_of(&served, offset)
+                                .unwrap_or_else(|reason| Response::Refused { reason })
+                        }
+                        _ => Response::Refused {
                             reason: "bench".into(),
                         },
                     };

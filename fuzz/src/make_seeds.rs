@@ -10,8 +10,9 @@ use medmesh_crypto::{Identity, Member, NetworkKey, Role, Roster, SignedRoster};
 use medmesh_protocol::envelope::MIN_CHUNK_SIZE;
 use medmesh_protocol::messages::UpdateChunk;
 use medmesh_protocol::{
-    Artifact, Manifest, Message, ProgressRecord, SignedManifest, SignedProgress, UpdateEnvelope,
-    UpdateHeader, WeightEncoding,
+    Announcement, AnnouncementAnswer, Artifact, ArtifactAnswer, ArtifactRequest, Manifest,
+    ProgressRecord, Request, Response, SignedManifest, SignedProgress, StatusAnswer, StatusQuery,
+    Unavailable, UpdateAnswer, UpdateEnvelope, UpdateHeader, UpdateRequest, WeightEncoding,
 };
 
 fn main() {
@@ -106,55 +107,88 @@ fn main() {
         finished: false,
         unix_ms: 1_800_000_000_000,
     };
-    let messages = [
-        Message::ManifestAnnouncement(SignedManifest::sign(manifest.clone(), &node)),
-        Message::RosterAnnouncement(signed_roster),
-        Message::Progress(SignedProgress::sign(record.clone(), &node)),
-        Message::UpdateOffer(envelope.clone()),
-        Message::UpdateQuery {
+    let requests = [
+        Request::Announce(Announcement::Manifest(Box::new(SignedManifest::sign(
+            manifest.clone(),
+            &node,
+        )))),
+        Request::Announce(Announcement::Roster(signed_roster)),
+        Request::Announce(Announcement::Progress(SignedProgress::sign(
+            record.clone(),
+            &node,
+        ))),
+        Request::Update(UpdateRequest::Offer {
             experiment_id: manifest.id.clone(),
             round: Some(4),
-        },
-        Message::UpdateRequest {
+        }),
+        Request::Update(UpdateRequest::Chunk {
             experiment_id: manifest.id.clone(),
             round: 4,
             offset: 4096,
-        },
-        Message::UpdateChunk(UpdateChunk {
+        }),
+        Request::Update(UpdateRequest::Exchange {
+            experiment_id: manifest.id.clone(),
+            round: 4,
+        }),
+        Request::Status(StatusQuery {
+            experiment_id: None,
+        }),
+        Request::Artifact(ArtifactRequest {
+            experiment_id: manifest.id.clone(),
+            artifact: Artifact::Model,
+            offset: 0,
+        }),
+    ];
+    let responses = [
+        Response::Announce(AnnouncementAnswer::Manifest {
+            experiment_id: manifest.id.clone(),
+            manifest_digest: manifest.digest(),
+            rejection: None,
+        }),
+        Response::Update(UpdateAnswer::Offer(envelope.clone())),
+        Response::Update(UpdateAnswer::Chunk(UpdateChunk {
             experiment_id: manifest.id.clone(),
             round: 4,
             offset: 0,
             bytes: vec![0x3f; 256],
+        })),
+        Response::Update(UpdateAnswer::Unavailable {
+            experiment_id: manifest.id.clone(),
+            reason: Unavailable::NotYetTrained,
+            latest_round: Some(3),
         }),
-        Message::ArtifactRequest {
-            experiment_id: manifest.id.clone(),
-            artifact: Artifact::Model,
-            offset: 0,
-        },
-        Message::StatusAnswer {
-            node: node.public_key(),
-            records: vec![SignedProgress::sign(record, &node)],
-        },
-        Message::Refused {
-            reason: "not a member".into(),
-        },
-        Message::Busy {
-            retry_after_ms: 250,
-        },
-        Message::ExchangeQuery {
-            experiment_id: manifest.id.clone(),
-            round: 4,
-        },
-        Message::ExchangeAnswer {
+        Response::Update(UpdateAnswer::Exchange {
             round: 4,
             state: medmesh_protocol::ExchangeState::Fetched,
+        }),
+        Response::Status(StatusAnswer {
+            node: node.public_key(),
+            records: vec![SignedProgress::sign(record, &node)],
+        }),
+        Response::Artifact(ArtifactAnswer::Chunk {
+            total_len: 300,
+            offset: 0,
+            bytes: vec![1; 64],
+        }),
+        Response::Refused {
+            reason: "not a member".into(),
+        },
+        Response::Busy {
+            retry_after_ms: 250,
         },
     ];
-    for (i, message) in messages.iter().enumerate() {
+    for (i, request) in requests.iter().enumerate() {
         write(
             "message",
-            &format!("kind-{i:02}"),
-            &message.encode().expect("encodes"),
+            &format!("request-{i:02}"),
+            &request.encode().expect("encodes"),
+        );
+    }
+    for (i, response) in responses.iter().enumerate() {
+        write(
+            "message",
+            &format!("response-{i:02}"),
+            &response.encode().expect("encodes"),
         );
     }
     for (i, encoding) in [

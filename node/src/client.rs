@@ -8,11 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{Identity, NetworkKey, Roster};
-use medmesh_protocol::{Artifact, Message, SignedManifest, SignedProgress, SignedProvenance};
+use medmesh_protocol::{
+    Announcement, AnnouncementAnswer, Artifact, ArtifactAnswer, ArtifactRequest, Request, Response,
+    SignedManifest, SignedProgress, SignedProvenance, StatusAnswer, StatusQuery,
+};
 
 use crate::metrics::Metrics;
 use crate::net::{self, BehaviourSettings, EventLoop, NetworkHandle, Protocols};
-use crate::service::exchange::describe;
 
 /// A connection to one node.
 pub struct Client {
@@ -71,7 +73,7 @@ impl Client {
         let responder_task = tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 if let net::NetEvent::Request { channel, .. } = event {
-                    let refusal = Message::Refused {
+                    let refusal = Response::Refused {
                         reason: "a researcher client serves nothing".into(),
                     };
                     responder.respond(channel, refusal).await;
@@ -105,10 +107,10 @@ impl Client {
         &self.net
     }
 
-    async fn ask(&self, m: Message) -> Result<Message> {
-        let answer = self.net.request(self.peer, m).await;
+    async fn ask(&self, request: Request) -> Result<Response> {
+        let answer = self.net.request(self.peer, request).await;
         match answer {
-            Ok(Message::Refused { reason }) => bail!("the node refused: {reason}"),
+            Ok(Response::Refused { reason }) => bail!("the node refused: {reason}"),
             Ok(other) => Ok(other),
             Err(e) => Err(e).context("no answer from the node (is this key on its roster?)"),
         }
@@ -117,34 +119,38 @@ impl Client {
     /// Hands a signed manifest to the node; Ok once the node accepted it.
     pub async fn submit(&self, signed: SignedManifest) -> Result<()> {
         let id = signed.manifest.id.clone();
-        match self.ask(Message::ManifestAnnouncement(signed)).await? {
-            Message::ManifestAck {
+        let request = Request::Announce(Announcement::Manifest(Box::new(signed)));
+        match self.ask(request).await? {
+            Response::Announce(AnnouncementAnswer::Manifest {
                 rejection: None, ..
-            } => Ok(()),
-            Message::ManifestAck {
+            }) => Ok(()),
+            Response::Announce(AnnouncementAnswer::Manifest {
                 rejection: Some(why),
                 ..
-            } => bail!("the node rejected experiment {id:?}: {why}"),
-            other => bail!("unexpected answer: {}", describe(&other)),
+            }) => bail!("the node rejected experiment {id:?}: {why}"),
+            other => bail!("unexpected answer: {}", other.describe()),
         }
     }
 
     /// Hands a newer roster to the node, which adopts it if its stewards endorsed it and
     /// spreads it; members it drops or revokes are disconnected.
     pub async fn announce_roster(&self, roster: medmesh_crypto::SignedRoster) -> Result<()> {
-        match self.ask(Message::RosterAnnouncement(roster)).await? {
-            Message::Ack => Ok(()),
-            other => bail!("unexpected answer: {}", describe(&other)),
+        match self
+            .ask(Request::Announce(Announcement::Roster(roster)))
+            .await?
+        {
+            Response::Announce(AnnouncementAnswer::Ack) => Ok(()),
+            other => bail!("unexpected answer: {}", other.describe()),
         }
     }
 
     /// Every site's latest progress the node knows of, signature-checked against the roster.
     pub async fn status(&self, experiment: Option<&str>) -> Result<Vec<SignedProgress>> {
-        let query = Message::StatusQuery {
+        let query = Request::Status(StatusQuery {
             experiment_id: experiment.map(str::to_owned),
-        };
+        });
         match self.ask(query).await? {
-            Message::StatusAnswer { records, .. } => {
+            Response::Status(StatusAnswer { records, .. }) => {
                 let mut good = Vec::with_capacity(records.len());
                 for r in records {
                     match r.verify(&self.roster) {
@@ -155,7 +161,7 @@ impl Client {
                 good.sort_by_key(|r| (r.record.experiment_id.clone(), self.site(&r.record.node)));
                 Ok(good)
             }
-            other => bail!("unexpected answer: {}", describe(&other)),
+            other => bail!("unexpected answer: {}", other.describe()),
         }
     }
 
@@ -170,17 +176,17 @@ impl Client {
     pub async fn artifact(&self, experiment: &str, artifact: Artifact) -> Result<Vec<u8>> {
         let mut bytes = Vec::new();
         loop {
-            let request = Message::ArtifactRequest {
+            let request = Request::Artifact(ArtifactRequest {
                 experiment_id: experiment.to_owned(),
                 artifact,
                 offset: bytes.len() as u64,
-            };
+            });
             match self.ask(request).await? {
-                Message::ArtifactChunk {
+                Response::Artifact(ArtifactAnswer::Chunk {
                     total_len,
                     offset,
                     bytes: chunk,
-                } => {
+                }) => {
                     if offset != bytes.len() as u64 || total_len > (4 << 30) {
                         bail!(
                             "the node sent a chunk at {offset} of {total_len} bytes, expected offset {}",
@@ -195,7 +201,7 @@ impl Client {
                         return Ok(bytes);
                     }
                 }
-                other => bail!("{}", describe(&other)),
+                other => bail!("{}", other.describe()),
             }
         }
     }

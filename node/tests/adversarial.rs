@@ -24,7 +24,9 @@ use medmesh_node::net::behaviour::Protocols;
 use medmesh_node::net::{peer_id_of, transport};
 use medmesh_node::service::{self, Hooks};
 use medmesh_protocol::manifest::Scheme;
-use medmesh_protocol::{Manifest, Message, SignedManifest, SignedProgress, UpdateEnvelope};
+use medmesh_protocol::{
+    Manifest, Request, Response, SignedManifest, SignedProgress, StatusQuery, UpdateEnvelope,
+};
 use tokio::io::AsyncWriteExt as _;
 
 const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
@@ -175,14 +177,14 @@ async fn send_bad_frames(c: &LocalConsortium, site: usize) {
             SwarmEvent::Behaviour(request_response::Event::Message {
                 message: request_response::Message::Response { response, .. },
                 ..
-            }) => answers.push(Message::decode(&response[4..]).unwrap()),
+            }) => answers.push(Response::decode(&response[4..]).unwrap()),
             _ => {}
         }
     }
     let reasons: Vec<String> = answers
         .into_iter()
         .map(|a| match a {
-            Message::Refused { reason } => reason,
+            Response::Refused { reason } => reason,
             other => panic!("expected a refusal, got {other:?}"),
         })
         .collect();
@@ -420,15 +422,15 @@ fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
     rt.block_on(async {
         for wave in 0..167 {
             let asks = (0..12).map(|_| {
-                let query = Message::StatusQuery {
+                let query = Request::Status(StatusQuery {
                     experiment_id: None,
-                };
+                });
                 flooder.network().request_once(flooder.peer(), query)
             });
             for answer in futures::future::join_all(asks).await {
                 match answer {
-                    Ok(Message::StatusAnswer { .. }) => answered += 1,
-                    Ok(Message::Busy { retry_after_ms }) => {
+                    Ok(Response::Status(_)) => answered += 1,
+                    Ok(Response::Busy { retry_after_ms }) => {
                         assert!((1..=60_000).contains(&retry_after_ms));
                         busy += 1;
                     }

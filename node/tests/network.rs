@@ -559,7 +559,7 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_the_node_recovers() {
 /// member fetches them off the wire.
 fn last_sent_change(c: &LocalConsortium, rt: &tokio::runtime::Runtime, m: &Manifest) -> f64 {
     use medmesh_node::service::exchange;
-    use medmesh_protocol::{Message, UpdateExpectation};
+    use medmesh_protocol::{Request, Response, UpdateAnswer, UpdateExpectation, UpdateRequest};
     use medmesh_training::params::{self, Selection};
 
     let client = researcher(c, rt, 0);
@@ -601,14 +601,14 @@ fn last_sent_change(c: &LocalConsortium, rt: &tokio::runtime::Runtime, m: &Manif
         encoding: m.averaging.encoding,
     };
     let fetch = |round: u64| {
-        let query = Message::UpdateQuery {
+        let query = Request::Update(UpdateRequest::Offer {
             experiment_id: m.id.clone(),
             round: Some(round),
-        };
+        });
         let answer = rt
             .block_on(member.network().request(member.peer(), query))
             .unwrap();
-        let Message::UpdateOffer(envelope) = answer else {
+        let Response::Update(UpdateAnswer::Offer(envelope)) = answer else {
             panic!("no offer for round {round}: {answer:?}");
         };
         rt.block_on(exchange::download(

@@ -10,8 +10,8 @@ use medmesh_node::service::{Served, inbound};
 use medmesh_protocol::envelope::DEFAULT_CHUNK_SIZE;
 use medmesh_protocol::messages::UpdateChunk;
 use medmesh_protocol::{
-    DType, Message, ParamLayout, TensorSpec, UpdateEnvelope, UpdateExpectation, UpdateHeader,
-    WeightEncoding,
+    DType, ParamLayout, Request, Response, TensorSpec, UpdateAnswer, UpdateEnvelope,
+    UpdateExpectation, UpdateHeader, UpdateRequest, WeightEncoding,
 };
 
 const PARAMS: usize = 1_500_000; // 6 MB: six chunks
@@ -67,12 +67,12 @@ async fn fetch_with(port: u16, faults: Vec<(u64, Fault)>) -> Result<Vec<f32>, Fe
         let mut done = HashSet::new();
         while let Some(event) = pair.server_requests.recv().await {
             let NetEvent::Request {
-                message, channel, ..
+                request, channel, ..
             } = event
             else {
                 continue;
             };
-            let Message::UpdateRequest { offset, .. } = *message else {
+            let Request::Update(UpdateRequest::Chunk { offset, .. }) = *request else {
                 continue;
             };
             let fault = faults
@@ -86,10 +86,16 @@ async fn fetch_with(port: u16, faults: Vec<(u64, Fault)>) -> Result<Vec<f32>, Fe
                     drop(channel);
                     continue;
                 }
-                (Some(Fault::FlipBit), Message::UpdateChunk(UpdateChunk { bytes, .. })) => {
+                (
+                    Some(Fault::FlipBit),
+                    Response::Update(UpdateAnswer::Chunk(UpdateChunk { bytes, .. })),
+                ) => {
                     bytes[100] ^= 1;
                 }
-                (Some(Fault::Truncate), Message::UpdateChunk(UpdateChunk { bytes, .. })) => {
+                (
+                    Some(Fault::Truncate),
+                    Response::Update(UpdateAnswer::Chunk(UpdateChunk { bytes, .. })),
+                ) => {
                     bytes.pop();
                 }
                 _ => {}

@@ -20,8 +20,8 @@ use medmesh_node::net::{NetEvent, loopback};
 use medmesh_node::service::{Served, exchange, inbound};
 use medmesh_protocol::envelope::chunk_size_for;
 use medmesh_protocol::{
-    DType, Message, ParamLayout, TensorSpec, UpdateEnvelope, UpdateExpectation, UpdateHeader,
-    WeightEncoding,
+    DType, ParamLayout, Request, Response, TensorSpec, UpdateEnvelope, UpdateExpectation,
+    UpdateHeader, UpdateRequest, WeightEncoding,
 };
 
 /// Counts live heap bytes and their high-water mark.
@@ -107,17 +107,19 @@ async fn measure(port: u16, params: usize) -> f64 {
     tokio::spawn(async move {
         while let Some(event) = pair.server_requests.recv().await {
             let NetEvent::Request {
-                message, channel, ..
+                request, channel, ..
             } = event
             else {
                 continue;
             };
             let (served, server) = (served.clone(), server.clone());
             tokio::spawn(async move {
-                let answer = match *message {
-                    Message::UpdateRequest { offset, .. } => inbound::chunk_of(&served, offset)
-                        .unwrap_or_else(|reason| Message::Refused { reason }),
-                    _ => Message::Refused {
+                let answer = match *request {
+                    Request::Update(UpdateRequest::Chunk { offset, .. }) => {
+                        inbound::chunk_of(&served, offset)
+                            .unwrap_or_else(|reason| Response::Refused { reason })
+                    }
+                    _ => Response::Refused {
                         reason: "unexpected".into(),
                     },
                 };

@@ -36,6 +36,10 @@ pub use envelope::{
 };
 pub use layout::{DType, ParamLayout, TensorSpec};
 pub use manifest::{Manifest, ManifestError, ManifestVerifyError, SignedManifest};
-pub use messages::{Artifact, ExchangeState, Message, WireError};
+pub use messages::{
+    Announcement, AnnouncementAnswer, Artifact, ArtifactAnswer, ArtifactRequest, ExchangeState,
+    Request, Response, StatusAnswer, StatusQuery, Unavailable, UpdateAnswer, UpdateRequest,
+    WireError,
+};
 pub use progress::{ProgressRecord, SignedProgress};
 pub use provenance::{Provenance, ProvenanceError, SignedProvenance};

@@ -11,17 +11,21 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, kad};
 use medmesh_crypto::Role;
-use medmesh_protocol::Message;
+use medmesh_protocol::Response;
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
-use super::codec::Frame;
+use super::codec::Inbound;
 use super::rate_limit::{PeerBudgets, RateLimit};
 use super::{Command, NetError, NetEvent, NetworkHandle};
 use crate::metrics::Metrics;
 
 /// Inbound requests waiting for the application; beyond this, peers are told "busy".
 const INBOUND_QUEUE: usize = 256;
+
+/// How long a connection to a member no round wants may stay open (see
+/// [`EventLoop::prune`]).
+const LINGER: Duration = Duration::from_secs(20);
 
 /// When a peer should ask again after the inbound queue was full.
 const QUEUE_FULL_RETRY_MS: u32 = 250;
@@ -31,11 +35,13 @@ pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
-    pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Message, NetError>>>,
+    /// Outbound requests by id: to whom, and where the answer goes.
+    pending_requests:
+        HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Response, NetError>>)>,
     pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, NetError>>>,
     members: HashMap<PeerId, Role>,
-    /// Node members with at least one connection.
-    connected: HashSet<PeerId>,
+    /// Node members with at least one connection, and since when.
+    connected: HashMap<PeerId, Instant>,
     bootnodes: Vec<(PeerId, Multiaddr)>,
     kad_protocol: StreamProtocol,
     identify_version: String,
@@ -77,7 +83,7 @@ impl EventLoop {
             pending_requests: HashMap::new(),
             pending_dials: HashMap::new(),
             members: HashMap::new(),
-            connected: HashSet::new(),
+            connected: HashMap::new(),
             bootnodes,
             kad_protocol: protocols.kad.clone(),
             identify_version: protocols.identify.clone(),
@@ -101,7 +107,7 @@ impl EventLoop {
     }
 
     /// Limits each peer's inbound requests to `limit`; beyond it, peers are answered
-    /// [`Message::Busy`].
+    /// [`Response::Busy`].
     pub fn set_rate_limit(&mut self, limit: RateLimit) {
         self.budgets = Some(PeerBudgets::new(limit));
     }
@@ -188,7 +194,10 @@ impl EventLoop {
 
     /// Dials a node member at the addresses it last told, if it is not connected.
     fn redial(&mut self, peer: PeerId) {
-        if !self.is_node(&peer) || self.connected.contains(&peer) || self.isolated.contains(&peer) {
+        if !self.is_node(&peer)
+            || self.connected.contains_key(&peer)
+            || self.isolated.contains(&peer)
+        {
             return;
         }
         let Some(addrs) = self.addresses.get(&peer) else {
@@ -205,6 +214,7 @@ impl EventLoop {
     /// connection is gone.
     fn maintain(&mut self) {
         self.count_routing_table();
+        self.prune();
         let wanted: Vec<PeerId> = self.wanted.0.iter().copied().collect();
         for peer in wanted {
             self.dial_wanted(peer);
@@ -217,6 +227,34 @@ impl EventLoop {
                     .build();
                 let _ = self.swarm.dial(opts);
             }
+        }
+    }
+
+    /// Closes connections to members no round wants (a DHT query's, a status pull's, a
+    /// greeting's) once they are [`LINGER`] old and this node awaits no answer on them, so a
+    /// running node's connections follow its rounds' graph rather than everyone it met. An
+    /// idle node (no round) leaves them to the idle timeout.
+    fn prune(&mut self) {
+        let (now_wanted, before) = &self.wanted;
+        if now_wanted.is_empty() && before.is_empty() {
+            return;
+        }
+        let awaited: HashSet<PeerId> = self.pending_requests.values().map(|(p, _)| *p).collect();
+        let now = Instant::now();
+        let stale: Vec<PeerId> = self
+            .connected
+            .iter()
+            .filter(|(p, since)| {
+                now.duration_since(**since) >= LINGER
+                    && !now_wanted.contains(p)
+                    && !before.contains(p)
+                    && !awaited.contains(p)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in stale {
+            tracing::debug!(%peer, "closing a lingering connection no round needs");
+            let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
 
@@ -235,7 +273,10 @@ impl EventLoop {
     /// Dials a wanted node member: at the addresses it told, or those the DHT knows; with
     /// neither, looks it up in the DHT first (the dial follows once the lookup finds it).
     fn dial_wanted(&mut self, peer: PeerId) {
-        if !self.is_node(&peer) || self.connected.contains(&peer) || self.isolated.contains(&peer) {
+        if !self.is_node(&peer)
+            || self.connected.contains_key(&peer)
+            || self.isolated.contains(&peer)
+        {
             return;
         }
         let told = self.addresses.get(&peer).cloned().unwrap_or_default();
@@ -265,7 +306,7 @@ impl EventLoop {
         // peers, and `maintain` dials the bootnodes again if every connection is gone.
         let stale: Vec<PeerId> = self
             .connected
-            .iter()
+            .keys()
             .filter(|p| !self.wanted.0.contains(p) && !self.wanted.1.contains(p))
             .copied()
             .collect();
@@ -283,23 +324,23 @@ impl EventLoop {
         match command {
             Command::Request {
                 peer,
-                message,
+                request,
                 reply,
             } => {
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .rpc
-                    .send_request(&peer, Frame::Message(Box::new(message)));
-                self.pending_requests.insert(id, reply);
+                    .send_request(&peer, Inbound::Request(Box::new(request)));
+                self.pending_requests.insert(id, (peer, reply));
             }
-            Command::Respond { channel, message } => {
+            Command::Respond { channel, response } => {
                 // Err: the requester went away meanwhile; nothing to do.
                 let _ = self
                     .swarm
                     .behaviour_mut()
                     .rpc
-                    .send_response(channel, message);
+                    .send_response(channel, response);
             }
             Command::Dial { addr, reply } => {
                 let peer = addr.iter().find_map(|p| match p {
@@ -327,7 +368,7 @@ impl EventLoop {
                 }
             }
             Command::ConnectedNodes { reply } => {
-                let mut nodes: Vec<PeerId> = self.connected.iter().copied().collect();
+                let mut nodes: Vec<PeerId> = self.connected.keys().copied().collect();
                 nodes.sort();
                 let _ = reply.send(nodes);
             }
@@ -352,7 +393,7 @@ impl EventLoop {
                     let _ = reply.send(Ok(peer_id));
                 }
                 if num_established.get() == 1 && self.is_node(&peer_id) {
-                    self.connected.insert(peer_id);
+                    self.connected.insert(peer_id, Instant::now());
                     self.metrics
                         .peers_connected
                         .set(self.connected.len() as f64);
@@ -364,7 +405,7 @@ impl EventLoop {
                 peer_id,
                 num_established: 0,
                 ..
-            } if self.connected.remove(&peer_id) => {
+            } if self.connected.remove(&peer_id).is_some() => {
                 self.metrics
                     .peers_connected
                     .set(self.connected.len() as f64);
@@ -447,11 +488,11 @@ impl EventLoop {
         }
     }
 
-    fn on_rpc(&mut self, event: request_response::Event<Frame, Message>) {
+    fn on_rpc(&mut self, event: request_response::Event<Inbound, Response>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request: Frame::Refused { reason, detail },
+                    request: Inbound::Refused { reason, detail },
                     channel,
                     ..
                 } => {
@@ -459,7 +500,7 @@ impl EventLoop {
                     if self.logged.insert((peer, reason)) {
                         tracing::warn!(%peer, reason, "dropped a bad frame: {detail}");
                     }
-                    let refused = Message::Refused { reason: detail };
+                    let refused = Response::Refused { reason: detail };
                     let _ = self
                         .swarm
                         .behaviour_mut()
@@ -467,7 +508,7 @@ impl EventLoop {
                         .send_response(channel, refused);
                 }
                 request_response::Message::Request {
-                    request: Frame::Message(request),
+                    request: Inbound::Request(request),
                     channel,
                     ..
                 } => {
@@ -478,7 +519,7 @@ impl EventLoop {
                         if self.logged.insert((peer, "rate_limited")) {
                             tracing::warn!(%peer, "peer exceeds its request rate; answering busy");
                         }
-                        let busy = Message::Busy {
+                        let busy = Response::Busy {
                             retry_after_ms: wait.as_millis().clamp(1, 60_000) as u32,
                         };
                         let _ = self.swarm.behaviour_mut().rpc.send_response(channel, busy);
@@ -486,7 +527,7 @@ impl EventLoop {
                     }
                     let event = NetEvent::Request {
                         peer,
-                        message: request,
+                        request,
                         channel,
                     };
                     if let Err(mpsc::error::TrySendError::Full(NetEvent::Request {
@@ -494,7 +535,7 @@ impl EventLoop {
                     })) = self.events.try_send(event)
                     {
                         self.metrics.rejected("busy");
-                        let busy = Message::Busy {
+                        let busy = Response::Busy {
                             retry_after_ms: QUEUE_FULL_RETRY_MS,
                         };
                         let _ = self.swarm.behaviour_mut().rpc.send_response(channel, busy);
@@ -504,7 +545,7 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -528,7 +569,7 @@ impl EventLoop {
                         reason: e.to_string(),
                     },
                 };
-                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
                     let _ = reply.send(Err(error));
                 }
             }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{PublicKey, Role};
-use medmesh_protocol::Message;
+use medmesh_protocol::{Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
 pub use behaviour::{BehaviourSettings, Protocols};
@@ -69,7 +69,7 @@ pub enum NetError {
     Shutdown,
 }
 
-/// Times [`NetworkHandle::request`] asks again after a [`Message::Busy`] answer.
+/// Times [`NetworkHandle::request`] asks again after a [`Response::Busy`] answer.
 pub const BUSY_RETRIES: u32 = 8;
 
 /// The longest wait between those retries, whatever the peer asks for.
@@ -82,10 +82,10 @@ pub enum NetEvent {
     Request {
         /// Who asked.
         peer: PeerId,
-        /// What (boxed: messages are large, connection events small).
-        message: Box<Message>,
+        /// What (boxed: requests are large, connection events small).
+        request: Box<Request>,
         /// Where the answer goes.
-        channel: ResponseChannel<Message>,
+        channel: ResponseChannel<Response>,
     },
     /// A node member connected (first connection).
     Connected(PeerId),
@@ -96,12 +96,12 @@ pub enum NetEvent {
 pub(crate) enum Command {
     Request {
         peer: PeerId,
-        message: Message,
-        reply: oneshot::Sender<Result<Message, NetError>>,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, NetError>>,
     },
     Respond {
-        channel: ResponseChannel<Message>,
-        message: Message,
+        channel: ResponseChannel<Response>,
+        response: Response,
     },
     Dial {
         addr: Multiaddr,
@@ -134,32 +134,32 @@ impl NetworkHandle {
         self.local_peer_id
     }
 
-    /// Sends `message` to `peer` (dialing if needed) and waits for the answer; a busy peer
+    /// Sends `request` to `peer` (dialing if needed) and waits for the answer; a busy peer
     /// is asked again after the wait it names, up to [`BUSY_RETRIES`] times.
-    pub async fn request(&self, peer: PeerId, message: Message) -> Result<Message, NetError> {
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, NetError> {
         for _ in 0..BUSY_RETRIES {
-            match self.request_once(peer, message.clone()).await? {
-                Message::Busy { retry_after_ms } => {
+            match self.request_once(peer, request.clone()).await? {
+                Response::Busy { retry_after_ms } => {
                     let wait = Duration::from_millis(retry_after_ms.into()).min(MAX_BUSY_WAIT);
                     tokio::time::sleep(wait).await;
                 }
                 answer => return Ok(answer),
             }
         }
-        match self.request_once(peer, message).await? {
-            Message::Busy { .. } => Err(NetError::Busy(peer)),
+        match self.request_once(peer, request).await? {
+            Response::Busy { .. } => Err(NetError::Busy(peer)),
             answer => Ok(answer),
         }
     }
 
-    /// Sends `message` to `peer` once and returns whatever it answers, [`Message::Busy`]
+    /// Sends `request` to `peer` once and returns whatever it answers, [`Response::Busy`]
     /// included.
-    pub async fn request_once(&self, peer: PeerId, message: Message) -> Result<Message, NetError> {
+    pub async fn request_once(&self, peer: PeerId, request: Request) -> Result<Response, NetError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request {
                 peer,
-                message,
+                request,
                 reply,
             })
             .await
@@ -168,11 +168,11 @@ impl NetworkHandle {
     }
 
     /// Answers an inbound request.
-    pub async fn respond(&self, channel: ResponseChannel<Message>, message: Message) {
+    pub async fn respond(&self, channel: ResponseChannel<Response>, response: Response) {
         // Fails only when the loop has stopped, and then there is no one left to answer.
         let _ = self
             .commands
-            .send(Command::Respond { channel, message })
+            .send(Command::Respond { channel, response })
             .await;
     }
 

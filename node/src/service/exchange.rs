@@ -9,7 +9,10 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use libp2p::PeerId;
 use medmesh_crypto::PublicKey;
-use medmesh_protocol::{Message, PayloadAssembler, UpdateEnvelope, UpdateError, UpdateExpectation};
+use medmesh_protocol::{
+    Announcement, PayloadAssembler, Request, Response, Unavailable, UpdateAnswer, UpdateEnvelope,
+    UpdateError, UpdateExpectation, UpdateRequest,
+};
 
 use super::Node;
 use crate::net::{NetError, NetworkHandle};
@@ -49,8 +52,8 @@ pub enum FetchError {
     /// The peer does not have it.
     #[error("peer has no update: {reason}")]
     Unavailable {
-        /// The peer's words.
-        reason: String,
+        /// Why not.
+        reason: Unavailable,
         /// Rounds the peer has completed, if it runs the experiment.
         latest_round: Option<u64>,
     },
@@ -95,33 +98,28 @@ pub async fn fetch_update(
     let id = want.expect.experiment_id;
     let mut announced = false;
     let envelope = loop {
-        let answer = node
-            .net
-            .request(
-                peer,
-                Message::UpdateQuery {
-                    experiment_id: id.to_owned(),
-                    round: want.round,
-                },
-            )
-            .await?;
-        match answer {
-            Message::UpdateOffer(envelope) => break envelope,
-            Message::UpdateUnavailable {
+        let query = Request::Update(UpdateRequest::Offer {
+            experiment_id: id.to_owned(),
+            round: want.round,
+        });
+        match node.net.request(peer, query).await? {
+            Response::Update(UpdateAnswer::Offer(envelope)) => break envelope,
+            Response::Update(UpdateAnswer::Unavailable {
                 reason,
                 latest_round,
                 ..
-            } => {
+            }) => {
+                let unknown = reason == Unavailable::UnknownExperiment;
                 let training_it = match (want.round, latest_round) {
                     // It runs the experiment and has not reached the round: it is on its
                     // way (training, or a step of the final reduce behind). The round's
                     // deadline bounds the wait. An unknown experiment may still be on its
                     // way to it.
                     (Some(r), Some(done)) => done < r,
-                    (Some(_), None) => reason == "unknown experiment",
+                    (Some(_), None) => unknown,
                     (None, _) => false,
                 };
-                if latest_round.is_none() && reason == "unknown experiment" && !announced {
+                if unknown && !announced {
                     // Sparse connections can leave a member out of the manifest's flood:
                     // whoever needs it in a round hands it over.
                     announced = true;
@@ -138,7 +136,7 @@ pub async fn fetch_update(
                 }
                 tokio::time::sleep(POLL).await;
             }
-            other => return Err(FetchError::Protocol(describe(&other))),
+            other => return Err(FetchError::Protocol(other.describe())),
         }
     };
     if envelope.header.sender != sender {
@@ -176,14 +174,14 @@ pub async fn fetch_update(
 
 /// Sends `peer` this node's signed manifest of experiment `id`.
 async fn announce_manifest(node: &Node, peer: PeerId, id: &str) {
-    let signed = super::lock(&node.experiments)
-        .get(id)
-        .map(|e| e.signed.clone());
-    if let Some(signed) = signed {
+    if let Some(signed) = node.registry.manifest(id) {
         tracing::debug!(%peer, experiment = %id, "peer does not know the experiment; announcing it");
         let _ = node
             .net
-            .request(peer, Message::ManifestAnnouncement(signed))
+            .request(
+                peer,
+                Request::Announce(Announcement::Manifest(Box::new(signed))),
+            )
             .await;
     }
 }
@@ -216,11 +214,11 @@ pub async fn download(
         let mut failed = None;
         loop {
             while in_flight.len() < window && next < h.payload_len {
-                let request = Message::UpdateRequest {
+                let request = Request::Update(UpdateRequest::Chunk {
                     experiment_id: h.experiment_id.clone(),
                     round: h.round,
                     offset: next,
-                };
+                });
                 in_flight.push_back(net.request(peer, request));
                 next += chunk;
             }
@@ -228,12 +226,12 @@ pub async fn download(
                 break;
             };
             match answer {
-                Ok(Message::UpdateChunk(c)) if c.round == h.round => {
+                Ok(Response::Update(UpdateAnswer::Chunk(c))) if c.round == h.round => {
                     assembler
                         .push(c.offset, &c.bytes)
                         .map_err(FetchError::from)?;
                 }
-                Ok(other) => return Err(FetchError::Protocol(describe(&other))),
+                Ok(other) => return Err(FetchError::Protocol(other.describe())),
                 Err(e) => {
                     failed = Some(e);
                     break;
@@ -250,18 +248,6 @@ pub async fn download(
         }
     }
     assembler.finish().map_err(FetchError::from)
-}
-
-/// A short name of a message, for errors.
-pub fn describe(m: &Message) -> String {
-    match m {
-        Message::Refused { reason } => format!("refused: {reason}"),
-        Message::UpdateUnavailable { reason, .. } => format!("unavailable: {reason}"),
-        other => {
-            let text = format!("{other:?}");
-            text.chars().take(60).collect()
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Answers to peers. Every message from the network is checked here before anything acts
-//! on it; a bad one gets a `Refused` (or a `ManifestAck` naming the problem), is counted,
+//! Answers to peers. Every request from the network is checked here before anything acts
+//! on it; a bad one gets a `Refused` (or a manifest verdict naming the problem), is counted,
 //! and is logged once per peer and reason.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -7,80 +7,74 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use medmesh_protocol::messages::{MAX_STATUS_RECORDS, UpdateChunk};
-use medmesh_protocol::{Artifact, ExchangeState, Message, SignedManifest, SignedProgress};
+use medmesh_protocol::{
+    Announcement, AnnouncementAnswer, Artifact, ArtifactAnswer, ArtifactRequest, Request, Response,
+    SignedManifest, SignedProgress, StatusAnswer, StatusQuery, Unavailable, UpdateAnswer,
+    UpdateRequest,
+};
 
-use super::{Experiment, Node, Served, lock, runner, store};
+use super::{Node, Registered, Served, store};
 
 /// Handles one request and returns the answer.
-pub async fn handle(node: &Arc<Node>, peer: PeerId, message: Message) -> Message {
-    match message {
-        Message::ManifestAnnouncement(signed) => on_manifest(node, peer, signed),
-        Message::Progress(p) => on_progress(node, peer, p),
-        Message::RosterAnnouncement(r) => on_roster(node, r).await,
-        Message::UpdateQuery {
+pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Response {
+    match request {
+        Request::Announce(Announcement::Manifest(signed)) => on_manifest(node, peer, *signed),
+        Request::Announce(Announcement::Progress(p)) => on_progress(node, peer, p),
+        Request::Announce(Announcement::Roster(r)) => on_roster(node, r).await,
+        Request::Update(UpdateRequest::Offer {
             experiment_id,
             round,
-        } => on_update_query(node, &experiment_id, round),
-        Message::UpdateRequest {
+        }) => Response::Update(node.registry.offer(&experiment_id, round)),
+        Request::Update(UpdateRequest::Chunk {
             experiment_id,
             round,
             offset,
-        } => on_update_request(node, &experiment_id, round, offset),
-        Message::StatusQuery { experiment_id } => on_status(node, experiment_id.as_deref()),
-        Message::ExchangeQuery {
+        }) => on_chunk_request(node, &experiment_id, round, offset),
+        Request::Update(UpdateRequest::Exchange {
             experiment_id,
             round,
-        } => on_exchange_query(node, &experiment_id, round),
-        Message::ArtifactRequest {
-            experiment_id,
-            artifact,
-            offset,
-        } => {
+        }) => Response::Update(UpdateAnswer::Exchange {
+            round,
+            state: node.registry.exchange(&experiment_id, round),
+        }),
+        Request::Status(StatusQuery { experiment_id }) => on_status(node, experiment_id.as_deref()),
+        Request::Artifact(request) => {
             let node = node.clone();
-            tokio::task::spawn_blocking(move || {
-                on_artifact(&node, &experiment_id, artifact, offset)
-            })
-            .await
-            .unwrap_or_else(|e| refused(format!("artifact read failed: {e}")))
-        }
-        other => {
-            node.metrics.rejected("unexpected_message");
-            tracing::debug!(%peer, "unexpected request {:?}", std::mem::discriminant(&other));
-            refused("this message is not a request".into())
+            tokio::task::spawn_blocking(move || on_artifact(&node, &request))
+                .await
+                .unwrap_or_else(|e| refused(format!("artifact read failed: {e}")))
         }
     }
 }
 
-fn refused(reason: String) -> Message {
-    Message::Refused { reason }
+fn refused(reason: String) -> Response {
+    Response::Refused { reason }
 }
 
 /// When a member connects: tell it about running experiments, so that nodes that were
 /// offline or joined late learn of them.
 pub fn greet(node: &Arc<Node>, peer: PeerId) {
-    let manifests: Vec<SignedManifest> = lock(&node.experiments)
-        .values()
-        .filter(|e| !e.finished)
-        .map(|e| e.signed.clone())
-        .collect();
-    let node = node.clone();
-    node.runtime.clone().spawn(async move {
+    let manifests = node.registry.unfinished();
+    let n = node.clone();
+    node.tasks.spawn(async move {
         for m in manifests {
-            let _ = node
+            let _ = n
                 .net
-                .request(peer, Message::ManifestAnnouncement(m))
+                .request(peer, Request::Announce(Announcement::Manifest(Box::new(m))))
                 .await;
         }
     });
 }
 
-fn on_manifest(node: &Arc<Node>, peer: PeerId, signed: SignedManifest) -> Message {
+fn on_manifest(node: &Arc<Node>, peer: PeerId, signed: SignedManifest) -> Response {
     let digest = signed.manifest.digest();
     let id = signed.manifest.id.clone();
-    let ack = |rejection: Option<String>| Message::ManifestAck {
-        experiment_id: id.clone(),
-        manifest_digest: digest,
-        rejection,
+    let ack = |rejection: Option<String>| {
+        Response::Announce(AnnouncementAnswer::Manifest {
+            experiment_id: id.clone(),
+            manifest_digest: digest,
+            rejection,
+        })
     };
     let verified = {
         let roster = node.roster.read().unwrap_or_else(|p| p.into_inner());
@@ -94,109 +88,48 @@ fn on_manifest(node: &Arc<Node>, peer: PeerId, signed: SignedManifest) -> Messag
         tracing::warn!(%peer, experiment = %id, "rejected a manifest: {e}");
         return ack(Some(e));
     }
-    // Members forward a new manifest to each other at once: check and register under one
-    // lock, so exactly one handler adopts it.
-    match register(node, &signed) {
+    // Members forward a new manifest to each other at once: registration is atomic, so
+    // exactly one handler adopts it.
+    let registered = node.registry.register(&signed, &node.config.datasets);
+    match registered {
         Registered::Known => return ack(None),
-        Registered::Conflict(existing) => {
-            node.metrics.rejected("manifest_replay");
-            let why = format!(
-                "experiment {id:?} already exists with a different manifest ({}); a changed experiment needs a new id",
-                hex::encode(&existing[..8])
-            );
-            tracing::warn!(%peer, "rejected a manifest: {why}");
-            return ack(Some(why));
-        }
-        Registered::New => {}
+        Registered::Conflict(existing) => return conflict(node, peer, &id, existing, ack),
+        Registered::New | Registered::Observed => {}
     }
     if let Err(e) = store::save_manifest(&node.config.node.state_dir, &signed) {
-        lock(&node.experiments).remove(&id);
+        node.registry.remove(&id);
         tracing::error!(experiment = %id, "cannot persist the manifest: {e:#}");
         return ack(Some(format!("node cannot persist the manifest: {e:#}")));
     }
     tracing::info!(%peer, experiment = %id, digest = %hex::encode(digest), "accepted a manifest");
-    start(node, signed.clone());
-    node.broadcast(Message::ManifestAnnouncement(signed), &[peer]);
+    if registered == Registered::New {
+        node.start(signed.clone());
+    }
+    node.broadcast(
+        Request::Announce(Announcement::Manifest(Box::new(signed))),
+        &[peer],
+    );
     ack(None)
 }
 
-/// What [`register`] found.
-pub enum Registered {
-    /// First time: registered now.
-    New,
-    /// Already registered with the same digest.
-    Known,
-    /// The id is taken by a manifest with this other digest.
-    Conflict([u8; 32]),
-}
-
-/// Registers a verified manifest unless its id is known, atomically.
-pub fn register(node: &Node, signed: &SignedManifest) -> Registered {
-    register_in(&node.experiments, &node.config.datasets, signed)
-}
-
-fn register_in(
-    experiments: &std::sync::Mutex<std::collections::HashMap<String, Experiment>>,
-    datasets: &std::collections::BTreeMap<String, crate::config::DatasetSection>,
-    signed: &SignedManifest,
-) -> Registered {
-    let id = &signed.manifest.id;
-    let digest = signed.manifest.digest();
-    let mut experiments = lock(experiments);
-    if let Some(existing) = experiments.get(id) {
-        return if existing.digest == digest {
-            Registered::Known
-        } else {
-            Registered::Conflict(existing.digest)
-        };
-    }
-    let dataset = &signed.manifest.task.dataset;
-    let not_participating = (!datasets.contains_key(dataset)).then(|| {
-        format!("dataset {dataset:?} is not configured at this node ([datasets.{dataset}])")
-    });
-    if let Some(why) = &not_participating {
-        tracing::warn!(experiment = %id, "not participating: {why}");
-    }
-    experiments.insert(
-        id.clone(),
-        Experiment {
-            digest,
-            signed: signed.clone(),
-            not_participating,
-            served: Default::default(),
-            exchanges: Default::default(),
-            rounds_done: 0,
-            finished: false,
-        },
+fn conflict(
+    node: &Node,
+    peer: PeerId,
+    id: &str,
+    existing: [u8; 32],
+    ack: impl Fn(Option<String>) -> Response,
+) -> Response {
+    node.metrics.rejected("manifest_replay");
+    let why = format!(
+        "experiment {id:?} already exists with a different manifest ({}); a changed experiment needs a new id",
+        hex::encode(&existing[..8])
     );
-    Registered::New
+    tracing::warn!(%peer, "rejected a manifest: {why}");
+    ack(Some(why))
 }
 
-/// Starts the runner of a registered experiment, if this node takes part.
-pub fn start(node: &Arc<Node>, signed: SignedManifest) {
-    let id = signed.manifest.id.clone();
-    let participates = lock(&node.experiments)
-        .get(&id)
-        .is_some_and(|e| e.not_participating.is_none());
-    if participates {
-        let node = node.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("experiment {id}"))
-            .spawn(move || {
-                if let Err(e) = runner::run(&node, &signed) {
-                    tracing::error!(experiment = %signed.manifest.id, "experiment stopped: {e:#}");
-                    if let Some(exp) = lock(&node.experiments).get_mut(&signed.manifest.id) {
-                        exp.not_participating = Some(format!("stopped: {e:#}"));
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(experiment = %id, "cannot start the experiment thread: {e}");
-        }
-    }
-}
-
-fn on_progress(node: &Arc<Node>, peer: PeerId, p: SignedProgress) -> Message {
+fn on_progress(node: &Arc<Node>, peer: PeerId, p: SignedProgress) -> Response {
+    let ack = Response::Announce(AnnouncementAnswer::Ack);
     let verified = {
         let roster = node.roster.read().unwrap_or_else(|p| p.into_inner());
         p.verify(roster.roster())
@@ -206,33 +139,30 @@ fn on_progress(node: &Arc<Node>, peer: PeerId, p: SignedProgress) -> Message {
         tracing::debug!(%peer, "rejected a progress record: {e}");
         return refused(e.to_string());
     }
-    let known = lock(&node.experiments)
-        .get(&p.record.experiment_id)
-        .is_some_and(|e| e.digest == p.record.manifest_digest);
-    if !known {
-        return Message::Ack;
+    if !node
+        .registry
+        .knows(&p.record.experiment_id, &p.record.manifest_digest)
+    {
+        return ack;
     }
-    if record_progress(node, &p) {
-        let origin = super::super::net::peer_id_of(&p.record.node);
-        node.broadcast(Message::Progress(p), &[peer, origin]);
+    if node.registry.record_progress(&p) {
+        let origin = crate::net::peer_id_of(&p.record.node);
+        node.broadcast(
+            Request::Announce(Announcement::Progress(p)),
+            &[peer, origin],
+        );
     }
-    Message::Ack
+    ack
 }
 
 /// Asks `peer` for the progress records it knows and keeps the newer ones that verify and
 /// belong to experiments this node knows.
 pub async fn sync_status(node: &Arc<Node>, peer: PeerId) {
-    let answer = node
-        .net
-        .request(
-            peer,
-            Message::StatusQuery {
-                experiment_id: None,
-            },
-        )
-        .await;
-    let records = match answer {
-        Ok(Message::StatusAnswer { records, .. }) => records,
+    let query = Request::Status(StatusQuery {
+        experiment_id: None,
+    });
+    let records = match node.net.request(peer, query).await {
+        Ok(Response::Status(StatusAnswer { records, .. })) => records,
         Ok(_) | Err(_) => return,
     };
     for p in records {
@@ -240,36 +170,23 @@ pub async fn sync_status(node: &Arc<Node>, peer: PeerId) {
             let roster = node.roster.read().unwrap_or_else(|p| p.into_inner());
             p.verify(roster.roster()).is_ok()
         };
-        let known = lock(&node.experiments)
-            .get(&p.record.experiment_id)
-            .is_some_and(|e| e.digest == p.record.manifest_digest);
-        if verified && known {
-            record_progress(node, &p);
-        } else if !verified {
+        if !verified {
             node.metrics.rejected("bad_progress");
+        } else if node
+            .registry
+            .knows(&p.record.experiment_id, &p.record.manifest_digest)
+        {
+            node.registry.record_progress(&p);
         }
     }
 }
 
-/// Keeps `p` if it is newer than what is known of its site; true if it was.
-pub fn record_progress(node: &Node, p: &SignedProgress) -> bool {
-    let key = (p.record.experiment_id.clone(), p.record.node);
-    let mut all = lock(&node.progress);
-    let newer = all.get(&key).is_none_or(|old| {
-        (old.record.round, old.record.finished, old.record.unix_ms)
-            < (p.record.round, p.record.finished, p.record.unix_ms)
-    });
-    if newer {
-        all.insert(key, p.clone());
-    }
-    newer
-}
-
-async fn on_roster(node: &Arc<Node>, candidate: medmesh_crypto::SignedRoster) -> Message {
+async fn on_roster(node: &Arc<Node>, candidate: medmesh_crypto::SignedRoster) -> Response {
+    let ack = Response::Announce(AnnouncementAnswer::Ack);
     let accepted = {
         let current = node.roster.read().unwrap_or_else(|p| p.into_inner());
         if candidate.roster.version <= current.roster().version {
-            return Message::Ack;
+            return ack;
         }
         current.accept_update(&candidate)
     };
@@ -283,8 +200,8 @@ async fn on_roster(node: &Arc<Node>, candidate: medmesh_crypto::SignedRoster) ->
             let members = super::member_list(&newer);
             *node.roster.write().unwrap_or_else(|p| p.into_inner()) = newer;
             node.net.set_members(members).await;
-            node.broadcast(Message::RosterAnnouncement(candidate), &[]);
-            Message::Ack
+            node.broadcast(Request::Announce(Announcement::Roster(candidate)), &[]);
+            ack
         }
         Err(e) => {
             node.metrics.rejected("bad_roster");
@@ -294,60 +211,22 @@ async fn on_roster(node: &Arc<Node>, candidate: medmesh_crypto::SignedRoster) ->
     }
 }
 
-fn unavailable(experiment_id: &str, reason: String, latest_round: Option<u64>) -> Message {
-    Message::UpdateUnavailable {
-        experiment_id: experiment_id.to_owned(),
-        reason,
-        latest_round,
-    }
-}
-
-fn on_update_query(node: &Node, id: &str, round: Option<u64>) -> Message {
-    let experiments = lock(&node.experiments);
-    let Some(e) = experiments.get(id) else {
-        return unavailable(id, "unknown experiment".into(), None);
+fn on_chunk_request(node: &Node, id: &str, round: u64, offset: u64) -> Response {
+    let Some(served) = node.registry.served(id, round) else {
+        return Response::Update(UpdateAnswer::Unavailable {
+            experiment_id: id.to_owned(),
+            reason: Unavailable::NotServed,
+            latest_round: None,
+        });
     };
-    if let Some(why) = &e.not_participating {
-        return unavailable(id, format!("not participating: {why}"), None);
-    }
-    // Served rounds run ahead of completed ones while the node averages.
-    let latest = Some(
-        e.served
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(0)
-            .max(e.rounds_done),
-    );
-    let found = match round {
-        Some(r) => e.served.get(&r),
-        None => e.served.values().next_back(),
-    };
-    match (found, round) {
-        (Some(s), _) => Message::UpdateOffer(s.envelope.clone()),
-        (None, Some(r)) if Some(r) > latest => {
-            unavailable(id, format!("round {r} is not trained yet"), latest)
-        }
-        (None, Some(r)) => unavailable(id, format!("round {r} is no longer kept"), latest),
-        (None, None) => unavailable(id, "no update yet".into(), latest),
-    }
-}
-
-fn on_update_request(node: &Node, id: &str, round: u64, offset: u64) -> Message {
-    let served = lock(&node.experiments)
-        .get(id)
-        .and_then(|e| e.served.get(&round).cloned());
-    let Some(s) = served else {
-        return unavailable(id, format!("round {round} is not served"), None);
-    };
-    chunk_of(&s, offset).unwrap_or_else(|why| {
+    chunk_of(&served, offset).unwrap_or_else(|why| {
         node.metrics.rejected("bad_offset");
         refused(why)
     })
 }
 
 /// The chunk of `served`'s payload at `offset`, which must be a chunk boundary.
-pub fn chunk_of(served: &Served, offset: u64) -> Result<Message, String> {
+pub fn chunk_of(served: &Served, offset: u64) -> Result<Response, String> {
     let h = &served.envelope.header;
     let chunk = u64::from(h.chunk_size);
     let len = served.payload.len() as u64;
@@ -357,103 +236,56 @@ pub fn chunk_of(served: &Served, offset: u64) -> Result<Message, String> {
         ));
     }
     let end = (offset + chunk).min(len);
-    Ok(Message::UpdateChunk(UpdateChunk {
+    Ok(Response::Update(UpdateAnswer::Chunk(UpdateChunk {
         experiment_id: h.experiment_id.clone(),
         round: h.round,
         offset,
         bytes: served.payload[offset as usize..end as usize].to_vec(),
-    }))
+    })))
 }
 
-/// This node's side of a pairwise exchange: `Pending` until its runner has decided.
-fn on_exchange_query(node: &Node, id: &str, round: u64) -> Message {
-    let state = lock(&node.experiments)
-        .get(id)
-        .and_then(|e| e.exchanges.get(&round).copied())
-        .unwrap_or(ExchangeState::Pending);
-    Message::ExchangeAnswer { round, state }
-}
-
-fn on_status(node: &Node, id: Option<&str>) -> Message {
-    let records: Vec<SignedProgress> = lock(&node.progress)
-        .values()
-        .filter(|p| id.is_none_or(|id| p.record.experiment_id == id))
-        .take(MAX_STATUS_RECORDS)
-        .cloned()
-        .collect();
-    Message::StatusAnswer {
+fn on_status(node: &Node, id: Option<&str>) -> Response {
+    Response::Status(StatusAnswer {
         node: node.identity.public_key(),
-        records,
-    }
+        records: node.registry.progress(id, MAX_STATUS_RECORDS),
+    })
 }
 
 /// Chunk size of artifact downloads.
 const ARTIFACT_CHUNK: u64 = 1 << 20;
 
-fn on_artifact(node: &Node, id: &str, artifact: Artifact, offset: u64) -> Message {
-    let finished = lock(&node.experiments).get(id).map(|e| e.finished);
-    match finished {
-        None => return unavailable(id, "unknown experiment".into(), None),
-        Some(false) => return unavailable(id, "experiment not finished at this node".into(), None),
+fn on_artifact(node: &Node, request: &ArtifactRequest) -> Response {
+    let ArtifactRequest {
+        experiment_id: id,
+        artifact,
+        offset,
+    } = request;
+    let unavailable = |why| Response::Artifact(ArtifactAnswer::Unavailable(why));
+    match node.registry.finished(id) {
+        None => return unavailable(Unavailable::UnknownExperiment),
+        Some(false) => return unavailable(Unavailable::NotFinished),
         Some(true) => {}
     }
     let path = store::experiment_dir(&node.config.node.state_dir, id)
         .join("export")
-        .join(artifact.file_name());
-    let read = || -> std::io::Result<Message> {
+        .join(Artifact::file_name(*artifact));
+    let read = || -> std::io::Result<Response> {
         let mut f = std::fs::File::open(&path)?;
         let total_len = f.metadata()?.len();
-        if offset > total_len {
+        if *offset > total_len {
             return Ok(refused(format!("offset {offset} beyond {total_len} bytes")));
         }
-        f.seek(SeekFrom::Start(offset))?;
+        f.seek(SeekFrom::Start(*offset))?;
         let mut bytes = Vec::with_capacity(ARTIFACT_CHUNK.min(total_len - offset) as usize);
         f.take(ARTIFACT_CHUNK).read_to_end(&mut bytes)?;
-        Ok(Message::ArtifactChunk {
+        Ok(Response::Artifact(ArtifactAnswer::Chunk {
             total_len,
-            offset,
+            offset: *offset,
             bytes,
-        })
+        }))
     };
     read().unwrap_or_else(|e| {
         tracing::error!(path = %path.display(), "cannot read an export: {e}");
-        unavailable(id, format!("export unreadable: {e}"), None)
+        unavailable(Unavailable::ExportUnreadable)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use medmesh_crypto::Identity;
-    use medmesh_protocol::Manifest;
-    use std::collections::{BTreeMap, HashMap};
-    use std::sync::Mutex;
-
-    #[test]
-    fn concurrent_announcements_register_an_experiment_once() {
-        let researcher = Identity::from_seed(&[4; 32]);
-        let m =
-            Manifest::parse(include_str!("../../../examples/synthetic-quickstart.toml")).unwrap();
-        let signed = SignedManifest::sign(m.clone(), &researcher);
-        let experiments = Mutex::new(HashMap::new());
-        let datasets = BTreeMap::new();
-        let new = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| scope.spawn(|| register_in(&experiments, &datasets, &signed)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .filter(|r| matches!(r, Registered::New))
-                .count()
-        });
-        assert_eq!(new, 1);
-        let mut changed = m;
-        changed.title.push('!');
-        let other = SignedManifest::sign(changed, &researcher);
-        assert!(matches!(
-            register_in(&experiments, &datasets, &other),
-            Registered::Conflict(_)
-        ));
-    }
 }

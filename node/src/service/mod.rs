@@ -1,6 +1,8 @@
 //! `medmesh run`: the long-running node. It owns the network, answers peers, and runs one
 //! [`runner`] thread per experiment.
 //!
+//! * [`registry`]: the experiments the node knows and the progress it has heard of.
+//! * [`tasks`]: the owner of the node's tasks and threads, which stops them.
 //! * [`inbound`]: answers to peers' requests (manifests, progress, updates, status, export).
 //! * [`exchange`]: fetching and checking peers' model updates.
 //! * [`privacy`]: clipping and noise on what leaves the site.
@@ -12,60 +14,33 @@
 pub mod exchange;
 pub mod inbound;
 pub mod privacy;
+pub mod registry;
 pub mod round;
 pub mod runner;
 pub mod store;
+pub mod tasks;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{Identity, PublicKey, Role, TrustedRoster};
-use medmesh_protocol::{Message, SignedManifest, SignedProgress, UpdateEnvelope};
+use medmesh_protocol::{Request, SignedManifest, UpdateEnvelope};
 use tokio::sync::Semaphore;
+
+pub use registry::{Registered, Registry, SERVED_ROUNDS, Served};
+pub use tasks::Tasks;
 
 use crate::config::{NodeConfig, parse_bootnode};
 use crate::keystore;
 use crate::metrics::Metrics;
 use crate::net::{self, BehaviourSettings, EventLoop, NetEvent, NetworkHandle, Protocols};
 
-/// A model update this node serves to its peers.
-#[derive(Debug)]
-pub struct Served {
-    /// The signed envelope.
-    pub envelope: UpdateEnvelope,
-    /// The encoded payload.
-    pub payload: Vec<u8>,
-}
-
 /// How often a node pulls what one other member knows of experiments' progress (members
 /// in turn). Floods of progress records travel the sparse connections of the moment; this
 /// makes every node's view complete within `members x STATUS_SYNC` whatever the overlay.
 const STATUS_SYNC: Duration = Duration::from_secs(2);
-
-/// Rounds of updates kept for slower peers.
-pub const SERVED_ROUNDS: u64 = 3;
-
-/// What the node knows of one experiment.
-#[derive(Debug)]
-pub struct Experiment {
-    /// The manifest as accepted.
-    pub signed: SignedManifest,
-    /// Its digest.
-    pub digest: [u8; 32],
-    /// Whether this node trains in it (it has the dataset); if not, why not.
-    pub not_participating: Option<String>,
-    /// This node's updates by round (the last [`SERVED_ROUNDS`]).
-    pub served: BTreeMap<u64, Arc<Served>>,
-    /// Rounds this node has completed, the final reduce's included.
-    pub rounds_done: u64,
-    /// Whether this node finished (exported) the experiment.
-    pub finished: bool,
-    /// This node's side of its recent pairwise exchanges, by round (the partner asks).
-    pub exchanges: BTreeMap<u64, medmesh_protocol::ExchangeState>,
-}
 
 /// Shared by the network task, request handlers and experiment runners.
 pub struct Node {
@@ -79,23 +54,18 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// The network.
     pub net: NetworkHandle,
-    /// Experiments by id.
-    pub experiments: Mutex<HashMap<String, Experiment>>,
-    /// Latest signed progress per (experiment, site).
-    pub progress: Mutex<BTreeMap<(String, PublicKey), SignedProgress>>,
+    /// Experiments and progress.
+    pub registry: Registry,
     /// Bounds concurrent model downloads.
     pub transfers: Semaphore,
-    /// The async runtime, for runner threads.
-    pub runtime: tokio::runtime::Handle,
+    /// Everything the node started.
+    pub tasks: Tasks,
     /// Drill and test hooks.
     pub hooks: Hooks,
 }
 
-/// Locks a mutex, recovering from poisoning: state behind these locks stays consistent
-/// between statements, so a panicked holder leaves nothing half-written.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// How long a stopping node waits for its tasks and experiment threads.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl Node {
     /// The roster member behind `peer`, if it is an active node.
@@ -125,18 +95,54 @@ impl Node {
         keys
     }
 
-    /// Sends `message` to every connected node except `except`, without waiting.
-    pub fn broadcast(self: &Arc<Self>, message: Message, except: &[PeerId]) {
+    /// Sends `request` to every connected node except `except`, without waiting.
+    pub fn broadcast(self: &Arc<Self>, request: Request, except: &[PeerId]) {
         let node = self.clone();
         let except = except.to_vec();
-        self.runtime.spawn(async move {
+        self.tasks.spawn(async move {
             let peers = node.net.connected_nodes().await;
             let sends = peers
                 .into_iter()
                 .filter(|p| !except.contains(p))
-                .map(|p| node.net.request(p, message.clone()));
+                .map(|p| node.net.request(p, request.clone()));
             futures::future::join_all(sends).await;
         });
+    }
+
+    /// Registers a verified manifest and starts its runner if it is new and this node takes
+    /// part. Returns what registration found.
+    pub fn adopt(self: &Arc<Self>, signed: &SignedManifest) -> Registered {
+        let registered = self.registry.register(signed, &self.config.datasets);
+        if registered == Registered::New {
+            self.start(signed.clone());
+        }
+        registered
+    }
+
+    /// Starts the runner of a registered experiment on a thread of its own.
+    pub fn start(self: &Arc<Self>, signed: SignedManifest) {
+        let id = signed.manifest.id.clone();
+        let node = self.clone();
+        let spawned = self
+            .tasks
+            .spawn_thread(format!("experiment {id}"), move || {
+                let id = &signed.manifest.id;
+                match runner::run(&node, &signed) {
+                    Ok(()) => {}
+                    Err(e) if e.is::<runner::Stopped>() => {
+                        tracing::info!(experiment = %id, "experiment paused; it resumes from its checkpoint")
+                    }
+                    Err(e) => {
+                        tracing::error!(experiment = %id, "experiment stopped: {e:#}");
+                        node.registry.stop(id, format!("stopped: {e:#}"));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(experiment = %id, "cannot start the experiment thread: {e}");
+            self.registry
+                .stop(&id, format!("cannot start its thread: {e}"));
+        }
     }
 }
 
@@ -210,6 +216,10 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
         "starting node"
     );
 
+    let tasks = Tasks::new(tokio::runtime::Handle::current());
+    // Whichever way this function ends (returned, or its future dropped), everything it
+    // started stops.
+    let _stop = tasks.stop_on_drop();
     let metrics = Arc::new(Metrics::default());
     if !config.metrics.listen.is_empty() {
         let (addr, serve) = metrics
@@ -218,7 +228,7 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
             .await
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        tokio::spawn(serve);
+        tasks.spawn(serve);
     }
 
     let protocols = Protocols::for_consortium(&consortium);
@@ -255,10 +265,10 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
         per_sec: config.network.peer_requests_per_sec.into(),
         burst: config.network.peer_request_burst.into(),
     });
-    tokio::spawn(event_loop.run());
+    tasks.spawn(event_loop.run());
     if let Some(mut cut_off) = hooks.cut_off.clone() {
         let net = handle.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 let peers = cut_off.borrow_and_update().clone();
                 net.isolate(peers).await;
@@ -276,9 +286,8 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
         config,
         metrics,
         net: handle,
-        experiments: Mutex::new(HashMap::new()),
-        progress: Mutex::new(BTreeMap::new()),
-        runtime: tokio::runtime::Handle::current(),
+        registry: Registry::default(),
+        tasks,
         hooks,
     });
 
@@ -290,9 +299,7 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
             .clone();
         match signed.verify(roster.roster()) {
             Ok(_) => {
-                if let inbound::Registered::New = inbound::register(&node, &signed) {
-                    inbound::start(&node, signed);
-                }
+                node.adopt(&signed);
             }
             Err(e) => {
                 tracing::warn!(experiment = %signed.manifest.id, "stored manifest no longer verifies; not resuming it: {e}")
@@ -315,16 +322,16 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
                 if !peers.is_empty() {
                     let peer = peers[next_member % peers.len()];
                     next_member = next_member.wrapping_add(1);
-                    let node = node.clone();
-                    tokio::spawn(async move { inbound::sync_status(&node, peer).await });
+                    let n = node.clone();
+                    node.tasks.spawn(async move { inbound::sync_status(&n, peer).await });
                 }
             }
             event = events.recv() => match event {
-                Some(NetEvent::Request { peer, message, channel }) => {
-                    let node = node.clone();
-                    tokio::spawn(async move {
-                        let answer = inbound::handle(&node, peer, *message).await;
-                        node.net.respond(channel, answer).await;
+                Some(NetEvent::Request { peer, request, channel }) => {
+                    let n = node.clone();
+                    node.tasks.spawn(async move {
+                        let answer = inbound::handle(&n, peer, *request).await;
+                        n.net.respond(channel, answer).await;
                     });
                 }
                 Some(NetEvent::Connected(peer)) => inbound::greet(&node, peer),
@@ -335,7 +342,15 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
             _ = terminate.recv() => break,
         }
     }
-    tracing::info!("shutting down; checkpoints are on disk");
+    tracing::info!("shutting down");
+    if node.tasks.shutdown(SHUTDOWN_GRACE).await {
+        tracing::info!("stopped; checkpoints are on disk");
+    } else {
+        tracing::warn!(
+            "some work was still running after {} s; the last checkpoints are on disk",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
     Ok(())
 }
 

@@ -409,7 +409,7 @@ mod tests {
         net.models.insert(
             (keys[1], 1),
             Err(FetchError::Unavailable {
-                reason: "round 1 is no longer kept".into(),
+                reason: medmesh_protocol::Unavailable::NoLongerKept,
                 latest_round: Some(7),
             }),
         );

@@ -17,17 +17,18 @@ use medmesh_protocol::envelope::chunk_size_for;
 use medmesh_protocol::robust::check_update;
 use medmesh_protocol::round::{Overlay, Phase, RoundRules};
 use medmesh_protocol::{
-    ExchangeState, Manifest, Message, ParamLayout, ProgressRecord, Provenance, SignedManifest,
-    SignedProgress, SignedProvenance, UpdateEnvelope, UpdateExpectation, UpdateHeader,
+    Announcement, ExchangeState, Manifest, ParamLayout, ProgressRecord, Provenance, Request,
+    Response, SignedManifest, SignedProgress, SignedProvenance, UpdateAnswer, UpdateEnvelope,
+    UpdateExpectation, UpdateHeader, UpdateRequest,
 };
 use medmesh_training::params::{self, Selection};
 use medmesh_training::{DeviceSpec, Trainer, atomic_file, checkpoint, export};
 
-use super::exchange::{FetchError, Want, describe, fetch_update};
+use super::exchange::{FetchError, Want, fetch_update};
 use super::privacy::Privatizer;
 use super::round::{self, Received, RoundNet, RoundView};
 use super::store::{self, RunnerState};
-use super::{Node, SERVED_ROUNDS, Served, inbound, lock};
+use super::{Node, Served};
 use crate::net;
 use crate::site_data;
 
@@ -37,7 +38,22 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs `signed` at this node to the end.
+/// The node is stopping: the runner left between rounds (or mid-round, before anything of
+/// that round was kept), so a restart resumes from the last checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("the node is stopping")]
+pub struct Stopped;
+
+/// Fails with [`Stopped`] once the node stops.
+fn check_running(node: &Node) -> Result<()> {
+    if node.tasks.is_stopping() {
+        Err(Stopped.into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs `signed` at this node to the end, or until the node stops ([`Stopped`]).
 pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let m = &signed.manifest;
     let digest = m.digest();
@@ -116,6 +132,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     // training rounds only: progress, checkpoints and provenance speak of those).
     let mut done = trainer.round();
     while done < total {
+        check_running(node)?;
         let round = done + 1;
         let members = node.node_members();
         let me_at = members
@@ -131,7 +148,9 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             .iter()
             .map(|&j| net::peer_id_of(&members[j]))
             .collect();
-        node.runtime.block_on(node.net.want(neighbours));
+        node.tasks
+            .block_on(node.net.want(neighbours))
+            .ok_or(Stopped)?;
 
         // 1. Train (not in the final reduce), and offer the result.
         let start = (trains && privatizer.is_some()).then(|| trainer.weights(selection));
@@ -195,6 +214,8 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             &mut round_net,
         )
         .context("combining the round's models")?;
+        // Nothing of a round cut short by shutdown is kept: the restart redoes it.
+        check_running(node)?;
         for r in &x.refused {
             node.metrics.rejected(r.reason);
             tracing::warn!(peer = %net::peer_id_of(&r.sender), round, reason = r.reason, "dropped an update: {}", r.detail);
@@ -301,10 +322,7 @@ fn persist(node: &Node, trainer: &Trainer, ckpt: &Path, state: &RunnerState, dir
 /// Records the rounds this site has completed (the final reduce's included: peers read it
 /// to know whether to wait for this site's model) and whether it finished.
 fn set_progress(node: &Node, id: &str, rounds_done: u64, finished: bool) {
-    if let Some(e) = lock(&node.experiments).get_mut(id) {
-        e.rounds_done = rounds_done;
-        e.finished = finished;
-    }
+    node.registry.set_progress(id, rounds_done, finished);
 }
 
 /// Seals this round's local weights and offers them to peers; forgets old rounds.
@@ -343,13 +361,8 @@ fn serve(
     if let Some(tamper) = &node.hooks.tamper_offer {
         tamper(round, &mut envelope, &mut payload);
     }
-    if let Some(e) = lock(&node.experiments).get_mut(&m.id) {
-        e.served
-            .insert(round, Arc::new(Served { envelope, payload }));
-        while e.served.len() as u64 > SERVED_ROUNDS {
-            e.served.pop_first();
-        }
-    }
+    node.registry
+        .serve(&m.id, round, Served { envelope, payload });
 }
 
 /// Slack past the round deadline for the two ends of a pair to confirm.
@@ -387,20 +400,26 @@ impl RoundNet for NodeNet<'_> {
             });
             ((key, round), received)
         });
-        node.runtime.block_on(futures::future::join_all(fetches))
+        // Empty when the node stops; the runner then leaves before using the round.
+        node.tasks
+            .block_on(futures::future::join_all(fetches))
+            .unwrap_or_default()
     }
 
     fn confirm(&mut self, partner: PublicKey, round: u64, got: bool) -> bool {
         let partner = net::peer_id_of(&partner);
         let (node, id) = (self.node, self.expect.experiment_id);
-        let confirmed = node.runtime.block_on(confirm_pair(
-            node,
-            id,
-            partner,
-            round,
-            got,
-            self.deadline + CONFIRM_GRACE,
-        ));
+        let confirmed = node
+            .tasks
+            .block_on(confirm_pair(
+                node,
+                id,
+                partner,
+                round,
+                got,
+                self.deadline + CONFIRM_GRACE,
+            ))
+            .unwrap_or(false);
         if got && !confirmed {
             tracing::info!(%partner, round, "the partner did not get this node's model; both keep their own");
         }
@@ -424,28 +443,25 @@ async fn confirm_pair(
     } else {
         ExchangeState::Failed
     };
-    if let Some(e) = lock(&node.experiments).get_mut(experiment_id) {
-        e.exchanges.insert(round, state);
-        while e.exchanges.len() as u64 > SERVED_ROUNDS {
-            e.exchanges.pop_first();
-        }
-    }
+    node.registry.set_exchange(experiment_id, round, state);
     if !got {
         return false;
     }
-    let query = Message::ExchangeQuery {
+    let query = Request::Update(UpdateRequest::Exchange {
         experiment_id: experiment_id.to_owned(),
         round,
-    };
+    });
     loop {
         match node.net.request(partner, query.clone()).await {
-            Ok(Message::ExchangeAnswer { round: r, state }) if r == round => match state {
-                ExchangeState::Fetched => return true,
-                ExchangeState::Failed => return false,
-                ExchangeState::Pending => {}
-            },
+            Ok(Response::Update(UpdateAnswer::Exchange { round: r, state })) if r == round => {
+                match state {
+                    ExchangeState::Fetched => return true,
+                    ExchangeState::Failed => return false,
+                    ExchangeState::Pending => {}
+                }
+            }
             Ok(other) => {
-                tracing::debug!(%partner, round, "unexpected answer to an exchange query: {}", describe(&other));
+                tracing::debug!(%partner, round, "unexpected answer to an exchange query: {}", other.describe());
                 return false;
             }
             Err(e) => tracing::debug!(%partner, round, "exchange query failed: {e}"),
@@ -482,8 +498,9 @@ fn catch_up(
         wait_for_training: false,
     };
     let fetched = node
-        .runtime
-        .block_on(fetch_update(node, peer, key, &want))?;
+        .tasks
+        .block_on(fetch_update(node, peer, key, &want))
+        .ok_or(Stopped)??;
     check_update(&fetched.values, layout, &fetched.values, None)?;
     trainer.set_weights(&fetched.values, selection)?;
     trainer.set_round(fetched.envelope.header.round);
@@ -514,8 +531,8 @@ fn publish_progress(
         unix_ms: unix_ms(),
     };
     let signed = SignedProgress::sign(record, &node.identity);
-    inbound::record_progress(node, &signed);
-    node.broadcast(Message::Progress(signed), &[]);
+    node.registry.record_progress(&signed);
+    node.broadcast(Request::Announce(Announcement::Progress(signed)), &[]);
 }
 
 /// Writes `export/model.safetensors` and `export/provenance.json`.
