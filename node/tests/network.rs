@@ -381,10 +381,30 @@ fn with_a_third_of_the_nodes_killed_the_rest_finish() {
     wait_until(&c, &rt, &client, n, Duration::from_secs(300), |r| {
         r.iter().filter(|p| p.record.round >= 2).count() >= n
     });
-    for v in victims {
-        nodes.0[v].kill().unwrap();
-        nodes.0[v].wait().unwrap();
-    }
+    // One clinic shuts its node down (SIGTERM): it stops its experiment between steps and
+    // exits cleanly, promptly. The other crashes (SIGKILL).
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &nodes.0[victims[0]].id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let asked = Instant::now();
+    let status = loop {
+        if let Some(status) = nodes.0[victims[0]].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "a node still runs 20 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(c.node_dir(victims[0]).join("node.log")).unwrap();
+    assert!(log.contains("experiment paused"), "{log}");
+    assert!(log.contains("stopped; checkpoints are on disk"), "{log}");
+    nodes.0[victims[1]].kill().unwrap();
+    nodes.0[victims[1]].wait().unwrap();
     let survivors: Vec<_> = (0..n)
         .filter(|i| !victims.contains(i))
         .map(|i| c.sites[i].public_key())
