@@ -105,6 +105,7 @@ fn main() {
         contribution_weight: 12.0,
         peers_averaged: 2,
         finished: false,
+        stop_after: None,
         unix_ms: 1_800_000_000_000,
     };
     let requests = [

@@ -77,6 +77,9 @@ pub struct Metrics {
     /// Checkpoint or state writes that failed (full disk, I/O errors); the previous
     /// checkpoint stays in place.
     pub checkpoint_failures: Counter,
+    /// Training rounds started with fewer reachable neighbours than `averaging.min_peers`
+    /// asks, after waiting the round timeout for them.
+    pub rounds_short_of_peers: Counter,
     /// Messages and updates dropped, by reason.
     rejected: Mutex<Vec<(&'static str, u64)>>,
 }
@@ -195,6 +198,12 @@ impl Metrics {
             "counter",
             "Checkpoint writes that failed (the previous checkpoint was kept).",
             self.checkpoint_failures.get().to_string(),
+        );
+        metric(
+            "medmesh_rounds_short_of_peers_total",
+            "counter",
+            "Training rounds started with fewer reachable neighbours than min_peers asks.",
+            self.rounds_short_of_peers.get().to_string(),
         );
         let _ = writeln!(
             out,

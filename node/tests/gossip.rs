@@ -56,6 +56,10 @@ struct Outcome {
     bytes: Vec<(f64, f64)>,
     /// Per node: connections while rounds ran, mean and most (see [`Ran`]).
     connections: Vec<(f64, f64)>,
+    /// Per node: training rounds its exported model's provenance records.
+    trained: Vec<u64>,
+    /// Per node: its last progress record.
+    last: Vec<medmesh_protocol::ProgressRecord>,
 }
 
 /// A consortium of `sites` node processes in `dir`, their data written by `prepare`, `m`
@@ -149,6 +153,7 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
         c.prepare_data(8, 32, 4).unwrap();
     });
     let mut models = Vec::new();
+    let mut trained = Vec::new();
     for i in 0..sites {
         let node = rt
             .block_on(Client::connect(
@@ -159,10 +164,7 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
             ))
             .unwrap();
         let (model, provenance) = rt.block_on(node.export(&m.id)).unwrap();
-        assert_eq!(
-            provenance.provenance.rounds_completed,
-            u64::from(m.averaging.rounds)
-        );
+        trained.push(provenance.provenance.rounds_completed);
         let path = dir.path().join(format!("model-{i}.safetensors"));
         std::fs::write(&path, model).unwrap();
         models.push(path);
@@ -177,12 +179,30 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
             )
         })
         .collect();
+    // Asked of the node `run_experiment` watched: it has every site's final record.
+    let watched = rt
+        .block_on(Client::connect(
+            &c.researcher,
+            &c.network_key,
+            c.roster.clone(),
+            c.addr(sites / 2),
+        ))
+        .unwrap();
+    let mut last: Vec<_> = rt
+        .block_on(watched.status(Some(&m.id)))
+        .unwrap()
+        .into_iter()
+        .map(|p| p.record)
+        .collect();
+    last.sort_by_key(|r| r.node.to_bytes());
     let outcome = Outcome {
         distance: demo::consensus_distance(&models).unwrap(),
         model_bytes: std::fs::metadata(&models[0]).unwrap().len() as f64,
         rounds: RoundRules::from_manifest(m).total_rounds(sites) as f64,
         bytes,
         connections,
+        trained,
+        last,
     };
     if outcome.distance > 0.01 {
         panic!(
@@ -209,6 +229,11 @@ fn ends_in_agreement(scheme: Scheme, port: u16) {
     let m = manifest(scheme, None, ROUNDS);
     let out = run_consortium(&m, sites, port);
     assert!(out.distance <= 0.01, "{scheme:?}: {}", out.distance);
+    assert_eq!(out.trained, vec![u64::from(ROUNDS); sites]);
+    for r in &out.last {
+        assert!(r.finished && r.stop_after.is_none(), "{r:?}");
+        assert!(r.contribution_weight > 0.0, "{r:?}");
+    }
     // Traffic follows the round graph: a site downloads about `fanout` models a training
     // round and one a reduce step, never one from every member each round.
     let fanout = RoundRules::from_manifest(&m).fanout as f64;
@@ -240,6 +265,37 @@ fn metropolis_hastings_ends_in_agreement() {
 #[test]
 fn epidemic_ends_in_agreement() {
     ends_in_agreement(Scheme::Epidemic, 49760);
+}
+
+/// A stop rule met at a site ends training at every site after the same round, without a
+/// coordinator: here `stop.target_metric` on IoU, low enough that sites meet it within the
+/// first rounds and announce the end two rounds later, out of 12.
+#[test]
+fn a_stop_rule_ends_training_at_every_site_after_the_same_round() {
+    let sites = 4;
+    let mut m = manifest(Scheme::PairwiseGossip, None, 12);
+    m.id = "gossip-stop".into();
+    m.evaluation.metric = medmesh_protocol::manifest::Metric::Iou;
+    m.stop.target_metric = Some(0.01);
+    m.validate().unwrap();
+    let out = run_consortium(&m, sites, 49780);
+    // The earliest announced end, which every site kept to.
+    let end = out
+        .last
+        .iter()
+        .filter_map(|r| r.stop_after)
+        .min()
+        .unwrap_or_else(|| panic!("no site announced a stop: {:?}", out.last));
+    assert!(
+        (1 + medmesh_protocol::stop::STOP_MARGIN..12).contains(&end),
+        "{end}"
+    );
+    assert_eq!(out.trained, vec![end; sites], "{:?}", out.last);
+    assert!(out.distance <= 0.01, "{}", out.distance);
+    for r in &out.last {
+        assert!(r.finished && r.round == end, "{r:?}");
+        assert!(r.metric > 0.0 && r.metric <= 1.0, "{r:?}");
+    }
 }
 
 /// The README's traffic table: per scheme and consortium size (6 training rounds, then the
@@ -274,6 +330,7 @@ fn traffic_table() {
         let mut received_by_size = Vec::new();
         for sites in [4usize, 8, 16] {
             let out = run_consortium(&manifest(scheme, fanout, 6), sites, port);
+            assert_eq!(out.trained, vec![6; sites]);
             port += 20;
             let n = sites as f64;
             let sent: f64 = out.bytes.iter().map(|b| b.0).sum::<f64>() / n / out.rounds;

@@ -375,7 +375,12 @@ fn with_a_third_of_the_nodes_killed_the_rest_finish() {
     let (c, mut nodes, rt) = start(dir.path(), n, 48100);
     let client = researcher(&c, &rt, 0);
     let rounds = 10;
-    rt.block_on(client.submit(SignedManifest::sign(manifest(rounds), &c.researcher)))
+    // Both neighbours of a round (two random matchings) must be reachable before a site
+    // trains it; a killed neighbour's refused dial ends the wait at once.
+    let mut m = manifest(rounds);
+    m.averaging.min_peers = 2;
+    m.validate().unwrap();
+    rt.block_on(client.submit(SignedManifest::sign(m, &c.researcher)))
         .unwrap();
     let victims = [4, 5];
     wait_until(&c, &rt, &client, n, Duration::from_secs(300), |r| {
@@ -415,6 +420,18 @@ fn with_a_third_of_the_nodes_killed_the_rest_finish() {
                 .any(|p| p.record.node == *k && p.record.finished && p.record.round == 10)
         })
     });
+    // Rounds paired with a dead site were counted short of peers, and did not wait out the
+    // round timeout (20 s) each.
+    let short: f64 = (0..n)
+        .filter(|i| !victims.contains(i))
+        .map(|i| {
+            let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+            parse_value(&text, "medmesh_rounds_short_of_peers_total").unwrap()
+        })
+        .sum();
+    assert!(short >= 1.0, "no round was short of peers");
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    assert!(!log.contains("after the round timeout"), "{log}");
     let records = rt.block_on(client.status(Some("net-test"))).unwrap();
     for v in victims {
         let key = c.sites[v].public_key();

@@ -11,6 +11,7 @@
 //!   used by the node and the simulator alike.
 //! * [`round`]: the round engine: each round's communication graph, computed alike by every
 //!   site, and how a site combines what it received. Node and simulator call it, nothing else.
+//! * [`stop`]: the manifest's stop rules, agreed on without a coordinator.
 //! * [`rng`]: the seeded generator every site draws the round graphs from.
 //!
 //! Errors say what went wrong in their own text, including the cause (they expose no
@@ -29,6 +30,7 @@ pub mod provenance;
 pub mod rng;
 pub mod robust;
 pub mod round;
+pub mod stop;
 
 pub use encoding::WeightEncoding;
 pub use envelope::{

@@ -214,7 +214,11 @@ pub struct Averaging {
     pub rounds: u32,
     /// Seconds to wait for peers each round before going on without them.
     pub round_timeout_secs: u32,
-    /// Peers a node needs to hear from to count a round as averaged.
+    /// Neighbours of a training round (the round engine's graph) that must be reachable
+    /// before a site trains it: it waits up to `round_timeout_secs` for them, then trains
+    /// anyway and counts the round in `medmesh_rounds_short_of_peers_total`. At most the
+    /// scheme's peers a round (1, or the fanout); a round that gives a site fewer neighbours
+    /// waits for all of them. 0: never wait.
     pub min_peers: u32,
     /// Combination rule.
     pub aggregation: Aggregation,
@@ -259,6 +263,16 @@ pub enum Metric {
     Iou,
 }
 
+impl Metric {
+    /// The manifest's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Dice => "dice",
+            Metric::Iou => "iou",
+        }
+    }
+}
+
 /// How sites measure progress.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -279,17 +293,20 @@ impl Default for Evaluation {
     }
 }
 
-/// Early stopping. Without any, the experiment runs `averaging.rounds` rounds.
+/// Early stopping. Without any, the experiment runs `averaging.rounds` rounds. In a
+/// federated run the first site that meets a rule ends training for every site, a couple of
+/// rounds later (see [`crate::stop`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StopConditions {
-    /// Stop once the site's validation metric reaches this value.
+    /// Stop once a site's validation metric (`evaluation.metric`) reaches this value.
     #[serde(default)]
     pub target_metric: Option<f64>,
-    /// Stop after this many rounds without improvement.
+    /// Stop after this many rounds without a better validation metric at a site.
     #[serde(default)]
     pub patience_rounds: Option<u32>,
-    /// Stop after this many minutes of wall-clock time.
+    /// Stop after this many minutes of wall-clock time (counted by each site from the moment
+    /// it started the experiment; `train-local`: from its start).
     #[serde(default)]
     pub max_minutes: Option<u32>,
 }
@@ -552,10 +569,21 @@ impl Manifest {
                 format!("{} must be 1 to 86400", av.round_timeout_secs),
             );
         }
-        if av.min_peers > 10_000 {
+        let peers_a_round = match av.scheme {
+            Scheme::MetropolisHastings => av
+                .fanout
+                .unwrap_or(crate::round::DEFAULT_MIXING_DEGREE as u32),
+            Scheme::Epidemic => av.fanout.unwrap_or(1),
+            Scheme::PairwiseGossip | Scheme::PushSum => 1,
+        };
+        if av.min_peers > peers_a_round {
             bad(
                 "averaging.min_peers",
-                format!("{} is more than any consortium", av.min_peers),
+                format!(
+                    "{} exchanges with at most {peers_a_round} peer(s) a round (its fanout); min_peers {} can never be met",
+                    av.scheme.as_str(),
+                    av.min_peers
+                ),
             );
         }
         if !av.scheme.takes_aggregation() && av.aggregation != Aggregation::Mean {
@@ -748,6 +776,7 @@ mod tests {
         m.training.local_steps = Some(5);
         m.model.depth = 9;
         m.averaging.scheme = Scheme::Epidemic;
+        m.averaging.min_peers = 2;
         m.privacy.noise_multiplier = Some(1.0);
         let Err(ManifestError::Invalid(errors)) = m.validate() else {
             panic!("accepted")
@@ -759,10 +788,29 @@ mod tests {
             "training.local_epochs",
             "model.depth",
             "averaging.fanout",
+            "averaging.min_peers",
             "privacy.noise_multiplier",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn min_peers_is_at_most_the_peers_of_a_round() {
+        let mut m = Manifest::parse(QUICKSTART).unwrap();
+        m.averaging.scheme = Scheme::PairwiseGossip;
+        m.averaging.min_peers = 1;
+        assert!(m.validate().is_ok());
+        m.averaging.min_peers = 2;
+        let err = m.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("averaging.min_peers") && err.contains("at most 1"),
+            "{err}"
+        );
+        m.averaging.scheme = Scheme::MetropolisHastings;
+        assert!(m.validate().is_ok(), "two matchings a round by default");
+        m.averaging.fanout = Some(1);
+        assert!(m.validate().is_err());
     }
 
     #[test]

@@ -416,6 +416,7 @@ mod tests {
             contribution_weight: 50.0,
             peers_averaged: 3,
             finished: true,
+            stop_after: None,
             unix_ms: 1_700_000_000_000,
         };
         let progress = SignedProgress::sign(record, &node);

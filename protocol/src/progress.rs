@@ -18,7 +18,7 @@ pub struct ProgressRecord {
     pub node: PublicKey,
     /// Mean training loss of the round.
     pub loss: f32,
-    /// Validation metric after averaging (Dice unless the manifest says otherwise).
+    /// Validation metric after averaging (the manifest's `evaluation.metric`).
     pub metric: f32,
     /// Weight this site contributed to averaging (its sample count).
     pub contribution_weight: f64,
@@ -26,6 +26,9 @@ pub struct ProgressRecord {
     pub peers_averaged: u32,
     /// Whether the site has finished the experiment.
     pub finished: bool,
+    /// The last training round this site has announced, having met one of the manifest's
+    /// stop rules ([`crate::stop`]); every site ends its training at the earliest announced.
+    pub stop_after: Option<u64>,
     /// Wall-clock time of the record, milliseconds since the Unix epoch (sender's clock).
     pub unix_ms: u64,
 }
@@ -117,6 +120,7 @@ mod tests {
             contribution_weight: 10.0,
             peers_averaged: 2,
             finished: false,
+            stop_after: Some(7),
             unix_ms: 0,
         };
         let signed = SignedProgress::sign(record.clone(), &node);

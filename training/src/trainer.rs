@@ -7,7 +7,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::tensor::Bytes;
-use medmesh_protocol::manifest::{Manifest, Optimizer};
+use medmesh_protocol::manifest::{Manifest, Metric, Optimizer};
 use serde::Serialize;
 
 use crate::data::slices::SliceSet;
@@ -100,6 +100,16 @@ pub struct Evaluation {
     pub mean_iou: f64,
     /// Each case's scores.
     pub cases: Vec<CaseScore>,
+}
+
+impl Evaluation {
+    /// The mean score of `metric` (a manifest's `evaluation.metric`).
+    pub fn score(&self, metric: Metric) -> f64 {
+        match metric {
+            Metric::Dice => self.mean_dice,
+            Metric::Iou => self.mean_iou,
+        }
+    }
 }
 
 /// One case's scores (all its slices together, i.e. a 3D Dice).

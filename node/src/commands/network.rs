@@ -89,9 +89,11 @@ fn progress_json(client: &Client, p: &SignedProgress) -> serde_json::Value {
         "peer_id": r.node.peer_id().to_string(),
         "round": r.round,
         "loss": if r.loss.is_finite() { Some(r.loss) } else { None },
-        "dice": r.metric,
+        "metric": r.metric,
+        "contribution_weight": r.contribution_weight,
         "peers_averaged": r.peers_averaged,
         "finished": r.finished,
+        "stop_after": r.stop_after,
         "unix_ms": r.unix_ms,
     })
 }
@@ -103,7 +105,7 @@ pub fn status_table(client: &Client, records: &[SignedProgress]) -> String {
         .map_or(0, |d| d.as_millis() as u64);
     let mut out = format!(
         "{:<24} {:<18} {:>5} {:>8} {:>6} {:>6}  {}\n",
-        "experiment", "site", "round", "loss", "dice", "peers", "last seen"
+        "experiment", "site", "round", "loss", "metric", "peers", "last seen"
     );
     for p in records {
         let r = &p.record;

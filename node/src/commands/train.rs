@@ -2,9 +2,12 @@
 
 use std::path::Path;
 
+use std::time::Instant;
+
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use medmesh_protocol::Manifest;
+use medmesh_protocol::stop::{StopRule, StopState};
 use medmesh_training::data::load_dir;
 use medmesh_training::data::slices::{SliceOptions, slice_cases};
 use medmesh_training::model::UNetConfig;
@@ -53,32 +56,41 @@ pub fn train_local(
         None => Trainer::new(&m, device),
     };
     let rounds = m.averaging.rounds as u64;
-    let initial = trainer.evaluate(&val_set).mean_dice;
+    let metric = m.evaluation.metric;
+    let first = trainer.evaluate(&val_set);
+    let (initial, initial_dice) = (first.score(metric), first.mean_dice);
     let bar = ProgressBar::new(rounds);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg} [{elapsed}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(trainer.round());
-    let mut last = initial;
+    let stop = StopRule::from_manifest(&m);
+    let mut stop_state = StopState::default();
+    let started = Instant::now();
+    let (mut last, mut last_dice) = (initial, initial_dice);
     while trainer.round() < rounds {
         let stats = trainer.train_round(&train_set, |s| {
             bar.set_message(format!("step {}/{} loss {:.3}", s.step, s.of, s.loss))
         });
-        last = trainer.evaluate(&val_set).mean_dice;
+        let scores = trainer.evaluate(&val_set);
+        (last, last_dice) = (scores.score(metric), scores.mean_dice);
         tracing::info!(
             round = trainer.round(),
             loss = stats.mean_loss,
-            val_dice = last,
+            val_metric = last,
+            metric = metric.as_str(),
             "round done"
         );
-        bar.set_message(format!("val Dice {last:.3}"));
+        bar.set_message(format!("val {} {last:.3}", metric.as_str()));
         bar.inc(1);
         if let Some(p) = ckpt {
             checkpoint::save(&trainer, p)?;
         }
-        if m.stop.target_metric.is_some_and(|t| last >= t) {
-            tracing::info!(val_dice = last, "target metric reached; stopping early");
+        if let Some(reason) =
+            stop.observe(&mut stop_state, trainer.round(), last, started.elapsed())
+        {
+            tracing::info!(val_metric = last, "{reason}; stopping early");
             break;
         }
     }
@@ -96,8 +108,11 @@ pub fn train_local(
     let summary = json!({
         "model": out.display().to_string(),
         "rounds": trainer.round(),
-        "dice_initial": initial,
-        "dice_final": last,
+        "dice_initial": initial_dice,
+        "dice_final": last_dice,
+        "metric": metric.as_str(),
+        "metric_initial": initial,
+        "metric_final": last,
         "train_slices": train_set.len(),
         "validation_cases": val_set.case_names.len(),
     });

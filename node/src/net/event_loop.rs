@@ -58,6 +58,8 @@ pub struct EventLoop {
     /// Node members wanted now, and by the previous [`Command::Want`] (a slower peer may
     /// still be finishing that round with this node).
     wanted: (HashSet<PeerId>, HashSet<PeerId>),
+    /// Node members whose last dial failed and that have not connected since.
+    unreachable: HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -93,6 +95,7 @@ impl EventLoop {
             isolated: HashSet::new(),
             addresses: HashMap::new(),
             wanted: Default::default(),
+            unreachable: HashSet::new(),
         };
         this.set_members(members);
         (this, handle, event_rx)
@@ -375,6 +378,17 @@ impl EventLoop {
             Command::SetMembers { members } => self.set_members(members),
             Command::Isolate { peers } => self.isolate(peers),
             Command::Want { peers } => self.want(peers),
+            Command::Reachability { peers, reply } => {
+                let connected = peers
+                    .iter()
+                    .filter(|p| self.connected.contains_key(p))
+                    .count();
+                let failed = peers
+                    .iter()
+                    .filter(|p| !self.connected.contains_key(p) && self.unreachable.contains(p))
+                    .count();
+                let _ = reply.send(super::Reachability { connected, failed });
+            }
         }
     }
 
@@ -392,6 +406,7 @@ impl EventLoop {
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
+                self.unreachable.remove(&peer_id);
                 if num_established.get() == 1 && self.is_node(&peer_id) {
                     self.connected.insert(peer_id, Instant::now());
                     self.metrics
@@ -453,6 +468,12 @@ impl EventLoop {
                         .is_some()
                 {
                     self.metrics.refused_not_member.inc();
+                }
+                if let Some(peer) = peer_id
+                    && self.is_node(&peer)
+                    && !self.connected.contains_key(&peer)
+                {
+                    self.unreachable.insert(peer);
                 }
                 tracing::debug!(peer = ?peer_id, "dial failed: {reason}");
             }

@@ -119,6 +119,19 @@ pub(crate) enum Command {
     Want {
         peers: Vec<PeerId>,
     },
+    Reachability {
+        peers: Vec<PeerId>,
+        reply: oneshot::Sender<Reachability>,
+    },
+}
+
+/// How many of some members are reachable now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reachability {
+    /// Connected.
+    pub connected: usize,
+    /// Not connected, and the last dial failed.
+    pub failed: usize,
 }
 
 /// Talks to the event loop.
@@ -211,6 +224,20 @@ impl NetworkHandle {
     /// connections follow its rounds' sparse graph, not the roster.
     pub async fn want(&self, peers: Vec<PeerId>) {
         let _ = self.commands.send(Command::Want { peers }).await;
+    }
+
+    /// Of `peers`, how many are connected and how many could not be dialed.
+    pub async fn reachability(&self, peers: Vec<PeerId>) -> Reachability {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Reachability { peers, reply })
+            .await
+            .is_err()
+        {
+            return Reachability::default();
+        }
+        answer.await.unwrap_or_default()
     }
 
     /// Cuts this node off from `peers` (a partition drill): their connections are closed

@@ -245,6 +245,15 @@ impl Registry {
         newer
     }
 
+    /// The last training rounds sites announced for `id`, having met a stop rule.
+    pub fn announced_ends(&self, id: &str) -> Vec<u64> {
+        lock(&self.progress)
+            .values()
+            .filter(|p| p.record.experiment_id == id)
+            .filter_map(|p| p.record.stop_after)
+            .collect()
+    }
+
     /// The latest record of each site, of one experiment or all, at most `max`.
     pub fn progress(&self, id: Option<&str>, max: usize) -> Vec<SignedProgress> {
         lock(&self.progress)

@@ -16,6 +16,7 @@ use medmesh_crypto::PublicKey;
 use medmesh_protocol::envelope::chunk_size_for;
 use medmesh_protocol::robust::check_update;
 use medmesh_protocol::round::{Overlay, Phase, RoundRules};
+use medmesh_protocol::stop::StopRule;
 use medmesh_protocol::{
     Announcement, ExchangeState, Manifest, ParamLayout, ProgressRecord, Provenance, Request,
     Response, SignedManifest, SignedProgress, SignedProvenance, UpdateAnswer, UpdateEnvelope,
@@ -104,13 +105,32 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     );
     set_progress(node, &m.id, trainer.round(), false);
 
+    let metric = m.evaluation.metric;
+    let report = Reporter {
+        m,
+        digest,
+        contribution_weight: sample_weight,
+    };
+    // The time budget of `stop.max_minutes` counts from this site's first start.
+    let started = *state.started_unix_ms.get_or_insert_with(unix_ms);
+    let started = UNIX_EPOCH + Duration::from_millis(started);
     if state.dice_initial.is_none() {
-        let dice = trainer.evaluate(&data.validation).mean_dice as f32;
-        state.dice_initial = Some(dice);
+        let scores = trainer.evaluate(&data.validation);
+        state.dice_initial = Some(scores.mean_dice as f32);
         state.save(&dir)?;
-        publish_progress(node, m, digest, 0, f32::NAN, dice, 0, false);
+        report.publish(
+            node,
+            &state,
+            0,
+            f32::NAN,
+            scores.score(metric) as f32,
+            0,
+            false,
+        );
     }
+    let stop_rule = StopRule::from_manifest(m);
     let mut last = (f32::NAN, state.dice_initial.unwrap_or(0.0));
+    let mut last_metric = last.1;
     let mut privatizer =
         Privatizer::for_manifest(m).context("seeding the privacy noise from the OS")?;
     if let Some(p) = &privatizer {
@@ -121,8 +141,8 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             "updates leave this site clipped and with Gaussian noise"
         );
     }
-    let rules = RoundRules::from_manifest(m);
-    let total = rules.total_rounds(node.node_members().len());
+    let mut rules = RoundRules::from_manifest(m);
+    let manifest_rounds = rules.training_rounds;
     let mut mass = state.mass.unwrap_or(sample_weight);
     // Push-sum shares owed to this site that missed their round: fetched (and their mass
     // added) the next round instead of dropped.
@@ -131,10 +151,29 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     // Rounds this site has completed, the final reduce's included (the trainer counts
     // training rounds only: progress, checkpoints and provenance speak of those).
     let mut done = trainer.round();
-    while done < total {
+    loop {
         check_running(node)?;
-        let round = done + 1;
+        // Training ends at the earliest round a site announced having met a stop rule.
+        let announced = node.registry.announced_ends(&m.id);
+        let earliest = announced.iter().copied().min();
+        let end = stop_rule.agreed_end(manifest_rounds, done.min(rules.training_rounds), announced);
+        if end != rules.training_rounds {
+            if earliest.is_some_and(|e| e < end) {
+                tracing::warn!(
+                    experiment = %m.id,
+                    "a site announced the end of training after round {}, which this site has trained past: it ends after round {end}, and its model will agree with the others' only approximately",
+                    earliest.unwrap_or(end)
+                );
+            } else {
+                tracing::info!(experiment = %m.id, "a site met a stop rule: training ends after round {end}");
+            }
+            rules.training_rounds = end;
+        }
         let members = node.node_members();
+        if done >= rules.total_rounds(members.len()) {
+            break;
+        }
+        let round = done + 1;
         let me_at = members
             .iter()
             .position(|k| *k == me)
@@ -149,8 +188,11 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             .map(|&j| net::peer_id_of(&members[j]))
             .collect();
         node.tasks
-            .block_on(node.net.want(neighbours))
+            .block_on(node.net.want(neighbours.clone()))
             .ok_or(Stopped)?;
+        if trains {
+            hold_for_peers(node, m, round, &neighbours)?;
+        }
 
         // 1. Train (not in the final reduce), and offer the result.
         let start = (trains && privatizer.is_some()).then(|| trainer.weights(selection));
@@ -265,10 +307,25 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         done = round;
         trainer.set_round(round.min(rules.training_rounds));
 
-        // 4. Evaluate, checkpoint, tell.
-        let dice = trainer.evaluate(&data.validation).mean_dice as f32;
+        // 4. Evaluate, check the stop rules, checkpoint, tell.
+        let scores = trainer.evaluate(&data.validation);
+        let dice = scores.mean_dice as f32;
         let loss = stats.map_or(last.0, |s| s.mean_loss as f32);
         last = (loss, dice);
+        last_metric = scores.score(metric) as f32;
+        if trains && stop_rule.is_set() {
+            let elapsed = SystemTime::now()
+                .duration_since(started)
+                .unwrap_or_default();
+            let met = stop_rule.observe(&mut state.stop, round, f64::from(last_metric), elapsed);
+            if let Some(reason) = met
+                && state.stop_after.is_none()
+                && let Some(end) = StopRule::announce(round, rules.training_rounds)
+            {
+                tracing::info!(experiment = %m.id, round, "{reason}: announcing that training ends after round {end}");
+                state.stop_after = Some(end);
+            }
+        }
         if !state.contributors.contains(&me) {
             state.contributors.push(me);
         }
@@ -292,15 +349,63 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             "round done"
         );
         if round < rules.training_rounds {
-            publish_progress(node, m, digest, round, loss, dice, averaged as u32, false);
+            report.publish(
+                node,
+                &state,
+                round,
+                loss,
+                last_metric,
+                averaged as u32,
+                false,
+            );
         }
     }
 
     export_results(node, m, digest, &trainer, &mut state, last, &dir)?;
     set_progress(node, &m.id, trainer.round(), true);
-    publish_progress(node, m, digest, trainer.round(), last.0, last.1, 0, true);
+    report.publish(node, &state, trainer.round(), last.0, last_metric, 0, true);
     tracing::info!(experiment = %m.id, val_dice = last.1, "experiment finished; model exported");
     Ok(())
+}
+
+/// How often a held round looks again for its neighbours.
+const HOLD_POLL: Duration = Duration::from_millis(100);
+
+/// Holds a training round until `averaging.min_peers` of its `neighbours` (all of them, if
+/// the round gives this site fewer) are connected. It gives up, logs and counts the round
+/// when the round timeout passes, or as soon as too many neighbours failed to dial for the
+/// rest to make up the number: a member that is down does not cost a round timeout.
+fn hold_for_peers(node: &Node, m: &Manifest, round: u64, neighbours: &[PeerId]) -> Result<()> {
+    let required = (m.averaging.min_peers as usize).min(neighbours.len());
+    if required == 0 {
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(m.averaging.round_timeout_secs.into());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let reach = node
+            .tasks
+            .block_on(node.net.reachability(neighbours.to_vec()))
+            .ok_or(Stopped)?;
+        if reach.connected >= required {
+            return Ok(());
+        }
+        let hopeless = neighbours.len() - reach.failed < required;
+        if hopeless || Instant::now() >= deadline {
+            node.metrics.rounds_short_of_peers.inc();
+            tracing::warn!(
+                experiment = %m.id,
+                round,
+                reachable = reach.connected,
+                unreachable = reach.failed,
+                min_peers = m.averaging.min_peers,
+                "fewer of the round's neighbours reachable than min_peers asks{}; training the round anyway",
+                if hopeless { "" } else { " after the round timeout" }
+            );
+            return Ok(());
+        }
+        std::thread::sleep(HOLD_POLL);
+    }
 }
 
 /// Writes the checkpoint, then the runner state. A failure (full disk, I/O error) is logged
@@ -507,32 +612,43 @@ fn catch_up(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn publish_progress(
-    node: &Arc<Node>,
-    m: &Manifest,
+/// Signs and spreads this site's progress records.
+struct Reporter<'a> {
+    m: &'a Manifest,
     digest: [u8; 32],
-    round: u64,
-    loss: f32,
-    metric: f32,
-    peers_averaged: u32,
-    finished: bool,
-) {
-    let record = ProgressRecord {
-        experiment_id: m.id.clone(),
-        manifest_digest: digest,
-        round,
-        node: node.identity.public_key(),
-        loss,
-        metric,
-        contribution_weight: 0.0,
-        peers_averaged,
-        finished,
-        unix_ms: unix_ms(),
-    };
-    let signed = SignedProgress::sign(record, &node.identity);
-    node.registry.record_progress(&signed);
-    node.broadcast(Request::Announce(Announcement::Progress(signed)), &[]);
+    /// The weight this site brings to averaging: its training slices.
+    contribution_weight: f64,
+}
+
+impl Reporter<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &self,
+        node: &Arc<Node>,
+        state: &RunnerState,
+        round: u64,
+        loss: f32,
+        metric: f32,
+        peers_averaged: u32,
+        finished: bool,
+    ) {
+        let record = ProgressRecord {
+            experiment_id: self.m.id.clone(),
+            manifest_digest: self.digest,
+            round,
+            node: node.identity.public_key(),
+            loss,
+            metric,
+            contribution_weight: self.contribution_weight,
+            peers_averaged,
+            finished,
+            stop_after: state.stop_after,
+            unix_ms: unix_ms(),
+        };
+        let signed = SignedProgress::sign(record, &node.identity);
+        node.registry.record_progress(&signed);
+        node.broadcast(Request::Announce(Announcement::Progress(signed)), &[]);
+    }
 }
 
 /// Writes `export/model.safetensors` and `export/provenance.json`.

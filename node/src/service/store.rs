@@ -62,6 +62,16 @@ pub struct RunnerState {
     /// count, or its push-sum weight); `None` before the first round.
     #[serde(default)]
     pub mass: Option<f64>,
+    /// When this site first started the experiment (ms since the Unix epoch): the start of
+    /// `stop.max_minutes`.
+    #[serde(default)]
+    pub started_unix_ms: Option<u64>,
+    /// What the stop rules remember (the best validation metric and its round).
+    #[serde(default)]
+    pub stop: medmesh_protocol::stop::StopState,
+    /// The last training round this site announced, having met a stop rule.
+    #[serde(default)]
+    pub stop_after: Option<u64>,
 }
 
 impl RunnerState {
