@@ -44,6 +44,11 @@ fn logs(c: &LocalConsortium, n: usize) -> String {
         .collect()
 }
 
+/// The researcher's client, connected to site `i`.
+fn researcher(c: &LocalConsortium, rt: &tokio::runtime::Runtime, i: usize) -> Client {
+    rt.block_on(c.researcher_client(i)).unwrap()
+}
+
 /// What one experiment on a fresh consortium gave.
 struct Outcome {
     /// Consensus distance of the exported models.
@@ -91,14 +96,7 @@ fn run_experiment(
     let metrics: Vec<String> = (0..sites).map(|i| c.metrics_addr(i)).collect();
     demo::wait_for_mesh(&rt, &metrics, &mut nodes, sites)
         .unwrap_or_else(|e| panic!("{e}\n{}", logs(&c, sites)));
-    let client = rt
-        .block_on(Client::connect(
-            &c.researcher,
-            &c.network_key,
-            c.roster.clone(),
-            c.addr(sites / 2),
-        ))
-        .unwrap();
+    let client = researcher(&c, &rt, sites / 2);
     rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -155,14 +153,7 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
     let mut models = Vec::new();
     let mut trained = Vec::new();
     for i in 0..sites {
-        let node = rt
-            .block_on(Client::connect(
-                &c.researcher,
-                &c.network_key,
-                c.roster.clone(),
-                c.addr(i),
-            ))
-            .unwrap();
+        let node = researcher(&c, &rt, i);
         let (model, provenance) = rt.block_on(node.export(&m.id)).unwrap();
         trained.push(provenance.provenance.rounds_completed);
         let path = dir.path().join(format!("model-{i}.safetensors"));
@@ -180,14 +171,7 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
         })
         .collect();
     // Asked of the node `run_experiment` watched: it has every site's final record.
-    let watched = rt
-        .block_on(Client::connect(
-            &c.researcher,
-            &c.network_key,
-            c.roster.clone(),
-            c.addr(sites / 2),
-        ))
-        .unwrap();
+    let watched = researcher(&c, &rt, sites / 2);
     let mut last: Vec<_> = rt
         .block_on(watched.status(Some(&m.id)))
         .unwrap()

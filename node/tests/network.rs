@@ -55,13 +55,7 @@ fn logs(c: &LocalConsortium, n: usize) -> String {
 }
 
 fn researcher(c: &LocalConsortium, rt: &tokio::runtime::Runtime, node: usize) -> Client {
-    rt.block_on(Client::connect(
-        &c.researcher,
-        &c.network_key,
-        c.roster.clone(),
-        c.addr(node),
-    ))
-    .unwrap()
+    rt.block_on(c.researcher_client(node)).unwrap()
 }
 
 /// Waits until `done` holds for the status records, or panics with the nodes' logs.

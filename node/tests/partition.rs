@@ -113,15 +113,7 @@ fn a_partition_that_heals_reaches_consensus() {
     }
     let metrics: Vec<String> = (0..SITES).map(|i| c.metrics_addr(i)).collect();
     demo::wait_for_mesh(&rt, &metrics, &mut Nodes(Vec::new()), SITES).unwrap();
-    let connect = |i: usize| {
-        rt.block_on(Client::connect(
-            &c.researcher,
-            &c.network_key,
-            c.roster.clone(),
-            c.addr(i),
-        ))
-        .unwrap()
-    };
+    let connect = |i: usize| rt.block_on(c.researcher_client(i)).unwrap();
     // One researcher client in each future group.
     let (left, right) = (connect(0), connect(SITES - 1));
     let both = [&left, &right];

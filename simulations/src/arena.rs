@@ -136,11 +136,13 @@ impl Arena {
         let worst = members
             .par_iter()
             .map(|&i| {
-                let s = scale.map_or(1.0, |s| s[i]);
+                // A product per value rather than a division: this pass reads the whole
+                // arena every round.
+                let inv = scale.map_or(1.0, |s| 1.0 / s[i]);
                 self.row(i)
                     .iter()
                     .zip(&mean)
-                    .map(|(x, m)| (f64::from(*x) / s - m).powi(2))
+                    .map(|(x, m)| (f64::from(*x) * inv - m).powi(2))
                     .sum::<f64>()
                     .sqrt()
             })
@@ -162,10 +164,10 @@ impl Arena {
         mean.par_chunks_mut(BLOCK).enumerate().for_each(|(b, out)| {
             let start = b * BLOCK;
             for &i in members {
-                let s = scale.map_or(1.0, |s| s[i]);
+                let inv = scale.map_or(1.0, |s| 1.0 / s[i]);
                 let row = &self.current[i * d + start..i * d + start + out.len()];
                 for (o, x) in out.iter_mut().zip(row) {
-                    *o += f64::from(*x) / s;
+                    *o += f64::from(*x) * inv;
                 }
             }
             out.iter_mut().for_each(|o| *o /= k);

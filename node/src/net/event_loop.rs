@@ -25,7 +25,7 @@ const INBOUND_QUEUE: usize = 256;
 
 /// How long a connection to a member no round wants may stay open (see
 /// [`EventLoop::prune`]).
-const LINGER: Duration = Duration::from_secs(20);
+const LINGER: Duration = Duration::from_secs(5);
 
 /// When a peer should ask again after the inbound queue was full.
 const QUEUE_FULL_RETRY_MS: u32 = 250;
