@@ -102,6 +102,7 @@ fn main() {
         node: node.public_key(),
         loss: 0.3,
         metric: 0.7,
+        personalized_metric: None,
         contribution_weight: 12.0,
         peers_averaged: 2,
         finished: false,

@@ -133,26 +133,7 @@ pub enum Command {
     },
     /// Replay a consortium in virtual time and compare averaging schemes (see
     /// simulations/scenarios/); writes report.json, CSV series and PNG plots.
-    Simulate {
-        /// The scenario file (TOML).
-        #[arg(long)]
-        scenario: PathBuf,
-        /// Output directory.
-        #[arg(long, default_value = "simulation")]
-        out: PathBuf,
-        /// Override the scenario's seed.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Override the number of sites (e.g. a smaller trial run).
-        #[arg(long)]
-        nodes: Option<usize>,
-        /// Override the number of rounds.
-        #[arg(long)]
-        rounds: Option<u32>,
-        /// Skip the PNG plots.
-        #[arg(long)]
-        no_plots: bool,
-    },
+    Simulate(crate::commands::simulate::Options),
     /// A throwaway consortium on this machine: N real nodes on 127.0.0.1, synthetic sites,
     /// one experiment, and a report comparing federated and local-only training.
     Demo(crate::commands::demo::DemoOptions),
@@ -188,32 +169,7 @@ pub enum TaskArg {
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
     /// Write one MSD-layout dataset per site: DIR/site-1, DIR/site-2, ...
-    Prepare {
-        /// Which task.
-        #[arg(long, value_enum)]
-        task: TaskArg,
-        /// Number of sites.
-        #[arg(long, default_value_t = 4)]
-        sites: usize,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// How sites differ: iid, feature-shift, label-skew, realistic.
-        #[arg(long, default_value = "realistic")]
-        preset: String,
-        /// Seed; the same seed gives the same data.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Cases per site (before the preset's uneven sizes).
-        #[arg(long, default_value_t = 16)]
-        cases: usize,
-        /// Image side in pixels.
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Slices per case.
-        #[arg(long, default_value_t = 12)]
-        slices: usize,
-    },
+    Prepare(crate::commands::data::PrepareArgs),
 }
 
 /// Member roles, as accepted on the command line.

@@ -6,6 +6,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod keystore;
+pub mod local;
 pub mod metrics;
 pub mod net;
 pub mod service;

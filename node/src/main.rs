@@ -30,27 +30,8 @@ fn main() -> ExitCode {
     init_logging(format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Data {
-            command:
-                DataCommand::Prepare {
-                    task,
-                    sites,
-                    out,
-                    preset,
-                    seed,
-                    cases,
-                    size,
-                    slices,
-                },
-        } => data::prepare(&data::Prepare {
-            task,
-            sites,
-            out: &out,
-            preset: &preset,
-            seed,
-            cases,
-            size,
-            slices,
-        }),
+            command: DataCommand::Prepare(args),
+        } => data::prepare(&args),
         Command::TrainLocal {
             data,
             manifest,
@@ -98,21 +79,7 @@ fn main() -> ExitCode {
             experiment,
             out,
         } => network::export(&connect, &experiment, &out),
-        Command::Simulate {
-            scenario,
-            out,
-            seed,
-            nodes,
-            rounds,
-            no_plots,
-        } => simulate::run(&simulate::Options {
-            scenario,
-            out,
-            seed,
-            nodes,
-            rounds,
-            plots: !no_plots,
-        }),
+        Command::Simulate(options) => simulate::run(&options),
         Command::Demo(options) => demo::run(&options),
     };
     match result {

@@ -17,8 +17,8 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{StreamProtocol, SwarmBuilder};
 use medmesh_node::client::Client;
-use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
 use medmesh_node::config::NodeConfig;
+use medmesh_node::local::{self, LocalConsortium, Nodes};
 use medmesh_node::metrics::parse_value;
 use medmesh_node::net::behaviour::Protocols;
 use medmesh_node::net::{peer_id_of, transport};
@@ -35,7 +35,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 type Offer = (UpdateEnvelope, Vec<u8>);
 
 fn manifest(id: &str, rounds: u32) -> Manifest {
-    let mut m = demo::demo_manifest(rounds, Scheme::MetropolisHastings).unwrap();
+    let mut m = local::test_manifest(rounds, Scheme::MetropolisHastings).unwrap();
     // Every site pulls from every other each round: each honest node meets the attacker.
     m.averaging.fanout = Some(64);
     m.id = id.into();
@@ -77,7 +77,7 @@ fn start_nodes(
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let metrics: Vec<String> = (0..running).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, running).unwrap();
+    local::wait_for_mesh(&rt, &metrics, &mut nodes, running).unwrap();
     (c, nodes, rt)
 }
 
@@ -243,7 +243,7 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
         }
     });
     let metrics: Vec<String> = (0..=attacker).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, attacker + 1).unwrap_or_else(|e| {
+    local::wait_for_mesh(&rt, &metrics, &mut nodes, attacker + 1).unwrap_or_else(|e| {
         let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap_or_default();
         panic!("{e}\n{log}")
     });
@@ -270,7 +270,7 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
     let attacker_id = peer_id_of(&c.sites[attacker].public_key()).to_string();
     let raw_id = peer_id_of(&c.sites[raw].public_key()).to_string();
     for i in 0..honest {
-        let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+        let text = rt.block_on(local::scrape(&c.metrics_addr(i))).unwrap();
         let log = std::fs::read_to_string(c.node_dir(i).join("node.log")).unwrap();
         for reason in [
             "non_finite_weights",
@@ -366,7 +366,7 @@ fn a_thousand_outsider_attempts_fail_while_the_nodes_train() {
     assert!(records.iter().all(|p| p.record.round == 6));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+        let text = rt.block_on(local::scrape(&c.metrics_addr(0))).unwrap();
         let handshakes = parse_value(&text, "medmesh_handshakes_failed_total").unwrap_or(0.0);
         // Under load more than the pending-connection limit wait in the handshake at once:
         // those are refused at the limit instead, and counted there.
@@ -459,7 +459,7 @@ fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
 
     let records = wait_finished(&rt, &client, "flood-test", n);
     assert!(records.iter().all(|p| p.record.round == 6));
-    let text = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+    let text = rt.block_on(local::scrape(&c.metrics_addr(0))).unwrap();
     assert!(
         text.contains(&format!(
             "medmesh_rejected_total{{reason=\"rate_limited\"}} {busy}"

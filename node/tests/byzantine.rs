@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use medmesh_node::client::Client;
-use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
 use medmesh_node::config::NodeConfig;
+use medmesh_node::local::{self, LocalConsortium, Nodes};
 use medmesh_node::service::{self, Hooks};
 use medmesh_protocol::manifest::{Aggregation, Scheme};
 use medmesh_protocol::{Manifest, SignedManifest};
@@ -19,7 +19,7 @@ const SITES: usize = 5;
 const ATTACKER: usize = 4;
 
 fn manifest(aggregation: Aggregation, clip_norm: Option<f64>) -> Manifest {
-    let mut m = demo::demo_manifest(20, Scheme::MetropolisHastings).unwrap();
+    let mut m = local::test_manifest(20, Scheme::MetropolisHastings).unwrap();
     // Every site averages with all four others each round (the robust rules need inputs).
     m.averaging.fanout = Some(64);
     m.id = "byzantine-test".into();
@@ -60,7 +60,7 @@ fn run(aggregation: Aggregation, clip_norm: Option<f64>, attack: bool, port: u16
         }
     });
     let metrics: Vec<String> = (0..SITES).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, SITES).unwrap();
+    local::wait_for_mesh(&rt, &metrics, &mut nodes, SITES).unwrap();
 
     let client = rt
         .block_on(Client::connect(

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use medmesh_node::client::Client;
-use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
+use medmesh_node::local::{self, LocalConsortium, Nodes};
 use medmesh_node::metrics::parse_value;
 use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::round::RoundRules;
@@ -18,7 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 const ROUNDS: u32 = 3;
 
 fn manifest(scheme: Scheme, fanout: Option<u32>, rounds: u32) -> Manifest {
-    let mut m = demo::demo_manifest(rounds, scheme).unwrap();
+    let mut m = local::test_manifest(rounds, scheme).unwrap();
     m.id = format!("gossip-{}", scheme.as_str());
     m.task.input_size = [32, 32];
     m.training.batch_size = 4;
@@ -94,7 +94,7 @@ fn run_experiment(
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let metrics: Vec<String> = (0..sites).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, sites)
+    local::wait_for_mesh(&rt, &metrics, &mut nodes, sites)
         .unwrap_or_else(|e| panic!("{e}\n{}", logs(&c, sites)));
     let client = researcher(&c, &rt, sites / 2);
     rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
@@ -107,7 +107,7 @@ fn run_experiment(
         // (before, Kademlia's bootstrap has connected a small consortium fully).
         if records.len() == sites && records.iter().all(|p| p.record.round >= 1) {
             for (i, addr) in metrics.iter().enumerate() {
-                let text = rt.block_on(demo::scrape(addr)).unwrap_or_default();
+                let text = rt.block_on(local::scrape(addr)).unwrap_or_default();
                 samples[i].push(parse_value(&text, "medmesh_peers_connected").unwrap_or(0.0));
             }
         }
@@ -163,7 +163,7 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
     let bytes = metrics
         .iter()
         .map(|addr| {
-            let text = rt.block_on(demo::scrape(addr)).unwrap();
+            let text = rt.block_on(local::scrape(addr)).unwrap();
             (
                 parse_value(&text, "medmesh_bytes_sent_total").unwrap(),
                 parse_value(&text, "medmesh_bytes_received_total").unwrap(),
@@ -180,7 +180,8 @@ fn run_consortium(m: &Manifest, sites: usize, port: u16) -> Outcome {
         .collect();
     last.sort_by_key(|r| r.node.to_bytes());
     let outcome = Outcome {
-        distance: demo::consensus_distance(&models).unwrap(),
+        distance: local::consensus_distance(&models, medmesh_training::params::Selection::All)
+            .unwrap(),
         model_bytes: std::fs::metadata(&models[0]).unwrap().len() as f64,
         rounds: RoundRules::from_manifest(m).total_rounds(sites) as f64,
         bytes,

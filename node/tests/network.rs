@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use medmesh_crypto::{Identity, NetworkKey};
 use medmesh_node::client::Client;
-use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
+use medmesh_node::local::{self, LocalConsortium, Nodes};
 use medmesh_node::metrics::parse_value;
 use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::{Manifest, SignedManifest};
@@ -15,7 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 
 /// A small, fast experiment: 32 px, few rounds, short timeouts.
 fn manifest(rounds: u32) -> Manifest {
-    let mut m = demo::demo_manifest(rounds, Scheme::MetropolisHastings).unwrap();
+    let mut m = local::test_manifest(rounds, Scheme::MetropolisHastings).unwrap();
     m.id = "net-test".into();
     m.task.input_size = [32, 32];
     m.training.batch_size = 4;
@@ -34,7 +34,7 @@ fn start(dir: &Path, n: usize, port: u16) -> (LocalConsortium, Nodes, tokio::run
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap_or_else(|e| {
+    local::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap_or_else(|e| {
         panic!("{e}\n{}", logs(&c, n));
     });
     (c, nodes, rt)
@@ -97,7 +97,7 @@ fn wait_for_metric_within(
 ) {
     let deadline = Instant::now() + timeout;
     loop {
-        let text = rt.block_on(demo::scrape(addr)).unwrap();
+        let text = rt.block_on(local::scrape(addr)).unwrap();
         let value = parse_value(&text, name).unwrap();
         if value >= at_least {
             return;
@@ -173,7 +173,8 @@ fn three_nodes_find_each_other_train_and_agree() {
         std::fs::write(&path, model).unwrap();
         models.push(path);
     }
-    let distance = demo::consensus_distance(&models).unwrap();
+    let distance =
+        local::consensus_distance(&models, medmesh_training::params::Selection::All).unwrap();
     assert!(
         distance <= 0.01,
         "consensus distance {distance}\n{}",
@@ -181,7 +182,7 @@ fn three_nodes_find_each_other_train_and_agree() {
     );
     // Every node counted the bytes of the exchange.
     for i in 0..n {
-        let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+        let text = rt.block_on(local::scrape(&c.metrics_addr(i))).unwrap();
         assert!(parse_value(&text, "medmesh_bytes_received_total").unwrap() > 1e5);
         assert_eq!(
             parse_value(&text, "medmesh_rounds_completed_total"),
@@ -251,7 +252,7 @@ fn outsiders_and_bad_manifests_are_refused() {
     for i in 0..n {
         assert!(!c.node_dir(i).join("state/experiments").exists());
     }
-    let metrics = rt.block_on(demo::scrape(&c.metrics_addr(0))).unwrap();
+    let metrics = rt.block_on(local::scrape(&c.metrics_addr(0))).unwrap();
     assert!(
         metrics.contains("medmesh_rejected_total{reason=\"bad_manifest\"} 2"),
         "{metrics}"
@@ -343,7 +344,7 @@ fn a_revoked_member_is_disconnected_once_the_roster_spreads() {
     loop {
         let connected: Vec<f64> = (0..2)
             .map(|i| {
-                let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+                let text = rt.block_on(local::scrape(&c.metrics_addr(i))).unwrap();
                 parse_value(&text, "medmesh_peers_connected").unwrap()
             })
             .collect();
@@ -419,7 +420,7 @@ fn with_a_third_of_the_nodes_killed_the_rest_finish() {
     let short: f64 = (0..n)
         .filter(|i| !victims.contains(i))
         .map(|i| {
-            let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+            let text = rt.block_on(local::scrape(&c.metrics_addr(i))).unwrap();
             parse_value(&text, "medmesh_rounds_short_of_peers_total").unwrap()
         })
         .sum();
@@ -521,7 +522,7 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_the_node_recovers() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap();
+    local::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap();
     let client = researcher(&c, &rt, 1);
     let m = manifest(rounds);
     rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))

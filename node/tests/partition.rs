@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use medmesh_node::client::Client;
-use medmesh_node::commands::demo::{self, LocalConsortium, Nodes};
 use medmesh_node::config::NodeConfig;
+use medmesh_node::local::{self, LocalConsortium, Nodes};
 use medmesh_node::metrics::parse_value;
 use medmesh_node::net::peer_id_of;
 use medmesh_node::service::{self, Hooks};
@@ -25,7 +25,7 @@ const SPLIT_AT: u64 = 2;
 const HEAL_AT: u64 = 6;
 
 fn manifest() -> Manifest {
-    let mut m = demo::demo_manifest(ROUNDS as u32, Scheme::MetropolisHastings).unwrap();
+    let mut m = local::test_manifest(ROUNDS as u32, Scheme::MetropolisHastings).unwrap();
     // Every site pulls from every other it can reach: the split and the heal show in the
     // number of peers averaged.
     m.averaging.fanout = Some(64);
@@ -69,7 +69,7 @@ fn wait_rounds(rt: &tokio::runtime::Runtime, clients: &[&Client], at_least: u64)
 fn gauges(rt: &tokio::runtime::Runtime, c: &LocalConsortium, name: &str) -> Vec<f64> {
     (0..SITES)
         .map(|i| {
-            let text = rt.block_on(demo::scrape(&c.metrics_addr(i))).unwrap();
+            let text = rt.block_on(local::scrape(&c.metrics_addr(i))).unwrap();
             parse_value(&text, name).unwrap_or(-1.0)
         })
         .collect()
@@ -112,7 +112,7 @@ fn a_partition_that_heals_reaches_consensus() {
         });
     }
     let metrics: Vec<String> = (0..SITES).map(|i| c.metrics_addr(i)).collect();
-    demo::wait_for_mesh(&rt, &metrics, &mut Nodes(Vec::new()), SITES).unwrap();
+    local::wait_for_mesh(&rt, &metrics, &mut Nodes(Vec::new()), SITES).unwrap();
     let connect = |i: usize| rt.block_on(c.researcher_client(i)).unwrap();
     // One researcher client in each future group.
     let (left, right) = (connect(0), connect(SITES - 1));
@@ -172,7 +172,8 @@ fn a_partition_that_heals_reaches_consensus() {
         std::fs::write(&path, model).unwrap();
         models.push(path);
     }
-    let distance = demo::consensus_distance(&models).unwrap();
+    let distance =
+        local::consensus_distance(&models, medmesh_training::params::Selection::All).unwrap();
     eprintln!("consensus distance after the heal: {distance}");
     assert!(distance <= 0.01, "consensus distance {distance}");
     rt.shutdown_background();

@@ -113,6 +113,14 @@ pub struct Training {
     /// Gradient norm clipping.
     #[serde(default)]
     pub grad_clip: Option<f64>,
+    /// FedProx: the proximal term mu/2 * ||w - w_round_start||^2 added to the local loss,
+    /// which holds a site's local steps near the model the round started from.
+    #[serde(default)]
+    pub proximal_mu: Option<f64>,
+    /// Personalization: local fine-tuning steps each site takes on its own data after the
+    /// federated rounds. The site reports both the consensus model's score and this one's.
+    #[serde(default)]
+    pub personalize_steps: Option<u32>,
 }
 
 /// Averaging schemes.
@@ -538,6 +546,19 @@ impl Manifest {
                 format!("{c} must be a positive number"),
             );
         }
+        if let Some(mu) = tr.proximal_mu
+            && !(mu.is_finite() && mu > 0.0 && mu <= 100.0)
+        {
+            bad("training.proximal_mu", format!("{mu} must be in (0, 100]"));
+        }
+        if let Some(s) = tr.personalize_steps
+            && !(1..=100_000).contains(&s)
+        {
+            bad(
+                "training.personalize_steps",
+                format!("{s} must be 1 to 100000"),
+            );
+        }
 
         let av = &self.averaging;
         match (av.scheme, av.fanout) {
@@ -738,6 +759,7 @@ mod tests {
     const QUICKSTART: &str = include_str!("../../examples/synthetic-quickstart.toml");
     const BRAIN: &str = include_str!("../../examples/brain-extraction.toml");
     const ROBUST: &str = include_str!("../../examples/robust-median.json");
+    const SKEWED: &str = include_str!("../../examples/synthetic-skewed.toml");
 
     fn id(n: u8) -> Identity {
         Identity::from_seed(&[n; 32])
@@ -762,7 +784,7 @@ mod tests {
 
     #[test]
     fn shipped_examples_are_valid() {
-        for text in [QUICKSTART, BRAIN, ROBUST] {
+        for text in [QUICKSTART, BRAIN, ROBUST, SKEWED] {
             let m = Manifest::parse(text).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(Manifest::from_toml(&m.to_toml()).unwrap(), m);
         }

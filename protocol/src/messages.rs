@@ -413,6 +413,7 @@ mod tests {
             node: node.public_key(),
             loss: 0.1,
             metric: 0.9,
+            personalized_metric: None,
             contribution_weight: 50.0,
             peers_averaged: 3,
             finished: true,

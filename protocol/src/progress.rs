@@ -20,6 +20,9 @@ pub struct ProgressRecord {
     pub loss: f32,
     /// Validation metric after averaging (the manifest's `evaluation.metric`).
     pub metric: f32,
+    /// The same metric after the manifest's personalization (local fine-tuning of the
+    /// consensus model); only in a finished site's last record.
+    pub personalized_metric: Option<f32>,
     /// Weight this site contributed to averaging (its sample count).
     pub contribution_weight: f64,
     /// Peers whose updates were averaged in this round.
@@ -117,6 +120,7 @@ mod tests {
             node: node.public_key(),
             loss: 0.3,
             metric: 0.8,
+            personalized_metric: None,
             contribution_weight: 10.0,
             peers_averaged: 2,
             finished: false,

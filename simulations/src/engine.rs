@@ -6,6 +6,7 @@ use medmesh_protocol::averaging::metropolis_hastings_weights;
 use medmesh_protocol::manifest::{Aggregation, Scheme};
 use medmesh_protocol::robust::check_update;
 use medmesh_protocol::round::{Overlay, Phase, RoundRules};
+use medmesh_training::baselines;
 use medmesh_training::data::brain::BrainTemplate;
 use medmesh_training::data::generate_site_cases;
 use medmesh_training::data::slices::{SliceSet, site_split};
@@ -224,6 +225,34 @@ fn learning_sites(s: &Scenario, preset: &str, m: &Manifest) -> Result<Vec<Learni
             })
         })
         .collect()
+}
+
+/// The pooled and unseen-site baselines of `preset`, on the same sites, slices and manifest
+/// the variants train with.
+pub fn learning_baselines(
+    s: &Scenario,
+    preset: &str,
+) -> Result<crate::report::Baselines, SimError> {
+    let m = learning_manifest(s)?;
+    let sites: Vec<baselines::Site> = learning_sites(s, preset, &m)?
+        .into_iter()
+        .map(|l| baselines::Site {
+            train: l.train,
+            validation: l.validation,
+        })
+        .collect();
+    let device = "flex"
+        .parse::<DeviceSpec>()
+        .and_then(|d| d.device())
+        .map_err(|e| SimError::Training(e.to_string()))?;
+    let pooled = baselines::pooled(&m, &sites, &device);
+    let held_out = s.learning.held_out.checked_sub(1);
+    Ok(crate::report::Baselines {
+        preset: preset.to_owned(),
+        pooled_mean_dice: pooled.iter().sum::<f64>() / pooled.len().max(1) as f64,
+        pooled_dice: pooled,
+        unseen: held_out.map(|k| (k, baselines::unseen(&m, &sites, k, &device))),
+    })
 }
 
 /// Sites that attack: `fraction` of them, never site 0 (the FedAvg server).

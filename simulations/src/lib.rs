@@ -62,12 +62,22 @@ pub fn run(
             &mut tick,
         )?);
     }
+    let baselines = match scenario.mode {
+        scenario::Mode::Learning => scenario
+            .learning
+            .presets
+            .iter()
+            .map(|p| engine::learning_baselines(scenario, p))
+            .collect::<Result<_, _>>()?,
+        scenario::Mode::Consensus => Vec::new(),
+    };
     let report = Report {
         scenario: scenario.clone(),
         variants: results
             .iter()
             .map(|v| report::summarize(scenario, v))
             .collect(),
+        baselines,
     };
     Ok((report, results))
 }

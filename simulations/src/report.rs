@@ -45,6 +45,22 @@ pub struct Report {
     pub scenario: Scenario,
     /// Per variant, in run order.
     pub variants: Vec<Summary>,
+    /// Learning mode: per preset, what the variants are measured against.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<Baselines>,
+}
+
+/// A preset's pooled and unseen-site baselines (see `medmesh_training::baselines`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Baselines {
+    /// The data preset.
+    pub preset: String,
+    /// One model on every site's training cases, same total steps: Dice per site.
+    pub pooled_dice: Vec<f64>,
+    /// Its mean over sites.
+    pub pooled_mean_dice: f64,
+    /// The held-out site (0-based) and FedAvg-without-it's Dice there.
+    pub unseen: Option<(usize, f64)>,
 }
 
 /// Summarizes `v` against the scenario's target.

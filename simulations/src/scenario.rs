@@ -413,6 +413,9 @@ pub struct LearningSettings {
     pub learning_rate: f64,
     /// Mean validation Dice counted as reached.
     pub target_dice: f64,
+    /// The site (1-based) the unseen-site baseline leaves out of a FedAvg federation and
+    /// scores; 0 skips it. The pooled baseline always runs.
+    pub held_out: usize,
 }
 
 impl Default for LearningSettings {
@@ -429,6 +432,7 @@ impl Default for LearningSettings {
             batch_size: 8,
             learning_rate: 0.003,
             target_dice: 0.8,
+            held_out: 1,
         }
     }
 }
@@ -588,6 +592,15 @@ impl Scenario {
                 for (i, p) in l.presets.iter().enumerate() {
                     p.parse::<medmesh_training::data::synthetic::Preset>()
                         .map_err(|e| invalid(&format!("learning.presets[{i}]"), e))?;
+                }
+                if l.held_out > self.nodes {
+                    return Err(invalid(
+                        "learning.held_out",
+                        format!(
+                            "site {} does not exist (0 skips the unseen-site baseline)",
+                            l.held_out
+                        ),
+                    ));
                 }
                 if !(16..=256).contains(&l.size) || l.cases < 2 || l.slices == 0 {
                     return Err(invalid(

@@ -2,7 +2,7 @@
 //! every simulated site.
 
 use burn::grad_clipping::GradientClippingConfig;
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
@@ -38,6 +38,8 @@ pub struct TrainSettings {
     pub grad_clip: Option<f64>,
     /// Rounds planned (for the learning-rate schedule).
     pub rounds: usize,
+    /// FedProx's mu: the local loss gains mu/2 * ||w - w_round_start||^2.
+    pub proximal_mu: Option<f64>,
 }
 
 impl TrainSettings {
@@ -54,6 +56,7 @@ impl TrainSettings {
             weight_decay: t.weight_decay,
             grad_clip: t.grad_clip,
             rounds: m.averaging.rounds as usize,
+            proximal_mu: t.proximal_mu,
         }
     }
 
@@ -221,29 +224,60 @@ impl Trainer {
         Ok(())
     }
 
-    /// One round of local training on `data`: the manifest's epochs or steps.
-    pub fn train_round(
+    /// Optimizer steps one round of local training takes on `slices` training slices: the
+    /// manifest's steps, or its epochs in batches.
+    pub fn steps_per_round(&self, slices: usize) -> usize {
+        let batch = self.settings.batch_size.min(slices.max(1));
+        match (self.settings.local_steps, self.settings.local_epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * slices.div_ceil(batch),
+            (None, None) => slices.div_ceil(batch),
+        }
+    }
+
+    /// One round of local training on `data`: the manifest's epochs or steps, with FedProx's
+    /// proximal term toward the weights the round started from when the manifest sets mu.
+    pub fn train_round(&mut self, data: &SliceSet, on_step: impl FnMut(StepInfo)) -> RoundStats {
+        let steps = self.steps_per_round(data.len());
+        let lr = self.settings.learning_rate_at(self.round);
+        let stats = self.train_steps(data, steps, lr, self.settings.proximal_mu, on_step);
+        self.round += 1;
+        stats
+    }
+
+    /// Personalization: `steps` steps of plain local fine-tuning at the end of the schedule's
+    /// learning rate, after the federated rounds. The round count does not move.
+    pub fn fine_tune(&mut self, data: &SliceSet, steps: usize) -> RoundStats {
+        let lr = self.settings.learning_rate_at(self.settings.rounds as u64);
+        self.train_steps(data, steps, lr, None, |_| {})
+    }
+
+    fn train_steps(
         &mut self,
         data: &SliceSet,
+        steps: usize,
+        lr: f64,
+        proximal_mu: Option<f64>,
         mut on_step: impl FnMut(StepInfo),
     ) -> RoundStats {
         let n = data.len();
         let batch = self.settings.batch_size.min(n.max(1));
-        let steps = match (self.settings.local_steps, self.settings.local_epochs) {
-            (Some(s), _) => s,
-            (None, Some(e)) => e * n.div_ceil(batch),
-            (None, None) => n.div_ceil(batch),
-        };
-        if n == 0 {
-            self.round += 1;
+        if n == 0 || steps == 0 {
             return RoundStats {
                 steps: 0,
                 mean_loss: 0.0,
                 samples: 0,
             };
         }
-        let lr = self.settings.learning_rate_at(self.round);
         let train_device = self.device.clone().autodiff();
+        // FedProx anchors at the weights the round starts from (detached: constants).
+        let anchor: Option<(f64, Vec<Tensor<1>>)> = proximal_mu.map(|mu| {
+            let anchor = trainable(&self.model)
+                .into_iter()
+                .map(Tensor::detach)
+                .collect();
+            (mu, anchor)
+        });
         let mut order: Vec<usize> = Vec::new();
         let mut total_loss = 0.0;
         for step in 0..steps {
@@ -257,8 +291,12 @@ impl Trainer {
             }
             let (images, targets) = self.batch(data, &indices, &train_device, true);
             let logits = self.model.forward(images);
-            let loss = dice_ce_loss(logits, targets);
+            let mut loss = dice_ce_loss(logits, targets);
+            // The reported loss is the segmentation loss alone.
             let loss_value: f64 = loss.clone().into_scalar::<f32>().into();
+            if let Some((mu, anchor)) = &anchor {
+                loss = loss + proximal_term(&self.model, anchor).mul_scalar(*mu / 2.0);
+            }
             let grads = GradientsParams::from_grads(loss.backward(), &self.model);
             self.model = self.optim.step(lr, self.model.clone(), grads);
             total_loss += loss_value;
@@ -268,7 +306,6 @@ impl Trainer {
                 loss: loss_value,
             });
         }
-        self.round += 1;
         RoundStats {
             steps,
             mean_loss: total_loss / steps as f64,
@@ -359,6 +396,32 @@ impl Trainer {
     }
 }
 
+/// The model's trainable parameters, each flattened, in module order.
+fn trainable(model: &UNet) -> Vec<Tensor<1>> {
+    struct Collect(Vec<Tensor<1>>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let value = param.val();
+            if value.is_require_grad() {
+                self.0.push(value.flatten::<1>(0, D - 1));
+            }
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+/// ||w - anchor||^2 over the trainable parameters, differentiable in w.
+fn proximal_term(model: &UNet, anchor: &[Tensor<1>]) -> Tensor<1> {
+    trainable(model)
+        .into_iter()
+        .zip(anchor)
+        .map(|(w, a)| (w - a.clone()).powi_scalar(2).sum())
+        .reduce(|a, b| a + b)
+        .unwrap_or_else(|| unreachable!("a UNet has parameters"))
+}
+
 /// Predicted label maps of `model` (in validation mode) for every slice of `data`.
 pub fn predict(model: &UNet, data: &SliceSet, device: &Device) -> Vec<u8> {
     let (c, h, w) = (data.channels, data.height, data.width);
@@ -413,5 +476,59 @@ pub fn evaluate(model: &UNet, data: &SliceSet, device: &Device, classes: usize) 
         mean_dice: cases.iter().map(|c| c.dice).sum::<f64>() / n,
         mean_iou: cases.iter().map(|c| c.iou).sum::<f64>() / n,
         cases,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::slices::{SliceOptions, slice_cases};
+    use crate::data::synthetic::{Preset, generate_site, site_profile};
+
+    fn setup() -> (Manifest, SliceSet) {
+        let mut m =
+            Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
+        m.task.input_size = [32, 32];
+        m.training.local_epochs = None;
+        m.training.local_steps = Some(8);
+        let cases = generate_site(&site_profile(Preset::Iid, 0, 3, 5), 32, 4, 5, 0);
+        let data = slice_cases(&cases, &SliceOptions::new([32, 32], 5)).unwrap();
+        (m, data)
+    }
+
+    fn drift(m: &Manifest, data: &SliceSet) -> f64 {
+        let mut t = Trainer::new(m, Device::flex());
+        // Convolutions only: batch-norm running statistics follow the data, not the loss.
+        let start = t.weights(Selection::WithoutNormalization);
+        t.train_round(data, |_| {});
+        let end = t.weights(Selection::WithoutNormalization);
+        start
+            .iter()
+            .zip(&end)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    #[test]
+    fn the_proximal_term_holds_local_training_near_the_round_start() {
+        let (m, data) = setup();
+        let free = drift(&m, &data);
+        let mut prox = m.clone();
+        prox.training.proximal_mu = Some(100.0);
+        let held = drift(&prox, &data);
+        eprintln!("drift over a round: {free:.4} without, {held:.4} with mu = 100");
+        assert!(held < 0.7 * free, "{held} vs {free}");
+    }
+
+    #[test]
+    fn fine_tuning_takes_its_steps_without_moving_the_round() {
+        let (m, data) = setup();
+        let mut t = Trainer::new(&m, Device::flex());
+        t.train_round(&data, |_| {});
+        let before = t.weights(Selection::All);
+        let stats = t.fine_tune(&data, 3);
+        assert_eq!((stats.steps, t.round()), (3, 1));
+        assert_ne!(t.weights(Selection::All), before);
     }
 }

@@ -2,11 +2,17 @@
 
 use burn::tensor::Device;
 use medmesh_protocol::Manifest;
+use medmesh_training::baselines::{self, Site};
 use medmesh_training::data::brain::{self, BrainTemplate};
-use medmesh_training::data::slices::{SliceOptions, SliceSet, slice_cases};
+use medmesh_training::data::generate_site_cases;
+use medmesh_training::data::slices::{SliceOptions, SliceSet, site_split, slice_cases};
 use medmesh_training::data::synthetic::{Preset, generate_site, site_profile};
 use medmesh_training::params::Selection;
 use medmesh_training::{Trainer, checkpoint, export};
+
+/// Rounds of the skewed-task and brain baselines tests.
+const SKEWED_ROUNDS: u32 = 16;
+const BRAIN_ROUNDS: u32 = 6;
 
 fn manifest(rounds: u32) -> Manifest {
     let mut m = Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
@@ -198,5 +204,82 @@ fn exported_safetensors_are_readable_by_the_safetensors_crate() {
     assert_eq!(
         medmesh_training::params::flatten(&model, Selection::All),
         trainer.weights(Selection::All)
+    );
+}
+
+/// Sites of `preset` for manifest `m`, generated at its input size.
+fn sites(m: &Manifest, preset: Preset, n: usize, cases: usize, slices: usize) -> Vec<Site> {
+    let template = None;
+    (0..n)
+        .map(|i| {
+            let size = m.task.input_size[0] as usize;
+            let cases = generate_site_cases(template, preset, i, cases, size, slices, 1);
+            let (train, validation) = site_split(&cases, m).unwrap();
+            Site { train, validation }
+        })
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn on_the_skewed_task_federation_beats_training_alone() {
+    let mut m = Manifest::parse(include_str!("../../examples/synthetic-skewed.toml")).unwrap();
+    m.averaging.rounds = SKEWED_ROUNDS;
+    let sites = sites(&m, Preset::Skewed, 4, 10, 8);
+    let device = Device::flex();
+    let t0 = std::time::Instant::now();
+    let local: Vec<f64> = sites
+        .iter()
+        .map(|s| baselines::local_only(&m, s, &device).1)
+        .collect();
+    let fed: Vec<f64> =
+        baselines::federated_average(&m, &sites.iter().collect::<Vec<_>>(), &device)
+            .iter()
+            .zip(&sites)
+            .map(|(t, s)| baselines::score(&m, t, &s.validation))
+            .collect();
+    eprintln!(
+        "skewed task, {:?}: local-only {local:.3?} (mean {:.3}), federated {fed:.3?} (mean {:.3})",
+        t0.elapsed(),
+        mean(&local),
+        mean(&fed)
+    );
+    assert!(
+        mean(&fed) >= mean(&local) + 0.05,
+        "federated {:.3} vs local-only {:.3}",
+        mean(&fed),
+        mean(&local)
+    );
+}
+
+#[test]
+fn brain_model_of_the_other_sites_is_within_005_of_pooled_at_an_unseen_site() {
+    let template = BrainTemplate::load_default().expect("mricron-data is installed by .ci/run");
+    let mut m = manifest(BRAIN_ROUNDS);
+    m.task.input_size = [48, 48];
+    m.training.local_epochs = None;
+    m.training.local_steps = Some(8);
+    let sites: Vec<Site> = (0..3)
+        .map(|i| {
+            let cases = generate_site_cases(Some(&template), Preset::FeatureShift, i, 6, 48, 6, 3);
+            let (train, validation) = site_split(&cases, &m).unwrap();
+            Site { train, validation }
+        })
+        .collect();
+    let device = Device::flex();
+    let t0 = std::time::Instant::now();
+    let pooled = baselines::pooled(&m, &sites, &device);
+    let unseen = baselines::unseen(&m, &sites, 0, &device);
+    eprintln!(
+        "brain, {:?}: pooled {pooled:.3?}, unseen site 1 {unseen:.3}",
+        t0.elapsed()
+    );
+    assert!(
+        unseen >= pooled[0] - 0.05,
+        "unseen {unseen:.3} vs pooled {:.3}",
+        pooled[0]
     );
 }

@@ -1,6 +1,6 @@
 //! `medmesh data prepare`: per-site datasets in the MSD layout.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use medmesh_training::data::brain::BrainTemplate;
@@ -11,28 +11,36 @@ use medmesh_training::data::synthetic::Preset;
 use crate::cli::TaskArg;
 
 /// Options of `medmesh data prepare`.
-#[derive(Debug, Clone)]
-pub struct Prepare<'a> {
-    /// Task.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrepareArgs {
+    /// Which task.
+    #[arg(long, value_enum)]
     pub task: TaskArg,
-    /// Sites.
+    /// Number of sites.
+    #[arg(long, default_value_t = 4)]
     pub sites: usize,
     /// Output directory.
-    pub out: &'a Path,
-    /// Preset name.
-    pub preset: &'a str,
-    /// Seed.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// How sites differ: iid, feature-shift, label-skew, realistic, skewed.
+    #[arg(long, default_value = "realistic")]
+    pub preset: String,
+    /// Seed; the same seed gives the same data.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Cases per site.
+    /// Cases per site (before the preset's uneven sizes).
+    #[arg(long, default_value_t = 16)]
     pub cases: usize,
-    /// Image side.
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Slices per case.
+    #[arg(long, default_value_t = 12)]
     pub slices: usize,
 }
 
 /// Writes `out/site-1`, `out/site-2`, ...
-pub fn prepare(p: &Prepare<'_>) -> Result<()> {
+pub fn prepare(p: &PrepareArgs) -> Result<()> {
     let preset: Preset = p.preset.parse().map_err(anyhow::Error::msg)?;
     anyhow::ensure!(p.sites >= 1, "--sites must be at least 1");
     anyhow::ensure!(

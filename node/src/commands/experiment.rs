@@ -74,5 +74,18 @@ fn print_summary(m: &Manifest) {
         "  {:?} for {} rounds, aggregation {:?}, encoding {:?}",
         m.averaging.scheme, m.averaging.rounds, m.averaging.aggregation, m.averaging.encoding
     );
+    let mut methods = Vec::new();
+    if m.averaging.keep_normalization_local {
+        methods.push("FedBN (normalization layers stay at each site)".to_owned());
+    }
+    if let Some(mu) = m.training.proximal_mu {
+        methods.push(format!("FedProx (mu {mu})"));
+    }
+    if let Some(steps) = m.training.personalize_steps {
+        methods.push(format!("personalization ({steps} local fine-tuning steps)"));
+    }
+    if !methods.is_empty() {
+        println!("  non-IID methods: {}", methods.join(", "));
+    }
     println!("  digest {}", hex::encode(m.digest()));
 }

@@ -9,20 +9,26 @@ use indicatif::{ProgressBar, ProgressStyle};
 use medmesh_sim::Scenario;
 
 /// Options of `medmesh simulate`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// Scenario file.
+    /// The scenario file (TOML).
+    #[arg(long)]
     pub scenario: PathBuf,
     /// Output directory.
+    #[arg(long, default_value = "simulation")]
     pub out: PathBuf,
-    /// Seed override.
+    /// Override the scenario's seed.
+    #[arg(long)]
     pub seed: Option<u64>,
-    /// Sites override.
+    /// Override the number of sites (e.g. a smaller trial run).
+    #[arg(long)]
     pub nodes: Option<usize>,
-    /// Rounds override.
+    /// Override the number of rounds.
+    #[arg(long)]
     pub rounds: Option<u32>,
-    /// Write PNG plots.
-    pub plots: bool,
+    /// Skip the PNG plots.
+    #[arg(long)]
+    pub no_plots: bool,
 }
 
 /// Runs the scenario.
@@ -47,7 +53,7 @@ pub fn run(o: &Options) -> Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} variant-rounds [{elapsed} / ~{eta}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report = medmesh_sim::run_to_dir(&scenario, &o.out, o.plots, &mut |done, total| {
+    let report = medmesh_sim::run_to_dir(&scenario, &o.out, !o.no_plots, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })
@@ -69,6 +75,28 @@ pub fn run(o: &Options) -> Result<()> {
             v.final_consensus_error,
             opt_f(v.final_mean_dice, 3),
         );
+    }
+    for b in &report.baselines {
+        println!(
+            "{:<44} {:>8} {:>12} {:>12} {:>12} {:>10.3}",
+            format!("pooled ({})", b.preset),
+            "-",
+            "-",
+            "-",
+            "-",
+            b.pooled_mean_dice
+        );
+        if let Some((site, dice)) = b.unseen {
+            println!(
+                "{:<44} {:>8} {:>12} {:>12} {:>12} {:>10.3}",
+                format!("unseen site {} ({})", site + 1, b.preset),
+                "-",
+                "-",
+                "-",
+                "-",
+                dice
+            );
+        }
     }
     println!(
         "* to the target ({}); report, CSV and plots in {} ({:.1} s)",

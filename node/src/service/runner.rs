@@ -128,6 +128,9 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             false,
         );
     }
+    if let Some(mu) = m.training.proximal_mu {
+        tracing::info!(experiment = %m.id, mu, "FedProx: local training is held near each round's starting model");
+    }
     let stop_rule = StopRule::from_manifest(m);
     let mut last = (f32::NAN, state.dice_initial.unwrap_or(0.0));
     let mut last_metric = last.1;
@@ -361,10 +364,58 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         }
     }
 
-    export_results(node, m, digest, &trainer, &mut state, last, &dir)?;
+    export_results(
+        node,
+        m,
+        digest,
+        &trainer,
+        &mut state,
+        (last.0, last_metric),
+        &dir,
+    )?;
+    if let Some(steps) = m.training.personalize_steps {
+        personalize(m, &mut trainer, &data, steps as usize, &mut state, &dir)?;
+    }
     set_progress(node, &m.id, trainer.round(), true);
     report.publish(node, &state, trainer.round(), last.0, last_metric, 0, true);
     tracing::info!(experiment = %m.id, val_dice = last.1, "experiment finished; model exported");
+    Ok(())
+}
+
+/// Personalization: fine-tunes the consensus model (already exported) on this site's own
+/// training slices, writes it as `export/personalized.safetensors` and records its score.
+/// Nothing of it leaves the site but the score.
+fn personalize(
+    m: &Manifest,
+    trainer: &mut Trainer,
+    data: &site_data::SiteData,
+    steps: usize,
+    state: &mut RunnerState,
+    dir: &Path,
+) -> Result<()> {
+    let stats = trainer.fine_tune(&data.train, steps);
+    let score = trainer
+        .evaluate(&data.validation)
+        .score(m.evaluation.metric) as f32;
+    let path = dir.join("export/personalized.safetensors");
+    export::save(
+        &trainer.model(),
+        trainer.config(),
+        &[
+            ("experiment_id", m.id.clone()),
+            ("personalized_steps", steps.to_string()),
+        ],
+        &path,
+    )?;
+    state.personalized_metric = Some(score);
+    state.save(dir)?;
+    tracing::info!(
+        experiment = %m.id,
+        steps = stats.steps,
+        metric = score,
+        path = %path.display(),
+        "personalized model fine-tuned on this site's data"
+    );
     Ok(())
 }
 
@@ -639,6 +690,7 @@ impl Reporter<'_> {
             node: node.identity.public_key(),
             loss,
             metric,
+            personalized_metric: state.personalized_metric.filter(|_| finished),
             contribution_weight: self.contribution_weight,
             peers_averaged,
             finished,

@@ -72,6 +72,9 @@ pub struct RunnerState {
     /// The last training round this site announced, having met a stop rule.
     #[serde(default)]
     pub stop_after: Option<u64>,
+    /// The metric of the personalized (locally fine-tuned) model, once made.
+    #[serde(default)]
+    pub personalized_metric: Option<f32>,
 }
 
 impl RunnerState {

@@ -95,6 +95,27 @@ impl SliceSet {
         out
     }
 
+    /// Several sets in one (the pooled baseline's union of every site's training cases).
+    /// Case names are prefixed with the set's index so they stay distinct.
+    pub fn concat(sets: &[&SliceSet]) -> SliceSet {
+        let first = sets.first().copied().cloned().unwrap_or_default();
+        let mut out = SliceSet {
+            channels: first.channels,
+            height: first.height,
+            width: first.width,
+            ..Default::default()
+        };
+        for (k, set) in sets.iter().enumerate() {
+            let offset = out.case_names.len();
+            out.case_names
+                .extend(set.case_names.iter().map(|c| format!("{k}/{c}")));
+            out.images.extend_from_slice(&set.images);
+            out.labels.extend_from_slice(&set.labels);
+            out.case_of.extend(set.case_of.iter().map(|c| c + offset));
+        }
+        out
+    }
+
     /// Splits cases (not slices, so no case is on both sides) into training and validation,
     /// with `fraction` of the cases (at least one, if there are two or more) for validation.
     pub fn split(&self, fraction: f64, seed: u64) -> (SliceSet, SliceSet) {

@@ -23,15 +23,20 @@ pub enum Preset {
     LabelSkew,
     /// Everything at once, plus uneven site sizes and annotator bias.
     Realistic,
+    /// Few cases per site, each site with its own scanner and its own lesion size and
+    /// contrast: too little for any one site to learn the task alone, enough together. The
+    /// demo's default.
+    Skewed,
 }
 
 impl Preset {
     /// All presets, for help texts and scenarios.
-    pub const ALL: [Preset; 4] = [
+    pub const ALL: [Preset; 5] = [
         Preset::Iid,
         Preset::FeatureShift,
         Preset::LabelSkew,
         Preset::Realistic,
+        Preset::Skewed,
     ];
 
     /// The preset's name on the command line.
@@ -41,6 +46,7 @@ impl Preset {
             Preset::FeatureShift => "feature-shift",
             Preset::LabelSkew => "label-skew",
             Preset::Realistic => "realistic",
+            Preset::Skewed => "skewed",
         }
     }
 }
@@ -60,7 +66,8 @@ impl FromStr for Preset {
             .find(|p| p.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown preset {s:?}; choose one of iid, feature-shift, label-skew, realistic"
+                    "unknown preset {s:?}; choose one of {}",
+                    Preset::ALL.map(Preset::name).join(", ")
                 )
             })
     }
@@ -105,6 +112,10 @@ pub struct SiteProfile {
     pub prevalence: f64,
     /// Annotator bias: +1 dilates masks by a pixel, -1 erodes, 0 is exact.
     pub annotator: i32,
+    /// Lesion intensity range (organ tissue is ~0.45).
+    pub lesion_contrast: (f64, f64),
+    /// How often a case's lesions are bright, dark (hypo-intense) or ring-enhancing.
+    pub lesion_kinds: [f64; 3],
     /// Number of cases.
     pub cases: usize,
 }
@@ -125,6 +136,8 @@ pub fn site_profile(preset: Preset, site: usize, base_cases: usize, seed: u64) -
         lesion_radius: (0.06, 0.12),
         prevalence: 0.9,
         annotator: 0,
+        lesion_contrast: (0.80, 1.0),
+        lesion_kinds: [1.0, 0.0, 0.0],
         cases: base_cases,
     };
     let shifted_scanner = |rng: &mut Rng| Scanner {
@@ -157,6 +170,20 @@ pub fn site_profile(preset: Preset, site: usize, base_cases: usize, seed: u64) -
             let scale = [1.0, 0.5, 1.5, 0.75, 1.25, 0.4][site % 6] * rng.range(0.9, 1.1);
             profile.cases = ((base_cases as f64 * scale).round() as usize).max(4);
         }
+        Preset::Skewed => {
+            profile.scanner = shifted_scanner(&mut rng);
+            profile.scanner.noise_level = profile.scanner.noise_level.min(0.05);
+            // Every site sees every kind of lesion, one kind more often than the others (its
+            // referral pattern), and lesions of its own sizes. With a few cases a site has
+            // seen one or two kinds; the consortium has seen them all.
+            let mut kinds = [0.25, 0.25, 0.25];
+            kinds[site % 3] = 0.5;
+            profile.lesion_kinds = kinds;
+            profile.lesion_radius =
+                [(0.10, 0.14), (0.11, 0.15), (0.09, 0.13), (0.10, 0.15)][site % 4];
+            profile.lesions_mean = [2.0, 1.0, 2.0, 1.0][site % 4];
+            profile.prevalence = 1.0;
+        }
     }
     profile
 }
@@ -187,6 +214,18 @@ struct Lesion {
     center: [f64; 3],
     radius: f64,
     brightness: f64,
+    kind: LesionKind,
+}
+
+/// How a lesion looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LesionKind {
+    /// Brighter than the tissue around it.
+    Bright,
+    /// Darker than the tissue around it.
+    Dark,
+    /// A bright rim around a dark core.
+    Ring,
 }
 
 fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &mut Rng) -> Case {
@@ -200,6 +239,19 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
         .collect();
 
     let mut lesions = Vec::new();
+    // Presets with bright lesions only draw nothing here, so their data stays as it was.
+    let kind = if p.lesion_kinds == [1.0, 0.0, 0.0] {
+        LesionKind::Bright
+    } else {
+        let u = rng.uniform() * p.lesion_kinds.iter().sum::<f64>();
+        if u < p.lesion_kinds[0] {
+            LesionKind::Bright
+        } else if u < p.lesion_kinds[0] + p.lesion_kinds[1] {
+            LesionKind::Dark
+        } else {
+            LesionKind::Ring
+        }
+    };
     if rng.uniform() < p.prevalence {
         let count = 1 + (rng.uniform() * 2.0 * (p.lesions_mean - 1.0).max(0.0)).round() as usize;
         for _ in 0..count {
@@ -212,7 +264,8 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
                     rng.range(0.2, 0.8) * slices as f64,
                 ],
                 radius: n * rng.range(p.lesion_radius.0, p.lesion_radius.1),
-                brightness: rng.range(0.80, 1.0),
+                brightness: rng.range(p.lesion_contrast.0, p.lesion_contrast.1),
+                kind,
             });
         }
     }
@@ -240,7 +293,13 @@ fn generate_case(name: &str, p: &SiteProfile, size: usize, slices: usize, rng: &
                     let dz = (z as f64 + 0.5 - l.center[2]) * n / (slices as f64 * 2.5);
                     let d2 = (fx - l.center[0]).powi(2) + (fy - l.center[1]).powi(2) + dz * dz;
                     if d2 <= l.radius * l.radius {
-                        img[i] = l.brightness;
+                        let core = d2 <= (0.55 * l.radius).powi(2);
+                        img[i] = match l.kind {
+                            LesionKind::Bright => l.brightness,
+                            LesionKind::Dark => organ_level * (1.1 - l.brightness),
+                            LesionKind::Ring if core => organ_level * (1.1 - l.brightness),
+                            LesionKind::Ring => l.brightness,
+                        };
                         lab[i] = 1;
                     }
                 }
