@@ -18,8 +18,9 @@ use crate::envelope::UpdateEnvelope;
 use crate::manifest::SignedManifest;
 use crate::progress::SignedProgress;
 
-/// The wire protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The wire protocol version this build speaks. 3: manifests carry `training.proximal_mu`
+/// and `training.personalize_steps`, progress records `personalized_metric`.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest encoded frame: a 1 MiB payload chunk plus generous room for its header.
 pub const MAX_MESSAGE_BYTES: usize = (1 << 20) + (64 << 10);
@@ -616,16 +617,17 @@ mod tests {
 
     #[test]
     fn huge_length_prefixes_do_not_allocate() {
-        // Version 2, Response::Update (1), UpdateAnswer::Chunk (1), then a string length of
-        // 2^64-1 (varint 0xff + u64).
-        let mut bytes = vec![2u8, 1, 1, 0xff];
+        // The version, Response::Update (1), UpdateAnswer::Chunk (1), then a string length
+        // of 2^64-1 (varint 0xff + u64).
+        let v = PROTOCOL_VERSION as u8;
+        let mut bytes = vec![v, 1, 1, 0xff];
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             Response::decode(&bytes),
             Err(WireError::Malformed(_))
         ));
         // A chunk claiming 2^40 bytes.
-        let mut bytes = vec![2u8, 1, 1, 1, b'e', 1, 0, 0xfd];
+        let mut bytes = vec![v, 1, 1, 1, b'e', 1, 0, 0xfd];
         bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(matches!(
             Response::decode(&bytes),
