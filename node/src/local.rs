@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use libp2p::Multiaddr;
 use medmesh_crypto::{Identity, Member, NetworkKey, Role, Roster, SignedRoster};
-use medmesh_protocol::Manifest;
 use medmesh_protocol::manifest::Scheme;
+use medmesh_protocol::{
+    Manifest, Request, Response, UpdateAnswer, UpdateEnvelope, UpdateExpectation, UpdateRequest,
+};
 use medmesh_training::params::{self, Selection};
-use medmesh_training::{DeviceSpec, export};
+use medmesh_training::{DeviceSpec, Trainer, export};
 
 use crate::cli::TaskArg;
 use crate::client::Client;
@@ -149,6 +151,50 @@ impl LocalConsortium {
             self.addr(i),
         )
         .await
+    }
+
+    /// What node `from` offers its peers for round `round` of `m`, fetched off the wire as
+    /// a peer fetches it, with site `as_site`'s key: the signed envelope and the weights of
+    /// the manifest's shared layout (without normalization layers under FedBN).
+    pub async fn fetch_offered_update(
+        &self,
+        m: &Manifest,
+        from: usize,
+        as_site: usize,
+        round: u64,
+    ) -> Result<(UpdateEnvelope, Vec<f32>)> {
+        let member = Client::connect(
+            &self.sites[as_site],
+            &self.network_key,
+            self.roster.clone(),
+            self.addr(from),
+        )
+        .await?;
+        let query = Request::Update(UpdateRequest::Offer {
+            experiment_id: m.id.clone(),
+            round: Some(round),
+        });
+        let answer = member.network().request(member.peer(), query).await?;
+        let Response::Update(UpdateAnswer::Offer(envelope)) = answer else {
+            bail!(
+                "node {} offered nothing for round {round}: {answer:?}",
+                from + 1
+            );
+        };
+        let device = "flex".parse::<DeviceSpec>()?.device()?;
+        let selection = Selection::for_manifest(m.averaging.keep_normalization_local);
+        let layout = params::layout(&Trainer::new(m, device).model(), selection);
+        let digest = m.digest();
+        let expect = UpdateExpectation {
+            experiment_id: &m.id,
+            manifest_digest: &digest,
+            layout: &layout,
+            encoding: m.averaging.encoding,
+        };
+        let values =
+            crate::service::exchange::download(member.network(), member.peer(), &envelope, &expect)
+                .await?;
+        Ok((envelope, values))
     }
 
     fn write_config(&self, i: usize) -> Result<()> {

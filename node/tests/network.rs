@@ -590,10 +590,6 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_the_node_recovers() {
 /// RMS of the change between the updates node 1 sent in the last two rounds of `m`, as a
 /// member fetches them off the wire.
 fn last_sent_change(c: &LocalConsortium, rt: &tokio::runtime::Runtime, m: &Manifest) -> f64 {
-    use medmesh_node::service::exchange;
-    use medmesh_protocol::{Request, Response, UpdateAnswer, UpdateExpectation, UpdateRequest};
-    use medmesh_training::params::{self, Selection};
-
     let client = researcher(c, rt, 0);
     rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
         .unwrap();
@@ -607,49 +603,10 @@ fn last_sent_change(c: &LocalConsortium, rt: &tokio::runtime::Runtime, m: &Manif
         std::thread::sleep(Duration::from_millis(100));
     }
     // Site 2's key: a node member may fetch updates.
-    let member = rt
-        .block_on(Client::connect(
-            &c.sites[1],
-            &c.network_key,
-            c.roster.clone(),
-            c.addr(0),
-        ))
-        .unwrap();
-    let device = "flex"
-        .parse::<medmesh_training::DeviceSpec>()
-        .unwrap()
-        .device()
-        .unwrap();
-    let selection = Selection::for_manifest(m.averaging.keep_normalization_local);
-    let layout = params::layout(
-        &medmesh_training::Trainer::new(m, device).model(),
-        selection,
-    );
-    let digest = m.digest();
-    let expect = UpdateExpectation {
-        experiment_id: &m.id,
-        manifest_digest: &digest,
-        layout: &layout,
-        encoding: m.averaging.encoding,
-    };
     let fetch = |round: u64| {
-        let query = Request::Update(UpdateRequest::Offer {
-            experiment_id: m.id.clone(),
-            round: Some(round),
-        });
-        let answer = rt
-            .block_on(member.network().request(member.peer(), query))
-            .unwrap();
-        let Response::Update(UpdateAnswer::Offer(envelope)) = answer else {
-            panic!("no offer for round {round}: {answer:?}");
-        };
-        rt.block_on(exchange::download(
-            member.network(),
-            member.peer(),
-            &envelope,
-            &expect,
-        ))
-        .unwrap()
+        rt.block_on(c.fetch_offered_update(m, 0, 1, round))
+            .unwrap()
+            .1
     };
     let rounds = u64::from(m.averaging.rounds);
     let (a, b) = (fetch(rounds - 1), fetch(rounds));

@@ -6,13 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use medmesh_node::client::Client;
 use medmesh_node::local::{self, LocalConsortium, Nodes};
-use medmesh_node::service::exchange;
+use medmesh_protocol::SignedManifest;
 use medmesh_protocol::manifest::Scheme;
-use medmesh_protocol::{
-    Request, Response, SignedManifest, UpdateAnswer, UpdateExpectation, UpdateRequest,
-};
 use medmesh_training::params::{self, Selection};
 use medmesh_training::{DeviceSpec, Trainer};
 
@@ -83,43 +79,10 @@ fn fedbn_fedprox_and_personalization_work_in_real_nodes() {
     let all = params::layout(&model, Selection::All);
     assert!(shared.num_params() < all.num_params());
     assert!(shared.tensors.iter().all(|t| !t.name.contains("norm")));
-    let member = rt
-        .block_on(Client::connect(
-            &c.sites[1],
-            &c.network_key,
-            c.roster.clone(),
-            c.addr(0),
-        ))
-        .unwrap();
-    let answer = rt
-        .block_on(member.network().request(
-            member.peer(),
-            Request::Update(UpdateRequest::Offer {
-                experiment_id: m.id.clone(),
-                round: Some(2),
-            }),
-        ))
-        .unwrap();
-    let Response::Update(UpdateAnswer::Offer(envelope)) = answer else {
-        panic!("no offer: {answer:?}");
-    };
+    let (envelope, values) = rt.block_on(c.fetch_offered_update(&m, 0, 1, 2)).unwrap();
     assert_eq!(envelope.header.num_params, shared.num_params());
     assert_eq!(envelope.header.layout_digest, shared.digest());
     assert_eq!(envelope.header.payload_len, 4 * shared.num_params());
-    let digest = m.digest();
-    let values = rt
-        .block_on(exchange::download(
-            member.network(),
-            member.peer(),
-            &envelope,
-            &UpdateExpectation {
-                experiment_id: &m.id,
-                manifest_digest: &digest,
-                layout: &shared,
-                encoding: m.averaging.encoding,
-            },
-        ))
-        .unwrap();
     assert_eq!(values.len() as u64, shared.num_params());
     // ... and the exported models agree on the shared weights but keep their own
     // normalization layers.
