@@ -4,6 +4,9 @@
 //!   beyond the bound, a flipped payload bit, a foreign layout, a replayed round), and sends
 //!   oversized and malformed frames: the honest nodes drop each one, count it under its
 //!   reason, log it once with the sender's id, and finish the experiment.
+//! * Every kind of request, from a researcher's key and from a node's: updates and progress
+//!   records pass between nodes only; the researcher's are refused, counted and logged. A
+//!   forged manifest that a member forwards is refused by every node, not only the first.
 //! * 1,000 connection attempts without the network key: none completes a handshake, and the
 //!   nodes train and answer their researcher meanwhile.
 
@@ -16,6 +19,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{StreamProtocol, SwarmBuilder};
+use medmesh_crypto::Identity;
 use medmesh_node::client::Client;
 use medmesh_node::config::NodeConfig;
 use medmesh_node::local::{self, LocalConsortium, Nodes};
@@ -25,7 +29,8 @@ use medmesh_node::net::{peer_id_of, transport};
 use medmesh_node::service::{self, Hooks};
 use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::{
-    Manifest, Request, Response, SignedManifest, SignedProgress, StatusQuery, UpdateEnvelope,
+    Announcement, Artifact, ArtifactRequest, Manifest, Request, Response, SignedManifest,
+    SignedProgress, StatusQuery, UpdateEnvelope, UpdateRequest,
 };
 use tokio::io::AsyncWriteExt as _;
 
@@ -60,6 +65,22 @@ fn wait_finished(
         assert!(Instant::now() < deadline, "did not finish: {records:?}");
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// A client of node `site` with `key`'s membership.
+fn connect(
+    rt: &tokio::runtime::Runtime,
+    c: &LocalConsortium,
+    key: &Identity,
+    site: usize,
+) -> Client {
+    rt.block_on(Client::connect(
+        key,
+        &c.network_key,
+        c.roster.clone(),
+        c.addr(site),
+    ))
+    .unwrap()
 }
 
 /// A consortium of `sites` whose first `running` sites run `medmesh run`, meshed.
@@ -397,16 +418,7 @@ fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
     // Site 3's key floods; it runs no node.
     let n = 2;
     let (c, nodes, rt) = start_nodes(dir.path(), 3, n, 49800);
-    let connect = |key| {
-        rt.block_on(Client::connect(
-            key,
-            &c.network_key,
-            c.roster.clone(),
-            c.addr(0),
-        ))
-        .unwrap()
-    };
-    let client = connect(&c.researcher);
+    let client = connect(&rt, &c, &c.researcher, 0);
     rt.block_on(client.submit(SignedManifest::sign(
         manifest("flood-test", 6),
         &c.researcher,
@@ -416,7 +428,7 @@ fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
     // 2,004 status queries, 12 at a time (a client's stream limit is 16, shared with the
     // node's own pushes to this member), each sent once (no retry on "busy"); the researcher
     // asks between the waves.
-    let flooder = connect(&c.sites[2]);
+    let flooder = connect(&rt, &c, &c.sites[2], 0);
     let (mut answered, mut busy, mut failed) = (0u32, 0u32, 0u32);
     let started = Instant::now();
     rt.block_on(async {
@@ -474,4 +486,138 @@ fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains(&flooder.network().local_peer_id().to_string()));
     drop(nodes);
+}
+
+/// Asks node 1 each kind of request as `client`'s member; returns each refusal's reason
+/// (`None`: answered, if only with "unavailable").
+fn ask_each_kind(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    id: &str,
+    progress: &SignedProgress,
+) -> Vec<(&'static str, Option<String>)> {
+    let update = |u| Request::Update(u);
+    let requests = [
+        update(UpdateRequest::Offer {
+            experiment_id: id.into(),
+            round: Some(2),
+        }),
+        update(UpdateRequest::Chunk {
+            experiment_id: id.into(),
+            round: 2,
+            offset: 0,
+        }),
+        update(UpdateRequest::Exchange {
+            experiment_id: id.into(),
+            round: 2,
+        }),
+        Request::Announce(Announcement::Progress(progress.clone())),
+        Request::Status(StatusQuery {
+            experiment_id: Some(id.into()),
+        }),
+        Request::Artifact(ArtifactRequest {
+            experiment_id: id.into(),
+            artifact: Artifact::Model,
+            offset: 0,
+        }),
+    ];
+    requests
+        .into_iter()
+        .map(|r| {
+            let kind = r.kind();
+            let answer = rt
+                .block_on(client.network().request(client.peer(), r))
+                .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            let refused = match answer {
+                Response::Refused { reason } => Some(reason),
+                Response::Busy { .. } => panic!("{kind}: busy"),
+                _ => None,
+            };
+            (kind, refused)
+        })
+        .collect()
+}
+
+#[test]
+fn each_request_is_checked_against_the_requesters_role() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sites 1 and 2 run; site 3's key asks as a node member, beside the researcher.
+    let (c, nodes, rt) = start_nodes(dir.path(), 3, 2, 50700);
+    let researcher = connect(&rt, &c, &c.researcher, 0);
+    let id = "roles-test";
+    rt.block_on(researcher.submit(SignedManifest::sign(manifest(id, 2), &c.researcher)))
+        .unwrap();
+    let records = wait_finished(&rt, &researcher, id, 2);
+
+    let answers = ask_each_kind(&rt, &researcher, id, &records[0]);
+    let refused: Vec<_> = answers
+        .iter()
+        .filter_map(|(kind, r)| r.as_ref().map(|why| (*kind, why.as_str())))
+        .collect();
+    assert_eq!(
+        refused.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        [
+            "update offer",
+            "update chunk",
+            "update exchange",
+            "progress announcement"
+        ],
+        "{answers:?}"
+    );
+    for (kind, why) in &refused {
+        let expected = if *kind == "progress announcement" {
+            "a researcher member: only nodes announce progress records"
+        } else {
+            "a researcher member: model updates pass between nodes only"
+        };
+        assert_eq!(*why, expected, "{kind}");
+    }
+
+    let member = connect(&rt, &c, &c.sites[2], 0);
+    let answers = ask_each_kind(&rt, &member, id, &records[0]);
+    assert!(answers.iter().all(|(_, r)| r.is_none()), "{answers:?}");
+
+    // A member forwards forged manifests, as if passing on a researcher's: one signed by a
+    // node's key, one altered after the researcher signed it. Every node verifies for
+    // itself and refuses both.
+    let by_node = SignedManifest::sign(manifest("forged-by-node", 2), &c.sites[2]);
+    let mut altered = SignedManifest::sign(manifest("forged-altered", 2), &c.researcher);
+    altered.manifest.averaging.rounds = 50;
+    for site in 0..2 {
+        let member = connect(&rt, &c, &c.sites[2], site);
+        for (forged, why) in [
+            (&by_node, "a researcher is required"),
+            (&altered, "signature"),
+        ] {
+            let err = rt
+                .block_on(member.submit(forged.clone()))
+                .expect_err("a forged manifest is refused");
+            let err = format!("{err:#}");
+            assert!(
+                err.contains("rejected") && err.contains(why),
+                "node {site}: {err}"
+            );
+        }
+    }
+    let known = rt.block_on(researcher.status(None)).unwrap();
+    assert!(
+        known.iter().all(|p| p.record.experiment_id == id),
+        "no node runs a forged experiment: {known:?}"
+    );
+
+    let text = rt.block_on(local::scrape(&c.metrics_addr(0))).unwrap();
+    assert_eq!(
+        parse_value(&text, "medmesh_rejected_total{reason=\"forbidden\"}"),
+        Some(4.0),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    let researcher_id = peer_id_of(&c.researcher.public_key()).to_string();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("refused: a researcher member") && l.contains(&researcher_id))
+        .count();
+    assert_eq!(lines, 4, "{log}");
+    drop(nodes);
+    rt.shutdown_background();
 }

@@ -10,7 +10,7 @@
 //! claim, and it never panics.
 
 use bincode::config::{Configuration, Limit, LittleEndian, Varint};
-use medmesh_crypto::{PublicKey, SignedRoster};
+use medmesh_crypto::{PublicKey, Role, SignedRoster};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -323,6 +323,40 @@ impl Request {
         encode_frame(self)
     }
 
+    /// What is asked, in a few words, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Announce(Announcement::Manifest(_)) => "manifest announcement",
+            Request::Announce(Announcement::Roster(_)) => "roster announcement",
+            Request::Announce(Announcement::Progress(_)) => "progress announcement",
+            Request::Update(UpdateRequest::Offer { .. }) => "update offer",
+            Request::Update(UpdateRequest::Chunk { .. }) => "update chunk",
+            Request::Update(UpdateRequest::Exchange { .. }) => "update exchange",
+            Request::Status(_) => "status query",
+            Request::Artifact(_) => "artifact request",
+        }
+    }
+
+    /// Whether a member of `role` may ask this, or why not. Model updates, their chunks and
+    /// exchanges, and progress records pass between nodes only: a site's weights leak
+    /// information about its images, so no researcher reads them. Researchers submit
+    /// experiments, spread steward-signed rosters, read progress, and export what a finished
+    /// experiment's manifest allows (checked where the manifest is known).
+    pub fn permitted(&self, role: Role) -> Result<(), &'static str> {
+        match role {
+            Role::Node => Ok(()),
+            Role::Researcher => match self {
+                Request::Announce(Announcement::Manifest(_) | Announcement::Roster(_))
+                | Request::Status(_)
+                | Request::Artifact(_) => Ok(()),
+                Request::Announce(Announcement::Progress(_)) => {
+                    Err("only nodes announce progress records")
+                }
+                Request::Update(_) => Err("model updates pass between nodes only"),
+            },
+        }
+    }
+
     /// Decodes a frame, checking size, version, structure and trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Request, WireError> {
         decode_frame(bytes)
@@ -520,6 +554,30 @@ mod tests {
                 reason: "not a member".into(),
             },
         ]
+    }
+
+    #[test]
+    fn nodes_may_ask_anything_researchers_no_updates_or_progress() {
+        let allowed: Vec<(&str, bool)> = requests()
+            .iter()
+            .map(|r| {
+                assert!(r.permitted(Role::Node).is_ok(), "{}", r.kind());
+                (r.kind(), r.permitted(Role::Researcher).is_ok())
+            })
+            .collect();
+        assert_eq!(
+            allowed,
+            [
+                ("manifest announcement", true),
+                ("roster announcement", true),
+                ("progress announcement", false),
+                ("update offer", false),
+                ("update chunk", false),
+                ("update exchange", false),
+                ("status query", true),
+                ("artifact request", true),
+            ]
+        );
     }
 
     #[test]

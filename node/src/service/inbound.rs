@@ -17,6 +17,18 @@ use super::{Node, Registered, Served, store};
 
 /// Handles one request and returns the answer.
 pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Response {
+    // The allow-list admits roster members only; the role decides what each may ask.
+    let permitted = match node.role_of(&peer) {
+        Some(role) => request
+            .permitted(role)
+            .map_err(|why| format!("a {role} member: {why}")),
+        None => Err("not an active member of the roster".to_owned()),
+    };
+    if let Err(why) = permitted {
+        node.metrics.rejected("forbidden");
+        tracing::warn!(%peer, request = request.kind(), "refused: {why}");
+        return refused(why);
+    }
     match request {
         Request::Announce(Announcement::Manifest(signed)) => on_manifest(node, peer, *signed),
         Request::Announce(Announcement::Progress(p)) => on_progress(node, peer, p),

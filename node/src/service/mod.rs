@@ -68,16 +68,28 @@ pub struct Node {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl Node {
-    /// The roster member behind `peer`, if it is an active node.
-    pub fn node_key(&self, peer: &PeerId) -> Option<PublicKey> {
+    /// The key and role of the active roster member behind `peer`, if any.
+    fn member(&self, peer: &PeerId) -> Option<(PublicKey, Role)> {
         let roster = self.roster.read().unwrap_or_else(|p| p.into_inner());
         roster
             .roster()
             .members
             .iter()
             .find(|m| net::peer_id_of(&m.public_key) == *peer)
-            .filter(|m| roster.authorize(&m.public_key, Role::Node).is_ok())
-            .map(|m| m.public_key)
+            .filter(|m| roster.authorize(&m.public_key, m.role).is_ok())
+            .map(|m| (m.public_key, m.role))
+    }
+
+    /// The role of the active roster member behind `peer`, if any.
+    pub fn role_of(&self, peer: &PeerId) -> Option<Role> {
+        self.member(peer).map(|(_, role)| role)
+    }
+
+    /// The roster member behind `peer`, if it is an active node.
+    pub fn node_key(&self, peer: &PeerId) -> Option<PublicKey> {
+        self.member(peer)
+            .filter(|(_, role)| *role == Role::Node)
+            .map(|(key, _)| key)
     }
 
     /// The roster's active node members, sorted by key: the round engine's member indices.
