@@ -1,7 +1,7 @@
 //! What each non-IID method does to per-site scores on the demo's skewed task, in process
 //! (FedAvg stands for gossip, which ends at the same average):
 //!
-//! `cargo run --release -p medmesh-training --example non_iid_methods`
+//! `cargo run --example non_iid_methods` (from the workspace root: it shares the tests' build)
 //!
 //! Sites, slices and manifest are the demo's (`examples/synthetic-skewed.toml`, preset
 //! `skewed`, 4 sites of 10 cases, seed 1); FedProx uses mu = 0.01 and personalization 20

@@ -11,7 +11,7 @@ use medmesh_training::params::Selection;
 use medmesh_training::{Trainer, checkpoint, export};
 
 /// Rounds of the skewed-task and brain baselines tests.
-const SKEWED_ROUNDS: u32 = 16;
+const SKEWED_ROUNDS: u32 = 32;
 const BRAIN_ROUNDS: u32 = 6;
 
 fn manifest(rounds: u32) -> Manifest {
