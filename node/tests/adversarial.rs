@@ -1,7 +1,8 @@
 //! A malicious member and a crowd of outsiders against real nodes on loopback.
 //!
 //! * A member breaks every rule an update can break, one round each (NaN weights, a norm far
-//!   beyond the bound, a flipped payload bit, a foreign layout, a replayed round), and sends
+//!   beyond the bound, a flipped payload bit, a foreign layout, a replayed round, a claim of
+//!   10^12 training samples against the manifest's sample-weight bound), and sends
 //!   oversized and malformed frames: the honest nodes drop each one, count it under its
 //!   reason, log it once with the sender's id, and finish the experiment.
 //! * Every kind of request, from a researcher's key and from a node's: updates and progress
@@ -252,6 +253,12 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
                 let old = replay.lock().unwrap().clone().unwrap();
                 (*envelope, *payload) = old;
             }
+            7 => {
+                // A validly signed claim of 10^12 training samples.
+                let mut header = envelope.header.clone();
+                header.sample_weight = 1e12;
+                *envelope = UpdateEnvelope::seal(header, payload, &identity);
+            }
             _ => {}
         })),
         ..Hooks::default()
@@ -299,6 +306,7 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
             "hash_mismatch",
             "wrong_layout",
             "replayed_update",
+            "sample_weight_bound",
         ] {
             let counted = parse_value(
                 &text,

@@ -246,7 +246,16 @@ pub struct Averaging {
     /// combining (centred clipping): one peer moves the model at most this far per round.
     #[serde(default)]
     pub clip_norm: Option<f64>,
+    /// The most training samples a site may count in the weighted mean (default
+    /// [`DEFAULT_MAX_SAMPLE_WEIGHT`]). A site with more counts this many; an update that
+    /// claims more than the bound allows is refused. Set it near the largest site's count:
+    /// a member that inflates its count then weighs at most this much.
+    #[serde(default)]
+    pub max_sample_weight: Option<u64>,
 }
+
+/// The sample-weight bound of a manifest that sets none.
+pub const DEFAULT_MAX_SAMPLE_WEIGHT: u64 = 100_000;
 
 /// Optional protection of what leaves a site.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -641,6 +650,9 @@ impl Manifest {
                 format!("{b} must be a positive number"),
             );
         }
+        if av.max_sample_weight == Some(0) {
+            bad("averaging.max_sample_weight", "0 must be at least 1".into());
+        }
         if let Some(c) = av.clip_norm
             && !(c.is_finite() && c > 0.0)
         {
@@ -800,6 +812,7 @@ mod tests {
         m.averaging.scheme = Scheme::Epidemic;
         m.averaging.min_peers = 2;
         m.privacy.noise_multiplier = Some(1.0);
+        m.averaging.max_sample_weight = Some(0);
         let Err(ManifestError::Invalid(errors)) = m.validate() else {
             panic!("accepted")
         };
@@ -812,6 +825,7 @@ mod tests {
             "averaging.fanout",
             "averaging.min_peers",
             "privacy.noise_multiplier",
+            "averaging.max_sample_weight",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }

@@ -19,8 +19,9 @@ use crate::manifest::SignedManifest;
 use crate::progress::SignedProgress;
 
 /// The wire protocol version this build speaks. 3: manifests carry `training.proximal_mu`
-/// and `training.personalize_steps`, progress records `personalized_metric`.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// and `training.personalize_steps`, progress records `personalized_metric`. 4: manifests
+/// carry `averaging.max_sample_weight`.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest encoded frame: a 1 MiB payload chunk plus generous room for its header.
 pub const MAX_MESSAGE_BYTES: usize = (1 << 20) + (64 << 10);

@@ -60,6 +60,8 @@ pub struct RoundRules {
     pub trim_fraction: f64,
     /// Centred clipping of received models, before combining.
     pub clip_norm: Option<f64>,
+    /// The most samples a site counts ([`Self::site_mass`], [`Self::weight_bound`]).
+    pub max_sample_weight: f64,
     /// Rounds that train.
     pub training_rounds: u64,
     /// Whether averaging-only rounds after training bring every site to the same model.
@@ -313,10 +315,35 @@ impl RoundRules {
             aggregation: av.aggregation,
             trim_fraction: av.trim_fraction.unwrap_or(0.0),
             clip_norm: av.clip_norm,
+            max_sample_weight: av
+                .max_sample_weight
+                .unwrap_or(crate::manifest::DEFAULT_MAX_SAMPLE_WEIGHT)
+                as f64,
             training_rounds: u64::from(av.rounds),
             final_reduce: av.aggregation == Aggregation::Mean
                 && av.clip_norm.is_none()
                 && m.privacy.noise_multiplier.is_none(),
+        }
+    }
+
+    /// The mass a site with `samples` training samples starts with: its count, at most the
+    /// manifest's `max_sample_weight`.
+    pub fn site_mass(&self, samples: usize) -> f64 {
+        (samples as f64).min(self.max_sample_weight)
+    }
+
+    /// The largest mass an update in a round of `shape` may carry among `members` sites.
+    /// Where a site sends its own sample count (pairs, neighbour mixing, epidemic pushes) that
+    /// is `max_sample_weight`; where masses move and add up (push-sum, the final reduce) it is
+    /// every member's together, since each step conserves the total.
+    pub fn weight_bound(&self, shape: Shape, members: usize) -> f64 {
+        match shape {
+            Shape::Pairs { reduce: false } | Shape::Mixing | Shape::Spread => {
+                self.max_sample_weight
+            }
+            Shape::Pairs { reduce: true } | Shape::PushSum | Shape::Fold | Shape::Unfold => {
+                self.max_sample_weight * members.max(1) as f64
+            }
         }
     }
 
@@ -645,6 +672,7 @@ mod tests {
             aggregation: Aggregation::Mean,
             trim_fraction: 0.0,
             clip_norm: None,
+            max_sample_weight: 1e5,
             training_rounds: 30,
             final_reduce: true,
         }
@@ -677,6 +705,43 @@ mod tests {
         for (i, (x, w)) in next.into_iter().enumerate() {
             xs[i] = x;
             mass[i] = w;
+        }
+    }
+
+    #[test]
+    fn honest_masses_stay_within_the_sample_weight_bound() {
+        let n = 7;
+        for scheme in [
+            Scheme::PairwiseGossip,
+            Scheme::PushSum,
+            Scheme::MetropolisHastings,
+            Scheme::Epidemic,
+        ] {
+            let mut r = rules(scheme, 2);
+            r.max_sample_weight = 50.0;
+            r.training_rounds = 12;
+            assert_eq!(r.site_mass(20), 20.0);
+            assert_eq!(r.site_mass(500), 50.0, "a large site counts the bound");
+            let mut xs: Vec<Vec<f32>> = (0..n).map(|i| vec![i as f32; 3]).collect();
+            let mut mass: Vec<f64> = (0..n).map(|i| r.site_mass(30 + 10 * i)).collect();
+            for round in 1..=r.total_rounds(n) {
+                let g = r.graph(round, Overlay::Complete(n));
+                let bound = r.weight_bound(g.shape(), n);
+                for (i, &m) in mass.iter().enumerate() {
+                    let (kept, sent) = r.split_mass(&g, i, m);
+                    assert!(
+                        kept <= bound && sent <= bound,
+                        "{scheme:?} round {round}: site {i} sends {sent} above {bound}"
+                    );
+                }
+                step(&r, round, &mut xs, &mut mass);
+            }
+            let single = r.weight_bound(Shape::Mixing, n);
+            assert_eq!(
+                single, 50.0,
+                "a site's own count is bounded by the manifest"
+            );
+            assert!(1e12 > r.weight_bound(Shape::PushSum, n));
         }
     }
 

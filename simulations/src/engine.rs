@@ -128,6 +128,7 @@ pub fn variant_rules(
             aggregation,
             trim_fraction: s.byzantine.trim_fraction,
             clip_norm: None,
+            max_sample_weight: medmesh_protocol::manifest::DEFAULT_MAX_SAMPLE_WEIGHT as f64,
             training_rounds: u64::from(s.rounds),
             final_reduce: false,
         },
@@ -319,7 +320,11 @@ pub fn run_variant(
     let (mut arena, sample_weights, compute_s) = match &learning {
         Some((ls, m)) => {
             let rows: Vec<Vec<f32>> = ls.iter().map(|l| l.trainer.weights(selection)).collect();
-            let weights: Vec<f64> = ls.iter().map(|l| l.train.len().max(1) as f64).collect();
+            let rules = RoundRules::from_manifest(m);
+            let weights: Vec<f64> = ls
+                .iter()
+                .map(|l| rules.site_mass(l.train.len().max(1)))
+                .collect();
             let steps = f64::from(m.training.local_steps.unwrap_or(1));
             (Arena::new(&rows), weights, steps * s.network.step_seconds)
         }

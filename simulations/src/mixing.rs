@@ -179,6 +179,7 @@ mod tests {
             aggregation: Aggregation::Mean,
             trim_fraction: 0.2,
             clip_norm: None,
+            max_sample_weight: 1e5,
             training_rounds: 1000,
             final_reduce: false,
         }

@@ -117,8 +117,17 @@ pub fn exchange(
         ..Exchanged::default()
     };
     let mut accepted: Vec<Received> = Vec::new();
+    let weight_bound = view.rules.weight_bound(shape, view.members.len());
     for ((sender, asked), result) in net.gather(&wanted) {
         match result {
+            Ok(r) if r.weight > weight_bound => out.refused.push(Refusal {
+                sender,
+                reason: "sample_weight_bound",
+                detail: format!(
+                    "claims a sample weight of {} where the manifest allows at most {weight_bound}",
+                    r.weight
+                ),
+            }),
             Ok(r) => match check_update(&r.values, view.layout, local, view.norm_bound) {
                 Ok(()) => accepted.push(r),
                 Err(e) => out.refused.push(Refusal {
@@ -247,6 +256,7 @@ mod tests {
             aggregation: Aggregation::Mean,
             trim_fraction: 0.0,
             clip_norm: None,
+            max_sample_weight: 1e5,
             training_rounds: 10,
             final_reduce: true,
         }

@@ -95,7 +95,8 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let layout = params::layout(&trainer.model(), selection);
     let mut state = RunnerState::load(&dir)?;
     let me = node.identity.public_key();
-    let sample_weight = data.train.len() as f64;
+    let mut rules = RoundRules::from_manifest(m);
+    let sample_weight = rules.site_mass(data.train.len());
     tracing::info!(
         experiment = %m.id,
         train_slices = data.train.len(),
@@ -144,7 +145,6 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             "updates leave this site clipped and with Gaussian noise"
         );
     }
-    let mut rules = RoundRules::from_manifest(m);
     let manifest_rounds = rules.training_rounds;
     let mut mass = state.mass.unwrap_or(sample_weight);
     // Push-sum shares owed to this site that missed their round: fetched (and their mass
