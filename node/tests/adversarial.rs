@@ -6,7 +6,8 @@
 //!   oversized and malformed frames: the honest nodes drop each one, count it under its
 //!   reason, log it once with the sender's id, and finish the experiment.
 //! * Every kind of request, from a researcher's key and from a node's: updates and progress
-//!   records pass between nodes only; the researcher's are refused, counted and logged. A
+//!   records pass between nodes only; the researcher's are refused, counted and logged, and
+//!   so is its export of a model whose manifest keeps it with the sites. A
 //!   forged manifest that a member forwards is refused by every node, not only the first.
 //! * 1,000 connection attempts without the network key: none completes a handshake, and the
 //!   nodes train and answer their researcher meanwhile.
@@ -626,6 +627,28 @@ fn each_request_is_checked_against_the_requesters_role() {
         .filter(|l| l.contains("refused: a researcher member") && l.contains(&researcher_id))
         .count();
     assert_eq!(lines, 4, "{log}");
+
+    // A manifest that keeps the consensus model with the sites: the researcher's export is
+    // refused, a node key's is served.
+    let mut kept = manifest("roles-kept", 2);
+    kept.export.researchers = false;
+    rt.block_on(researcher.submit(SignedManifest::sign(kept, &c.researcher)))
+        .unwrap();
+    wait_finished(&rt, &researcher, "roles-kept", 2);
+    let err = rt
+        .block_on(researcher.export("roles-kept"))
+        .expect_err("the manifest keeps the model with the sites");
+    assert!(
+        format!("{err:#}").contains("export.researchers = false"),
+        "{err:#}"
+    );
+    rt.block_on(member.export("roles-kept")).unwrap();
+    let text = rt.block_on(local::scrape(&c.metrics_addr(0))).unwrap();
+    assert_eq!(
+        parse_value(&text, "medmesh_rejected_total{reason=\"forbidden\"}"),
+        Some(5.0),
+        "{text}"
+    );
     drop(nodes);
     rt.shutdown_background();
 }

@@ -41,6 +41,32 @@ pub struct Manifest {
     /// When to stop early.
     #[serde(default)]
     pub stop: StopConditions,
+    /// Who may download the finished consensus model.
+    #[serde(default)]
+    pub export: ExportPolicy,
+}
+
+/// Who may download a finished experiment's consensus model and its provenance
+/// (`medmesh export`). Sites' per-round updates never leave the nodes, whatever this says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportPolicy {
+    /// Whether a researcher's key may export it (default true). When false the consensus
+    /// model stays with the sites: only node keys may download it.
+    #[serde(default = "ExportPolicy::default_researchers")]
+    pub researchers: bool,
+}
+
+impl ExportPolicy {
+    fn default_researchers() -> bool {
+        true
+    }
+}
+
+impl Default for ExportPolicy {
+    fn default() -> Self {
+        Self { researchers: true }
+    }
 }
 
 /// The segmentation task.

@@ -20,7 +20,7 @@ use crate::progress::SignedProgress;
 
 /// The wire protocol version this build speaks. 3: manifests carry `training.proximal_mu`
 /// and `training.personalize_steps`, progress records `personalized_metric`. 4: manifests
-/// carry `averaging.max_sample_weight`.
+/// carry `averaging.max_sample_weight` and `export.researchers`.
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest encoded frame: a 1 MiB payload chunk plus generous room for its header.
@@ -341,8 +341,9 @@ impl Request {
     /// Whether a member of `role` may ask this, or why not. Model updates, their chunks and
     /// exchanges, and progress records pass between nodes only: a site's weights leak
     /// information about its images, so no researcher reads them. Researchers submit
-    /// experiments, spread steward-signed rosters, read progress, and export what a finished
-    /// experiment's manifest allows (checked where the manifest is known).
+    /// experiments, spread steward-signed rosters, read progress, and export a finished
+    /// experiment's consensus model where its manifest allows (`export.researchers`, checked
+    /// by the node that holds the manifest).
     pub fn permitted(&self, role: Role) -> Result<(), &'static str> {
         match role {
             Role::Node => Ok(()),

@@ -51,11 +51,28 @@ pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Respons
         }),
         Request::Status(StatusQuery { experiment_id }) => on_status(node, experiment_id.as_deref()),
         Request::Artifact(request) => {
+            if let Err(why) = export_allowed(node, peer, &request.experiment_id) {
+                node.metrics.rejected("forbidden");
+                tracing::warn!(%peer, experiment = %request.experiment_id, "refused an export: {why}");
+                return refused(why);
+            }
             let node = node.clone();
             tokio::task::spawn_blocking(move || on_artifact(&node, &request))
                 .await
                 .unwrap_or_else(|e| refused(format!("artifact read failed: {e}")))
         }
+    }
+}
+
+/// Whether `peer` may download `id`'s exports: nodes always, researchers where the manifest
+/// lets them (`export.researchers`).
+fn export_allowed(node: &Node, peer: PeerId, id: &str) -> Result<(), String> {
+    let researcher = node.role_of(&peer) == Some(medmesh_crypto::Role::Researcher);
+    match node.registry.manifest(id) {
+        Some(m) if researcher && !m.manifest.export.researchers => Err(format!(
+            "experiment {id:?} keeps its model with the sites (export.researchers = false)"
+        )),
+        _ => Ok(()),
     }
 }
 
