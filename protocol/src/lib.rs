@@ -13,12 +13,14 @@
 //!   site, and how a site combines what it received. Node and simulator call it, nothing else.
 //! * [`stop`]: the manifest's stop rules, agreed on without a coordinator.
 //! * [`rng`]: the seeded generator every site draws the round graphs from.
+//! * [`accounting`]: Rényi-DP accounting of Gaussian releases, converted to (ε, δ).
 //!
 //! Errors say what went wrong in their own text, including the cause (they expose no
 //! `source()` chain), so a single log line or `{err}` is complete.
 //!
 //! Pure: no I/O, no async runtime, no ML framework.
 
+pub mod accounting;
 pub mod averaging;
 pub mod encoding;
 pub mod envelope;

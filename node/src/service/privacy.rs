@@ -1,8 +1,11 @@
-//! Differential privacy of what leaves a site (the manifest's `privacy` section): a round's
-//! update is clipped to `clip_norm` (L2) around the model the round started from, then
-//! Gaussian noise of standard deviation `noise_multiplier x clip_norm` is added to every
-//! weight (the Gaussian mechanism of DP-FedAvg). Only what is sent changes; the site keeps
-//! training its exact model.
+//! Differential privacy of what leaves a site (the manifest's `privacy` section). Each
+//! round's release is the site's previous release (at first the experiment's initial model,
+//! which every member derives from the manifest's seed) plus the site's change since then,
+//! clipped to `clip_norm` (L2), plus Gaussian noise of standard deviation
+//! `noise_multiplier x clip_norm` on every weight. A release thus depends on the site's data
+//! only through one clipped change, given what was already released: each is a Gaussian
+//! mechanism of sensitivity `clip_norm`, and they compose ([`medmesh_protocol::accounting`]).
+//! Only what is sent changes; the site keeps training its exact model.
 
 use medmesh_protocol::Manifest;
 use medmesh_protocol::robust::clip_towards;
@@ -14,13 +17,16 @@ pub struct Privatizer {
     clip_norm: f64,
     sigma: f64,
     rng: ChaCha20Rng,
+    /// What the site released last (the initial model before the first release).
+    last_release: Vec<f32>,
 }
 
 impl Privatizer {
-    /// The privatizer `m` asks for, or `None` when `privacy.clip_norm` is not set. The noise
+    /// The privatizer `m` asks for, or `None` when `privacy.clip_norm` is not set; `initial`
+    /// is the experiment's initial model (public: derived from the manifest's seed). The noise
     /// is a ChaCha20 stream seeded by the operating system: members all know the manifest's
     /// training seed, so noise drawn from it could be subtracted again.
-    pub fn for_manifest(m: &Manifest) -> Result<Option<Self>, getrandom::Error> {
+    pub fn for_manifest(m: &Manifest, initial: Vec<f32>) -> Result<Option<Self>, getrandom::Error> {
         let Some(clip_norm) = m.privacy.clip_norm else {
             return Ok(None);
         };
@@ -30,7 +36,20 @@ impl Privatizer {
             clip_norm,
             sigma: m.privacy.noise_multiplier.unwrap_or(0.0) * clip_norm,
             rng: ChaCha20Rng::from_seed(seed),
+            last_release: initial,
         }))
+    }
+
+    /// What leaves the site for `model`: the last release plus `model`'s change since it,
+    /// clipped and noised (see the module). The result becomes the next release's reference,
+    /// whether or not a peer fetches it. Returns it with the clipping factor.
+    pub fn release(&mut self, model: &[f32]) -> (Vec<f32>, f64) {
+        let reference = std::mem::take(&mut self.last_release);
+        let mut out = model.to_vec();
+        let factor = self.apply(&reference, &mut out);
+        self.last_release = reference;
+        self.last_release.copy_from_slice(&out);
+        (out, factor)
     }
 
     /// Standard deviation of the noise on each weight.
@@ -38,9 +57,9 @@ impl Privatizer {
         self.sigma
     }
 
-    /// Rewrites `model` (trained this round from `start`) in place: clips its distance to
-    /// `start`, then adds noise. Returns the clipping factor (1 when within the norm).
-    pub fn apply(&mut self, start: &[f32], model: &mut [f32]) -> f64 {
+    /// Rewrites `model` in place: clips its distance to `start`, then adds noise. Returns the
+    /// clipping factor (1 when within the norm).
+    fn apply(&mut self, start: &[f32], model: &mut [f32]) -> f64 {
         let factor = clip_towards(model, start, self.clip_norm);
         if self.sigma > 0.0 {
             for pair in model.chunks_mut(2) {
@@ -89,7 +108,7 @@ mod tests {
     #[test]
     fn off_unless_clip_norm_is_set() {
         assert!(
-            Privatizer::for_manifest(&manifest(None, None))
+            Privatizer::for_manifest(&manifest(None, None), Vec::new())
                 .unwrap()
                 .is_none()
         );
@@ -97,7 +116,7 @@ mod tests {
 
     #[test]
     fn updates_are_clipped_around_the_starting_model() {
-        let mut p = Privatizer::for_manifest(&manifest(Some(0.5), None))
+        let mut p = Privatizer::for_manifest(&manifest(Some(0.5), None), Vec::new())
             .unwrap()
             .unwrap();
         let start: Vec<f32> = (0..1000).map(|i| (i as f32).sin()).collect();
@@ -114,7 +133,7 @@ mod tests {
 
     #[test]
     fn noise_has_the_asked_deviation_and_is_never_repeated() {
-        let mut p = Privatizer::for_manifest(&manifest(Some(2.0), Some(0.25)))
+        let mut p = Privatizer::for_manifest(&manifest(Some(2.0), Some(0.25)), Vec::new())
             .unwrap()
             .unwrap();
         assert_eq!(p.sigma(), 0.5);
@@ -134,11 +153,40 @@ mod tests {
         // A second round, and a second privatizer, draw other noise.
         let mut b = start.clone();
         p.apply(&start, &mut b);
-        let mut q = Privatizer::for_manifest(&manifest(Some(2.0), Some(0.25)))
+        let mut q = Privatizer::for_manifest(&manifest(Some(2.0), Some(0.25)), Vec::new())
             .unwrap()
             .unwrap();
         let mut c = start.clone();
         q.apply(&start, &mut c);
         assert!(distance(&a, &b) > 100.0 && distance(&a, &c) > 100.0);
+    }
+
+    #[test]
+    fn each_release_moves_at_most_clip_norm_from_the_last() {
+        let initial: Vec<f32> = (0..500).map(|i| (i as f32 * 0.1).cos()).collect();
+        let mut p = Privatizer::for_manifest(&manifest(Some(0.5), None), initial.clone())
+            .unwrap()
+            .unwrap();
+        // The site's own model runs far ahead, mixing in its own exact weights each round;
+        // what it releases moves at most clip_norm a round, from its previous release.
+        let mut previous = initial.clone();
+        let mut model = initial.clone();
+        for round in 1..=5 {
+            model.iter_mut().for_each(|v| *v += 0.3);
+            let (released, factor) = p.release(&model);
+            assert!(factor < 1.0, "round {round}: the change is clipped");
+            let step = distance(&released, &previous);
+            assert!((step - 0.5).abs() < 1e-3, "round {round}: moved {step}");
+            assert!(
+                distance(&released, &model) > 1.0,
+                "the model itself never leaves"
+            );
+            previous = released;
+        }
+        // The reference is the last release, not the model: a model equal to it releases
+        // unchanged.
+        let (again, factor) = p.release(&previous);
+        assert_eq!(factor, 1.0);
+        assert_eq!(again, previous);
     }
 }

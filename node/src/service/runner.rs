@@ -83,13 +83,13 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             &ckpt,
             medmesh_training::model::UNetConfig::from_manifest(m),
             medmesh_training::TrainSettings::from_manifest(m),
-            device,
+            device.clone(),
         )
         .with_context(|| format!("resuming from {}", ckpt.display()))?;
         tracing::info!(experiment = %m.id, round = t.round(), "resumed from checkpoint");
         t
     } else {
-        Trainer::new(m, device)
+        Trainer::new(m, device.clone())
     };
     let selection = Selection::for_manifest(m.averaging.keep_normalization_local);
     let layout = params::layout(&trainer.model(), selection);
@@ -135,8 +135,15 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let stop_rule = StopRule::from_manifest(m);
     let mut last = (f32::NAN, state.dice_initial.unwrap_or(0.0));
     let mut last_metric = last.1;
-    let mut privatizer =
-        Privatizer::for_manifest(m).context("seeding the privacy noise from the OS")?;
+    // Releases start from the initial model, which every member derives from the seed. A
+    // site that restarts starts from it again: still public, only less accurate.
+    let mut privatizer = match m.privacy.clip_norm {
+        Some(_) => {
+            let initial = Trainer::new(m, device.clone()).weights(selection);
+            Privatizer::for_manifest(m, initial).context("seeding the privacy noise from the OS")?
+        }
+        None => None,
+    };
     if let Some(p) = &privatizer {
         tracing::info!(
             experiment = %m.id,
@@ -198,13 +205,11 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         }
 
         // 1. Train (not in the final reduce), and offer the result.
-        let start = (trains && privatizer.is_some()).then(|| trainer.weights(selection));
         let stats = trains.then(|| trainer.train_round(&data.train, |_| {}));
         let local = trainer.weights(selection);
-        let shared = match (privatizer.as_mut(), start) {
-            (Some(p), Some(start)) => {
-                let mut shared = local.clone();
-                let factor = p.apply(&start, &mut shared);
+        let shared = match privatizer.as_mut() {
+            Some(p) if trains => {
+                let (shared, factor) = p.release(&local);
                 tracing::debug!(
                     round,
                     clip_factor = factor,
