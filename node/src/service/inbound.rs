@@ -6,6 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use libp2p::PeerId;
+use medmesh_crypto::Role;
 use medmesh_protocol::messages::{MAX_STATUS_RECORDS, UpdateChunk};
 use medmesh_protocol::{
     Announcement, AnnouncementAnswer, Artifact, ArtifactAnswer, ArtifactRequest, Request, Response,
@@ -18,7 +19,8 @@ use super::{Node, Registered, Served, store};
 /// Handles one request and returns the answer.
 pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Response {
     // The allow-list admits roster members only; the role decides what each may ask.
-    let permitted = match node.role_of(&peer) {
+    let role = node.role_of(&peer);
+    let permitted = match role {
         Some(role) => request
             .permitted(role)
             .map_err(|why| format!("a {role} member: {why}")),
@@ -51,7 +53,7 @@ pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Respons
         }),
         Request::Status(StatusQuery { experiment_id }) => on_status(node, experiment_id.as_deref()),
         Request::Artifact(request) => {
-            if let Err(why) = export_allowed(node, peer, &request.experiment_id) {
+            if let Err(why) = export_allowed(node, role, &request.experiment_id) {
                 node.metrics.rejected("forbidden");
                 tracing::warn!(%peer, experiment = %request.experiment_id, "refused an export: {why}");
                 return refused(why);
@@ -64,10 +66,10 @@ pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Respons
     }
 }
 
-/// Whether `peer` may download `id`'s exports: nodes always, researchers where the manifest
-/// lets them (`export.researchers`).
-fn export_allowed(node: &Node, peer: PeerId, id: &str) -> Result<(), String> {
-    let researcher = node.role_of(&peer) == Some(medmesh_crypto::Role::Researcher);
+/// Whether a member of `role` may download `id`'s exports: nodes always, researchers where
+/// the manifest lets them (`export.researchers`).
+fn export_allowed(node: &Node, role: Option<Role>, id: &str) -> Result<(), String> {
+    let researcher = role == Some(Role::Researcher);
     match node.registry.manifest(id) {
         Some(m) if researcher && !m.manifest.export.researchers => Err(format!(
             "experiment {id:?} keeps its model with the sites (export.researchers = false)"
