@@ -60,6 +60,9 @@ pub enum PublicKeyError {
     /// 32 bytes that are not a valid ed25519 point.
     #[error("bytes are not a valid ed25519 public key")]
     InvalidPoint,
+    /// A key of small order: agreeing with it gives a secret anyone knows.
+    #[error("the public key has small order; no secret can be agreed with it")]
+    SmallOrder,
 }
 
 /// The secret half of a member's identity: signs manifests, updates and progress records,
@@ -96,6 +99,34 @@ impl Identity {
     /// The libp2p peer id derived from the same key.
     pub fn peer_id(&self) -> PeerId {
         self.public_key().peer_id()
+    }
+
+    /// The secret this member shares with `peer`: X25519 between the two members' roster
+    /// keys (their ed25519 keys in Montgomery form, as libsodium's
+    /// `crypto_sign_ed25519_sk_to_curve25519` does; using one key for both is shown safe by
+    /// Thormarker, eprint 2021/509), hashed with both public keys in a fixed order under
+    /// its own BLAKE3 context. Both ends compute the same 32 bytes; no one else can.
+    /// Refused when the agreement gives the identity point (a key of small order).
+    pub fn shared_secret(&self, peer: &PublicKey) -> Result<Zeroizing<[u8; 32]>, PublicKeyError> {
+        let theirs = VerifyingKey::from_bytes(&peer.0)
+            .map_err(|_| PublicKeyError::InvalidPoint)?
+            .to_montgomery();
+        let scalar = Zeroizing::new(self.signing.to_scalar_bytes());
+        let shared = Zeroizing::new(theirs.mul_clamped(*scalar).to_bytes());
+        if shared.iter().all(|&b| b == 0) {
+            return Err(PublicKeyError::SmallOrder);
+        }
+        let mine = self.public_key();
+        let (lo, hi) = if mine <= *peer {
+            (mine, *peer)
+        } else {
+            (*peer, mine)
+        };
+        let mut hasher = blake3::Hasher::new_derive_key("medmesh 2026-12 pairwise secret v1");
+        hasher.update(shared.as_ref());
+        hasher.update(&lo.0);
+        hasher.update(&hi.0);
+        Ok(Zeroizing::new(*hasher.finalize().as_bytes()))
     }
 
     /// Signs `message` for use in `domain` only (see [`crate::signing`]).
@@ -354,6 +385,25 @@ mod tests {
         assert_eq!(
             Identity::from_key_file(&tampered).unwrap_err(),
             KeyFileError::PublicKeyMismatch
+        );
+    }
+
+    #[test]
+    fn two_members_agree_on_a_secret_no_third_knows() {
+        let a = Identity::from_seed(&[1; 32]);
+        let b = Identity::from_seed(&[2; 32]);
+        let c = Identity::from_seed(&[3; 32]);
+        let ab = a.shared_secret(&b.public_key()).unwrap();
+        assert_eq!(*ab, *b.shared_secret(&a.public_key()).unwrap());
+        assert_ne!(*ab, *a.shared_secret(&c.public_key()).unwrap());
+        assert_ne!(*ab, *c.shared_secret(&b.public_key()).unwrap());
+        // The identity point is a valid encoding, but of small order: refused.
+        let mut small = [0u8; 32];
+        small[0] = 1;
+        let weak = PublicKey::from_bytes(&small).unwrap();
+        assert_eq!(
+            a.shared_secret(&weak).unwrap_err(),
+            PublicKeyError::SmallOrder
         );
     }
 

@@ -107,6 +107,7 @@ fn main() {
         peers_averaged: 2,
         finished: false,
         stop_after: None,
+        privacy_epsilon: None,
         unix_ms: 1_800_000_000_000,
     };
     let requests = [

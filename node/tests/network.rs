@@ -8,6 +8,7 @@ use medmesh_crypto::{Identity, NetworkKey};
 use medmesh_node::client::Client;
 use medmesh_node::local::{self, LocalConsortium, Nodes};
 use medmesh_node::metrics::parse_value;
+use medmesh_node::service::privacy::{Privatizer, Release};
 use medmesh_protocol::manifest::Scheme;
 use medmesh_protocol::{Manifest, SignedManifest};
 
@@ -629,6 +630,9 @@ fn privacy_noise_is_on_what_leaves_a_site() {
     let sigma = 0.2;
     private.privacy.clip_norm = Some(1.0);
     private.privacy.noise_multiplier = Some(sigma);
+    // A budget of exactly the four rounds' releases.
+    let four = medmesh_protocol::accounting::epsilon(sigma, 4, 1e-5).0;
+    private.privacy.target_epsilon = Some(four * 1.000_001);
     private.validate().unwrap();
 
     let without = last_sent_change(&c, &rt, &plain);
@@ -643,5 +647,76 @@ fn privacy_noise_is_on_what_leaves_a_site() {
     assert!((0.9 * sigma..1.2 * sigma).contains(&with), "{with}");
     let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
     assert!(log.contains("updates leave this site clipped and with Gaussian noise"));
+
+    // What the releases spent is in every site's status and in the provenance.
+    let client = researcher(&c, &rt, 0);
+    let records = rt.block_on(client.status(Some("private"))).unwrap();
+    assert_eq!(records.len(), 2);
+    for p in &records {
+        let spent = p.record.privacy_epsilon.expect("epsilon in the status");
+        assert!((spent - four).abs() < 1e-9, "{spent} vs {four}");
+    }
+    let plain_records = rt.block_on(client.status(Some("plain"))).unwrap();
+    assert!(
+        plain_records
+            .iter()
+            .all(|p| p.record.privacy_epsilon.is_none())
+    );
+    let provenance: medmesh_protocol::SignedProvenance = serde_json::from_slice(
+        &std::fs::read(experiment_dir(&c, 0, "private").join("export/provenance.json")).unwrap(),
+    )
+    .unwrap();
+    let dp = provenance
+        .provenance
+        .privacy
+        .expect("privacy in the provenance");
+    assert_eq!(dp.releases, 4);
+    assert!(
+        (dp.epsilon - four).abs() < 1e-9 && dp.delta == 1e-5,
+        "{dp:?}"
+    );
+
+    // A site whose ledger already counts two releases of an experiment (its checkpoint was
+    // lost, say) has half the budget left: it releases twice more, then serves its last
+    // release again and publishes nothing new.
+    let mut spent = private.clone();
+    spent.id = "spent".into();
+    let flex = "flex".parse::<medmesh_training::DeviceSpec>().unwrap();
+    let initial = medmesh_training::Trainer::new(&spent, flex.device().unwrap())
+        .weights(medmesh_training::params::Selection::for_manifest(false));
+    let mut earlier = Privatizer::for_manifest(
+        &spent,
+        initial.clone(),
+        &experiment_dir(&c, 0, "spent").join("privacy-ledger.bin"),
+    )
+    .unwrap()
+    .unwrap();
+    for _ in 0..2 {
+        assert!(matches!(earlier.release(&initial), Ok(Release::Fresh(..))));
+    }
+    drop(earlier);
+    last_sent_change(&c, &rt, &spent);
+    let fetch = |round: u64| {
+        rt.block_on(c.fetch_offered_update(&spent, 0, 1, round))
+            .unwrap()
+            .1
+    };
+    assert_eq!(fetch(3), fetch(4), "nothing new after the budget");
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    assert!(
+        log.contains("privacy budget spent: this site publishes nothing new"),
+        "{log}"
+    );
+    let records = rt.block_on(client.status(Some("spent"))).unwrap();
+    for p in &records {
+        let spent = p.record.privacy_epsilon.unwrap();
+        assert!(spent <= four * 1.000_001, "{spent}");
+    }
     drop(nodes);
+}
+
+fn experiment_dir(c: &LocalConsortium, node: usize, id: &str) -> std::path::PathBuf {
+    let dir = c.node_dir(node).join("state/experiments").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

@@ -77,6 +77,76 @@ pub fn max_releases(z: f64, target: f64, delta: f64) -> u64 {
     lo
 }
 
+/// The smallest noise multiplier (to 0.1%) with which `releases` releases spend at most
+/// `target` at `delta`; `None` for a target or delta that no noise meets.
+pub fn noise_multiplier_for(target: f64, releases: u64, delta: f64) -> Option<f64> {
+    if !(target > 0.0 && target.is_finite() && delta > 0.0 && delta < 1.0) {
+        return None;
+    }
+    // ε falls as the noise grows: double, then bisect.
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    while epsilon(hi, releases, delta).0 > target {
+        lo = hi;
+        hi *= 2.0;
+        if hi > 1e6 {
+            return None;
+        }
+    }
+    while hi - lo > 1e-3 * hi {
+        let mid = 0.5 * (lo + hi);
+        if epsilon(mid, releases, delta).0 > target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// The privacy budget of one site's releases in an experiment: the manifest's noise
+/// multiplier, delta and optional target epsilon. Each training round is one release.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Noise standard deviation over the clip norm.
+    pub noise_multiplier: f64,
+    /// The delta epsilon is stated at.
+    pub delta: f64,
+    /// The most epsilon the releases may spend, if the manifest caps it.
+    pub target_epsilon: Option<f64>,
+}
+
+impl Budget {
+    /// The budget of `m`, or `None` without privacy noise (no finite epsilon to speak of).
+    pub fn for_manifest(m: &crate::Manifest) -> Option<Self> {
+        let p = &m.privacy;
+        let z = p
+            .noise_multiplier
+            .filter(|&z| z > 0.0 && p.clip_norm.is_some())?;
+        Some(Self {
+            noise_multiplier: z,
+            delta: p.delta.unwrap_or(crate::manifest::DEFAULT_DELTA),
+            target_epsilon: p.target_epsilon,
+        })
+    }
+
+    /// The epsilon `releases` releases spend.
+    pub fn spent(&self, releases: u64) -> f64 {
+        epsilon(self.noise_multiplier, releases, self.delta).0
+    }
+
+    /// The most releases within the target, if there is one.
+    pub fn max_releases(&self) -> Option<u64> {
+        self.target_epsilon
+            .map(|t| max_releases(self.noise_multiplier, t, self.delta))
+    }
+
+    /// Whether `releases` releases stay within the target (always, without one).
+    pub fn allows(&self, releases: u64) -> bool {
+        self.target_epsilon
+            .is_none_or(|t| self.spent(releases) <= t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +202,66 @@ mod tests {
             0,
             "one release already spends more"
         );
+    }
+
+    #[test]
+    fn a_manifest_whose_rounds_overspend_its_target_is_refused() {
+        let mut m =
+            crate::Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml"))
+                .unwrap();
+        m.privacy.clip_norm = Some(1.0);
+        m.privacy.noise_multiplier = Some(3.0);
+        m.averaging.rounds = 48;
+        // 48 releases at z = 3 spend 12.80 at delta 1e-5 (the dp-accounting table above).
+        m.privacy.target_epsilon = Some(12.9);
+        m.validate().unwrap();
+        let budget = Budget::for_manifest(&m).unwrap();
+        assert_eq!(budget.delta, crate::manifest::DEFAULT_DELTA);
+        assert!((budget.spent(48) - 12.801691480042894).abs() < 1e-9);
+        assert!(budget.allows(48) && !budget.allows(49));
+        assert_eq!(budget.max_releases(), Some(48));
+
+        m.privacy.target_epsilon = Some(12.7);
+        let e = m.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("privacy.target_epsilon")
+                && e.contains("48 rounds")
+                && e.contains("at most 47 rounds fit"),
+            "{e}"
+        );
+        m.averaging.rounds = 47;
+        m.validate().unwrap();
+
+        // A budget or a delta without noise means nothing: refused by name.
+        m.privacy.noise_multiplier = None;
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("privacy.target_epsilon"), "{e}");
+        m.privacy.target_epsilon = None;
+        m.privacy.delta = Some(1e-6);
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("privacy.delta"), "{e}");
+        m.privacy.noise_multiplier = Some(3.0);
+        m.validate().unwrap();
+        m.privacy.delta = Some(1.5);
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("privacy.delta") && e.contains("(0, 1)"), "{e}");
+    }
+
+    #[test]
+    fn the_noise_for_a_target_just_meets_it() {
+        for (target, releases) in [(1.0, 48), (4.0, 48), (10.0, 48), (4.0, 1), (0.5, 1000)] {
+            let z = noise_multiplier_for(target, releases, 1e-5).unwrap();
+            assert!(
+                epsilon(z, releases, 1e-5).0 <= target,
+                "{target}, {releases}: z {z}"
+            );
+            assert!(
+                epsilon(z * 0.998, releases, 1e-5).0 > target,
+                "{target}, {releases}: z {z} is not the smallest"
+            );
+        }
+        assert_eq!(noise_multiplier_for(0.0, 10, 1e-5), None);
+        assert_eq!(noise_multiplier_for(1.0, 10, 1.0), None);
     }
 
     #[test]

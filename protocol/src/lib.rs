@@ -32,6 +32,7 @@ pub mod provenance;
 pub mod rng;
 pub mod robust;
 pub mod round;
+pub mod secagg;
 pub mod stop;
 
 pub use encoding::WeightEncoding;

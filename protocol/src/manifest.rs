@@ -293,7 +293,18 @@ pub struct Privacy {
     /// Gaussian noise standard deviation as a multiple of `clip_norm` (needs `clip_norm`).
     #[serde(default)]
     pub noise_multiplier: Option<f64>,
+    /// The most epsilon a site's releases may spend on this experiment, at `delta` (needs
+    /// noise): a manifest whose rounds would spend more is refused, and a site that has spent
+    /// it publishes nothing new ([`crate::accounting::Budget`]).
+    #[serde(default)]
+    pub target_epsilon: Option<f64>,
+    /// The delta of the (epsilon, delta) guarantee (needs noise; [`DEFAULT_DELTA`] if unset).
+    #[serde(default)]
+    pub delta: Option<f64>,
 }
+
+/// The delta of a manifest with privacy noise that sets none.
+pub const DEFAULT_DELTA: f64 = 1e-5;
 
 /// Validation metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -707,6 +718,47 @@ impl Manifest {
                 format!("{m} must be a non-negative number"),
             ),
             _ => {}
+        }
+        let noisy = p.noise_multiplier.is_some_and(|z| z > 0.0);
+        if let Some(d) = p.delta {
+            if !(d > 0.0 && d < 1.0) {
+                bad("privacy.delta", format!("{d} must be in (0, 1)"));
+            } else if !noisy {
+                bad(
+                    "privacy.delta",
+                    "a guarantee needs privacy.noise_multiplier above 0".into(),
+                );
+            }
+        }
+        if let Some(t) = p.target_epsilon {
+            if !(t.is_finite() && t > 0.0) {
+                bad(
+                    "privacy.target_epsilon",
+                    format!("{t} must be a positive number"),
+                );
+            } else if !noisy {
+                bad(
+                    "privacy.target_epsilon",
+                    "a budget needs privacy.noise_multiplier above 0".into(),
+                );
+            } else if let Some(budget) = crate::accounting::Budget::for_manifest(self)
+                && budget.delta > 0.0
+                && budget.delta < 1.0
+            {
+                let rounds = u64::from(self.averaging.rounds);
+                let planned = budget.spent(rounds);
+                if planned > t {
+                    bad(
+                        "privacy.target_epsilon",
+                        format!(
+                            "{rounds} rounds at noise multiplier {} spend epsilon {planned:.3} at delta {}, over the target {t}: at most {} rounds fit, or raise the noise multiplier",
+                            budget.noise_multiplier,
+                            budget.delta,
+                            budget.max_releases().unwrap_or(0)
+                        ),
+                    );
+                }
+            }
         }
 
         let v = self.evaluation.validation_fraction;

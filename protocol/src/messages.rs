@@ -21,7 +21,7 @@ use crate::progress::SignedProgress;
 /// The wire protocol version this build speaks. 3: manifests carry `training.proximal_mu`
 /// and `training.personalize_steps`, progress records `personalized_metric`. 4: manifests
 /// carry `averaging.max_sample_weight` and `export.researchers`.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest encoded frame: a 1 MiB payload chunk plus generous room for its header.
 pub const MAX_MESSAGE_BYTES: usize = (1 << 20) + (64 << 10);
@@ -455,6 +455,7 @@ mod tests {
             peers_averaged: 3,
             finished: true,
             stop_after: None,
+            privacy_epsilon: None,
             unix_ms: 1_700_000_000_000,
         };
         let progress = SignedProgress::sign(record, &node);

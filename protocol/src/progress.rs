@@ -32,6 +32,9 @@ pub struct ProgressRecord {
     /// The last training round this site has announced, having met one of the manifest's
     /// stop rules ([`crate::stop`]); every site ends its training at the earliest announced.
     pub stop_after: Option<u64>,
+    /// The epsilon this site's privacy releases have spent so far, at the manifest's delta
+    /// (only with privacy noise; [`crate::accounting::Budget`]).
+    pub privacy_epsilon: Option<f64>,
     /// Wall-clock time of the record, milliseconds since the Unix epoch (sender's clock).
     pub unix_ms: u64,
 }
@@ -125,6 +128,7 @@ mod tests {
             peers_averaged: 2,
             finished: false,
             stop_after: Some(7),
+            privacy_epsilon: Some(1.5),
             unix_ms: 0,
         };
         let signed = SignedProgress::sign(record.clone(), &node);

@@ -27,8 +27,28 @@ pub struct Provenance {
     /// BLAKE3 of the exported model file.
     #[serde(with = "hex_digest")]
     pub model_hash: [u8; 32],
+    /// What the exporting site's privacy releases spent, with privacy noise on.
+    pub privacy: Option<PrivacySpent>,
     /// Milliseconds since the Unix epoch.
     pub unix_ms: u64,
+}
+
+/// The differential privacy a site's releases spent in an experiment
+/// ([`crate::accounting::Budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrivacySpent {
+    /// Releases (training rounds whose update left the site).
+    pub releases: u64,
+    /// Epsilon they spent, at `delta`.
+    pub epsilon: f64,
+    /// The delta of the guarantee.
+    pub delta: f64,
+    /// The manifest's target, if it set one.
+    pub target_epsilon: Option<f64>,
+    /// Noise standard deviation over the clip norm.
+    pub noise_multiplier: f64,
+    /// The L2 bound of each release's change.
+    pub clip_norm: f64,
 }
 
 /// A provenance record and its node's signature.
@@ -152,6 +172,7 @@ mod tests {
             final_metric: 0.9,
             final_loss: 0.1,
             model_hash: *blake3::hash(&model).as_bytes(),
+            privacy: None,
             unix_ms: 1,
         };
         let signed = SignedProvenance::sign(p, &node);

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use medmesh_protocol::manifest::{Aggregation, Scheme};
+use medmesh_protocol::accounting::noise_multiplier_for;
+use medmesh_protocol::manifest::{Aggregation, DEFAULT_DELTA, Scheme};
 use medmesh_protocol::{Manifest, SignedManifest, SignedProgress};
 use medmesh_training::DeviceSpec;
 use medmesh_training::baselines::{self, Site};
@@ -53,6 +54,14 @@ pub struct DemoOptions {
     /// metropolis-hastings or epidemic.
     #[arg(long)]
     pub scheme: Option<Scheme>,
+    /// Train with differential privacy: the noise with which each site's releases over the
+    /// run's rounds spend at most this epsilon (at the manifest's delta, default 1e-5).
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+    /// With --epsilon: the L2 bound on how far one release moves from the last (default:
+    /// the manifest's privacy.clip_norm, else 1).
+    #[arg(long, requires = "epsilon")]
+    pub clip_norm: Option<f64>,
     /// The site the unseen-site baseline leaves out (1-based); 0 skips that baseline.
     #[arg(long, default_value_t = 1)]
     pub held_out: usize,
@@ -87,6 +96,8 @@ pub struct NodeReport {
     pub dice_pooled: f64,
     /// For the held-out site only: the federation of the other sites, scored here.
     pub dice_unseen: Option<f64>,
+    /// The epsilon the site's privacy releases spent (with privacy noise on).
+    pub privacy_epsilon: Option<f64>,
     /// Rounds the node completed.
     pub rounds_completed: u32,
     /// Protocol bytes sent.
@@ -108,6 +119,8 @@ pub struct Report {
     pub mean: Means,
     /// max_i ||w_i - mean w|| / ||mean w|| over the shared weights of the exported models.
     pub consensus_distance: f64,
+    /// The delta of the sites' privacy guarantees (with privacy noise on).
+    pub privacy_delta: Option<f64>,
     /// The experiment's manifest digest (hex).
     pub manifest_hash: String,
     /// Seconds from start to report.
@@ -157,6 +170,16 @@ fn demo_manifest(o: &DemoOptions) -> Result<Manifest> {
             m.averaging.aggregation = Aggregation::Mean;
             m.averaging.trim_fraction = None;
         }
+    }
+    if let Some(target) = o.epsilon {
+        let p = &mut m.privacy;
+        let delta = p.delta.unwrap_or(DEFAULT_DELTA);
+        let rounds = u64::from(m.averaging.rounds);
+        let z = noise_multiplier_for(target, rounds, delta)
+            .with_context(|| format!("--epsilon {target}: no noise gives that at delta {delta}"))?;
+        p.clip_norm = Some(o.clip_norm.or(p.clip_norm).unwrap_or(1.0));
+        p.noise_multiplier = Some(z);
+        p.target_epsilon = Some(target);
     }
     m.validate()
         .context("the manifest with the command line's overrides")?;
@@ -359,6 +382,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
             dice_local_only: b.local_only[i],
             dice_pooled: b.pooled[i],
             dice_unseen: b.unseen.filter(|(k, _)| *k == i).map(|(_, v)| v),
+            privacy_epsilon: record.privacy_epsilon,
             rounds_completed: rounds,
             bytes_sent: sent,
             bytes_received: received,
@@ -380,6 +404,8 @@ pub fn run(o: &DemoOptions) -> Result<()> {
             Selection::for_manifest(manifest.averaging.keep_normalization_local),
         )?,
         nodes,
+        privacy_delta: medmesh_protocol::accounting::Budget::for_manifest(&manifest)
+            .map(|b| b.delta),
         manifest_hash: digest,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
@@ -543,6 +569,18 @@ fn table(r: &Report) -> String {
         r.mean.local_only,
         r.mean.pooled,
     ));
+    let spent: Vec<String> = r
+        .nodes
+        .iter()
+        .filter_map(|n| n.privacy_epsilon.map(|e| format!("{} {e:.3}", n.site)))
+        .collect();
+    if !spent.is_empty() {
+        out.push_str(&format!(
+            "differential privacy: epsilon spent by each site's releases (delta {:e}): {}\n",
+            r.privacy_delta.unwrap_or(DEFAULT_DELTA),
+            spent.join(", ")
+        ));
+    }
     out.push_str(&format!(
         "consensus distance {:.2e}, {:.0} s\n",
         r.consensus_distance, r.wall_seconds

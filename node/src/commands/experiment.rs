@@ -87,5 +87,18 @@ fn print_summary(m: &Manifest) {
     if !methods.is_empty() {
         println!("  non-IID methods: {}", methods.join(", "));
     }
+    if let Some(b) = medmesh_protocol::accounting::Budget::for_manifest(m) {
+        let rounds = u64::from(m.averaging.rounds);
+        println!(
+            "  differential privacy: clip norm {}, noise multiplier {}; {rounds} rounds spend epsilon {:.3} at delta {:e} per site{}",
+            m.privacy.clip_norm.unwrap_or_default(),
+            b.noise_multiplier,
+            b.spent(rounds),
+            b.delta,
+            b.target_epsilon
+                .map(|t| format!(" (target {t})"))
+                .unwrap_or_default()
+        );
+    }
     println!("  digest {}", hex::encode(m.digest()));
 }

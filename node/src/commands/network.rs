@@ -94,6 +94,7 @@ fn progress_json(client: &Client, p: &SignedProgress) -> serde_json::Value {
         "peers_averaged": r.peers_averaged,
         "finished": r.finished,
         "stop_after": r.stop_after,
+        "privacy_epsilon": r.privacy_epsilon,
         "unix_ms": r.unix_ms,
     })
 }
@@ -103,9 +104,27 @@ pub fn status_table(client: &Client, records: &[SignedProgress]) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    // The privacy column, where a site reports what its releases spent.
+    let private = records.iter().any(|p| p.record.privacy_epsilon.is_some());
+    let epsilon = |e: Option<f64>| match (private, e) {
+        (false, _) => String::new(),
+        (true, Some(e)) => format!(" {e:>7.3}"),
+        (true, None) => format!(" {:>7}", "-"),
+    };
     let mut out = format!(
-        "{:<24} {:<18} {:>5} {:>8} {:>6} {:>6}  {}\n",
-        "experiment", "site", "round", "loss", "metric", "peers", "last seen"
+        "{:<24} {:<18} {:>5} {:>8} {:>6} {:>6}{}  {}\n",
+        "experiment",
+        "site",
+        "round",
+        "loss",
+        "metric",
+        "peers",
+        if private {
+            format!(" {:>7}", "epsilon")
+        } else {
+            String::new()
+        },
+        "last seen"
     );
     for p in records {
         let r = &p.record;
@@ -117,13 +136,14 @@ pub fn status_table(client: &Client, records: &[SignedProgress]) -> String {
         let seen = now.saturating_sub(r.unix_ms) / 1000;
         let state = if r.finished { " (finished)" } else { "" };
         out.push_str(&format!(
-            "{:<24} {:<18} {:>5} {:>8} {:>6.3} {:>6}  {seen} s ago{state}\n",
+            "{:<24} {:<18} {:>5} {:>8} {:>6.3} {:>6}{}  {seen} s ago{state}\n",
             r.experiment_id,
             client.site(&r.node),
             r.round,
             loss,
             r.metric,
             r.peers_averaged,
+            epsilon(r.privacy_epsilon),
         ));
     }
     if records.is_empty() {
@@ -155,6 +175,12 @@ pub fn export(c: &Connect, experiment: &str, out: &Path) -> Result<()> {
             p.final_metric,
             p.node
         );
+        if let Some(dp) = p.privacy {
+            println!(
+                "the exporting site's {} privacy releases spent epsilon {:.3} at delta {:e} (noise multiplier {}, clip norm {})",
+                dp.releases, dp.epsilon, dp.delta, dp.noise_multiplier, dp.clip_norm
+            );
+        }
         Ok(())
     })
 }

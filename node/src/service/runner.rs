@@ -26,7 +26,7 @@ use medmesh_training::params::{self, Selection};
 use medmesh_training::{DeviceSpec, Trainer, atomic_file, checkpoint, export};
 
 use super::exchange::{FetchError, Want, fetch_update};
-use super::privacy::Privatizer;
+use super::privacy::{Privatizer, Release};
 use super::round::{self, Received, RoundNet, RoundView};
 use super::store::{self, RunnerState};
 use super::{Node, Served};
@@ -67,7 +67,8 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let data = site_data::load(&dataset.path, m)?;
     let device = node.config.node.device.parse::<DeviceSpec>()?.device()?;
     let ckpt = dir.join("checkpoint.bin");
-    for file in [&ckpt, &dir.join("progress.json")] {
+    let ledger = dir.join("privacy-ledger.bin");
+    for file in [&ckpt, &dir.join("progress.json"), &ledger] {
         match atomic_file::remove_leftovers(file) {
             Ok(0) => {}
             Ok(n) => tracing::info!(
@@ -135,23 +136,29 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let stop_rule = StopRule::from_manifest(m);
     let mut last = (f32::NAN, state.dice_initial.unwrap_or(0.0));
     let mut last_metric = last.1;
-    // Releases start from the initial model, which every member derives from the seed. A
-    // site that restarts starts from it again: still public, only less accurate.
+    // Releases start from the initial model, which every member derives from the seed; the
+    // ledger carries the count and the last release across restarts.
     let mut privatizer = match m.privacy.clip_norm {
         Some(_) => {
             let initial = Trainer::new(m, device.clone()).weights(selection);
-            Privatizer::for_manifest(m, initial).context("seeding the privacy noise from the OS")?
+            Privatizer::for_manifest(m, initial, &ledger)?
         }
         None => None,
     };
     if let Some(p) = &privatizer {
+        let spent = p.spent();
         tracing::info!(
             experiment = %m.id,
             clip_norm = m.privacy.clip_norm,
             noise_sigma = p.sigma(),
+            releases = p.releases(),
+            epsilon = spent.map(|s| s.epsilon),
+            target_epsilon = m.privacy.target_epsilon,
             "updates leave this site clipped and with Gaussian noise"
         );
+        state.privacy = spent;
     }
+    let mut budget_spent_told = false;
     let manifest_rounds = rules.training_rounds;
     let mut mass = state.mass.unwrap_or(sample_weight);
     // Push-sum shares owed to this site that missed their round: fetched (and their mass
@@ -209,12 +216,35 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         let local = trainer.weights(selection);
         let shared = match privatizer.as_mut() {
             Some(p) if trains => {
-                let (shared, factor) = p.release(&local);
-                tracing::debug!(
-                    round,
-                    clip_factor = factor,
-                    "privatized this round's update"
-                );
+                let shared = match p.release(&local) {
+                    Ok(Release::Fresh(shared, factor)) => {
+                        tracing::debug!(
+                            round,
+                            clip_factor = factor,
+                            "privatized this round's update"
+                        );
+                        shared
+                    }
+                    Ok(Release::Spent(last)) => {
+                        if !std::mem::replace(&mut budget_spent_told, true) {
+                            let s = p.spent();
+                            tracing::warn!(
+                                experiment = %m.id,
+                                round,
+                                releases = p.releases(),
+                                epsilon = s.map(|s| s.epsilon),
+                                target_epsilon = m.privacy.target_epsilon,
+                                "privacy budget spent: this site publishes nothing new and serves its last release again"
+                            );
+                        }
+                        last
+                    }
+                    Err(e) => {
+                        tracing::error!(experiment = %m.id, round, "{e}; this round serves the last release again");
+                        p.last_release().to_vec()
+                    }
+                };
+                state.privacy = p.spent();
                 Some(shared)
             }
             _ => None,
@@ -700,6 +730,7 @@ impl Reporter<'_> {
             peers_averaged,
             finished,
             stop_after: state.stop_after,
+            privacy_epsilon: state.privacy.map(|p| p.epsilon),
             unix_ms: unix_ms(),
         };
         let signed = SignedProgress::sign(record, &node.identity);
@@ -743,6 +774,7 @@ fn export_results(
         final_metric: metric,
         final_loss: loss,
         model_hash: *blake3::hash(&model).as_bytes(),
+        privacy: state.privacy,
         unix_ms: unix_ms(),
     };
     let signed = SignedProvenance::sign(provenance, &node.identity);

@@ -75,6 +75,9 @@ pub struct RunnerState {
     /// The metric of the personalized (locally fine-tuned) model, once made.
     #[serde(default)]
     pub personalized_metric: Option<f32>,
+    /// What this site's privacy releases have spent (with privacy noise on).
+    #[serde(default)]
+    pub privacy: Option<medmesh_protocol::provenance::PrivacySpent>,
 }
 
 impl RunnerState {
