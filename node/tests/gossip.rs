@@ -252,6 +252,31 @@ fn epidemic_ends_in_agreement() {
     ends_in_agreement(Scheme::Epidemic, 49760);
 }
 
+/// Random groups of three among six sites: every member pulls its two group mates a
+/// training round, whatever the consortium's size, and all end on the same model.
+#[test]
+fn group_average_ends_in_agreement() {
+    let sites = 6;
+    let mut m = manifest(Scheme::GroupAverage, None, ROUNDS);
+    m.averaging.group_size = Some(3);
+    m.averaging.min_peers = 2;
+    m.validate().unwrap();
+    let out = run_consortium(&m, sites, 50800);
+    assert!(out.distance <= 0.01, "{}", out.distance);
+    assert_eq!(out.trained, vec![u64::from(ROUNDS); sites]);
+    for (i, (_, received)) in out.bytes.iter().enumerate() {
+        let per_round = received / out.rounds / out.model_bytes;
+        assert!(
+            per_round > 0.3 && per_round < 2.5,
+            "site {} received {per_round:.2} models a round",
+            i + 1
+        );
+    }
+    for r in &out.last {
+        assert!(r.finished, "{r:?}");
+    }
+}
+
 /// A stop rule met at a site ends training at every site after the same round, without a
 /// coordinator: here `stop.target_metric` on IoU, low enough that sites meet it within the
 /// first rounds and announce the end two rounds later, out of 12.

@@ -161,6 +161,9 @@ pub enum Scheme {
     MetropolisHastings,
     /// Epidemic push to `fanout` random peers per round.
     Epidemic,
+    /// Random groups of `group_size` each round; every member takes its group's weighted
+    /// mean (random group averaging, as in Moshpit SGD).
+    GroupAverage,
 }
 
 impl Scheme {
@@ -171,6 +174,7 @@ impl Scheme {
             Self::PushSum => "push-sum",
             Self::MetropolisHastings => "metropolis-hastings",
             Self::Epidemic => "epidemic",
+            Self::GroupAverage => "group-average",
         }
     }
 
@@ -184,15 +188,16 @@ impl Scheme {
     /// Whether received models combine by `averaging.aggregation`. Pairwise gossip and
     /// push-sum average by mass (that is what preserves the mean), so only `mean` applies.
     pub fn takes_aggregation(self) -> bool {
-        self.takes_fanout()
+        self.takes_fanout() || self == Self::GroupAverage
     }
 
     /// Every scheme, in a fixed order.
-    pub const ALL: [Scheme; 4] = [
+    pub const ALL: [Scheme; 5] = [
         Self::PairwiseGossip,
         Self::PushSum,
         Self::MetropolisHastings,
         Self::Epidemic,
+        Self::GroupAverage,
     ];
 }
 
@@ -244,6 +249,10 @@ pub struct Averaging {
     /// (default 2). Refused by the schemes that talk to one peer a round.
     #[serde(default)]
     pub fanout: Option<u32>,
+    /// Members of each round's groups under `group-average` (default 4; 2 to 64). Refused
+    /// by the other schemes.
+    #[serde(default)]
+    pub group_size: Option<u32>,
     /// Communication rounds.
     pub rounds: u32,
     /// Seconds to wait for peers each round before going on without them.
@@ -624,6 +633,16 @@ impl Manifest {
             ),
             _ => {}
         }
+        match (av.scheme, av.group_size) {
+            (Scheme::GroupAverage, Some(k)) if !(2..=64).contains(&k) => {
+                bad("averaging.group_size", format!("{k} must be 2 to 64"))
+            }
+            (s, Some(_)) if s != Scheme::GroupAverage => bad(
+                "averaging.group_size",
+                format!("only group-average forms groups, not {}", s.as_str()),
+            ),
+            _ => {}
+        }
         if !(1..=10_000).contains(&av.rounds) {
             bad(
                 "averaging.rounds",
@@ -641,6 +660,10 @@ impl Manifest {
                 .fanout
                 .unwrap_or(crate::round::DEFAULT_MIXING_DEGREE as u32),
             Scheme::Epidemic => av.fanout.unwrap_or(1),
+            Scheme::GroupAverage => av
+                .group_size
+                .unwrap_or(crate::round::DEFAULT_GROUP_SIZE as u32)
+                .saturating_sub(1),
             Scheme::PairwiseGossip | Scheme::PushSum => 1,
         };
         if av.min_peers > peers_a_round {
@@ -657,7 +680,7 @@ impl Manifest {
             bad(
                 "averaging.aggregation",
                 format!(
-                    "{} averages two models by their weights; only \"mean\" applies (robust rules need metropolis-hastings or epidemic)",
+                    "{} averages two models by their weights; only \"mean\" applies (robust rules need metropolis-hastings, epidemic or group-average)",
                     av.scheme.as_str()
                 ),
             );

@@ -40,6 +40,9 @@ use crate::robust::{clip_towards, coordinate_median, trim_count, trimmed_mean};
 /// Random matchings per round of `metropolis-hastings` when the manifest names no fanout.
 pub const DEFAULT_MIXING_DEGREE: usize = 2;
 
+/// Members of a `group-average` group when the manifest names no `group_size`.
+pub const DEFAULT_GROUP_SIZE: usize = 4;
+
 /// The random stream the round graphs are drawn from (apart from every other use of the
 /// seed, such as weight initialization and data shuffling).
 const GRAPH_STREAM: u64 = 0x6055_1900_0000_0000;
@@ -54,6 +57,8 @@ pub struct RoundRules {
     /// Peers a round: pushes per site (epidemic), or random matchings in the union (MH; a
     /// fanout of at least the overlay's largest degree takes the whole overlay every round).
     pub fanout: usize,
+    /// Members per group (`group-average`).
+    pub group_size: usize,
     /// How received models combine where the scheme aggregates (MH, epidemic).
     pub aggregation: Aggregation,
     /// Fraction trimmed at each end by the trimmed mean.
@@ -180,6 +185,9 @@ pub enum Shape {
     PushSum,
     /// Epidemic: each site pushes to `fanout` sites; receivers aggregate by the rule.
     Spread,
+    /// Random groups: every member pulls every other member of its group, and all take the
+    /// group's weighted mean (or its robust aggregate).
+    Group,
     /// First reduce step: sites beyond the largest power of two hand their model and mass in.
     Fold,
     /// Last reduce step: those sites take the result back.
@@ -307,11 +315,13 @@ impl RoundRules {
             Scheme::PairwiseGossip | Scheme::PushSum => 1,
             Scheme::MetropolisHastings => av.fanout.map_or(DEFAULT_MIXING_DEGREE, |f| f as usize),
             Scheme::Epidemic => av.fanout.map_or(1, |f| f as usize),
+            Scheme::GroupAverage => 1,
         };
         Self {
             scheme: av.scheme,
             seed: m.training.seed,
             fanout,
+            group_size: av.group_size.map_or(DEFAULT_GROUP_SIZE, |k| k as usize),
             aggregation: av.aggregation,
             trim_fraction: av.trim_fraction.unwrap_or(0.0),
             clip_norm: av.clip_norm,
@@ -338,7 +348,7 @@ impl RoundRules {
     /// every member's together, since each step conserves the total.
     pub fn weight_bound(&self, shape: Shape, members: usize) -> f64 {
         match shape {
-            Shape::Pairs { reduce: false } | Shape::Mixing | Shape::Spread => {
+            Shape::Pairs { reduce: false } | Shape::Mixing | Shape::Spread | Shape::Group => {
                 self.max_sample_weight
             }
             Shape::Pairs { reduce: true } | Shape::PushSum | Shape::Fold | Shape::Unfold => {
@@ -447,7 +457,29 @@ impl RoundRules {
                 }
                 g.finish()
             }
+            Scheme::GroupAverage => {
+                let mut g = RoundGraph::empty(round, Shape::Group, n);
+                for group in groups(overlay, self.group_size, &mut rng) {
+                    for &i in &group {
+                        for &j in &group {
+                            if i != j {
+                                g.add_edge(j, i);
+                            }
+                        }
+                    }
+                }
+                g.finish()
+            }
         }
+    }
+
+    /// `me`'s group in a `group-average` round (its sources and itself), in ascending member
+    /// order: the same list at every member of the group.
+    pub fn group_of(&self, graph: &RoundGraph, me: usize) -> Vec<usize> {
+        let mut group = graph.sources(me).to_vec();
+        group.push(me);
+        group.sort_unstable();
+        group
     }
 
     /// The mass `me` keeps and the mass each share it serves carries, from its mass before
@@ -515,6 +547,8 @@ impl RoundRules {
                 (Weights::Metropolis, own_weight)
             }
             Shape::Mixing | Shape::Spread => (Weights::Rule, own_weight),
+            Shape::Group if self.aggregation == Aggregation::Mean => (Weights::Mass, own_weight),
+            Shape::Group => (Weights::Rule, own_weight),
             Shape::Unfold => unreachable!("handled above"),
         };
         let mut inputs: Vec<(&[f32], f64)> = Vec::with_capacity(incoming.len() + 1);
@@ -593,6 +627,63 @@ pub fn aggregate(
     }
 }
 
+/// A random partition of `overlay`'s members into groups of up to `k` whose members can all
+/// reach each other. On the complete overlay: shuffled, cut into groups of `k`, and a
+/// remainder below `min(k, 3)` joins the last full group (so no group is smaller than the
+/// smallest that secure aggregation takes, when there are enough members). On a restricted
+/// overlay: greedily, each unassigned member in random order taking random unassigned
+/// neighbours that reach every member taken so far.
+fn groups(overlay: Overlay<'_>, k: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    let n = overlay.len();
+    let k = k.max(2);
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    match overlay {
+        Overlay::Complete(_) => {
+            for chunk in order.chunks(k) {
+                out.push(chunk.to_vec());
+            }
+            if out.len() > 1 && out.last().is_some_and(|g| g.len() < k.min(3)) {
+                let rest = out.pop().unwrap_or_default();
+                if let Some(last) = out.last_mut() {
+                    last.extend(rest);
+                }
+            }
+        }
+        Overlay::Restricted(adj) => {
+            let mut taken = vec![false; n];
+            for &i in &order {
+                if taken[i] {
+                    continue;
+                }
+                taken[i] = true;
+                let mut group = vec![i];
+                let mut free: Vec<usize> = adj[i]
+                    .iter()
+                    .copied()
+                    .filter(|&j| j != i && !taken[j])
+                    .collect();
+                rng.shuffle(&mut free);
+                for j in free {
+                    if group.len() == k {
+                        break;
+                    }
+                    if group.iter().all(|&g| adj[j].contains(&g)) {
+                        taken[j] = true;
+                        group.push(j);
+                    }
+                }
+                out.push(group);
+            }
+        }
+    }
+    for g in &mut out {
+        g.sort_unstable();
+    }
+    out
+}
+
 /// A random maximal matching of `overlay`: `partner[i]`.
 fn matching(overlay: Overlay<'_>, rng: &mut Rng) -> Vec<Option<usize>> {
     let n = overlay.len();
@@ -669,6 +760,7 @@ mod tests {
             scheme,
             seed: 11,
             fanout,
+            group_size: 3,
             aggregation: Aggregation::Mean,
             trim_fraction: 0.0,
             clip_norm: None,
@@ -770,7 +862,7 @@ mod tests {
         fn every_conservative_scheme_preserves_the_weighted_mean(
             n in 2usize..20,
             seed in any::<u64>(),
-            scheme in prop_oneof![Just(Scheme::PairwiseGossip), Just(Scheme::MetropolisHastings), Just(Scheme::PushSum)],
+            scheme in prop_oneof![Just(Scheme::PairwiseGossip), Just(Scheme::MetropolisHastings), Just(Scheme::PushSum), Just(Scheme::GroupAverage)],
             fanout in 1usize..4,
         ) {
             let mut r = rules(scheme, if scheme == Scheme::MetropolisHastings { fanout } else { 1 });
@@ -819,6 +911,8 @@ mod tests {
             (Scheme::MetropolisHastings, 2),
             (Scheme::PushSum, 1),
             (Scheme::Epidemic, 2),
+            // Groups of three: two pulls each (a leftover member makes one group of four).
+            (Scheme::GroupAverage, 3),
         ] {
             let r = rules(scheme, fanout);
             let n = 64;
@@ -840,6 +934,95 @@ mod tests {
                 step(&r, round, &mut xs, &mut mass);
             }
             assert_eq!(spread(&xs), 0.0, "{scheme:?}");
+        }
+    }
+
+    #[test]
+    fn groups_partition_the_members_and_agree_on_their_mean() {
+        for (n, k) in [
+            (3, 3),
+            (4, 3),
+            (5, 3),
+            (7, 4),
+            (10, 4),
+            (13, 5),
+            (2, 4),
+            (64, 8),
+        ] {
+            let mut r = rules(Scheme::GroupAverage, 1);
+            r.group_size = k;
+            for round in 1..6 {
+                let g = r.graph(round, Overlay::Complete(n));
+                assert_eq!(g.shape(), Shape::Group);
+                let mut distinct: Vec<Vec<usize>> = Vec::new();
+                for i in 0..n {
+                    let group = r.group_of(&g, i);
+                    // Every member of a group names the same group.
+                    for &j in &group {
+                        assert_eq!(r.group_of(&g, j), group, "n {n} k {k}: {i} vs {j}");
+                    }
+                    assert!(group.len() <= k + 2, "n {n} k {k}: {group:?}");
+                    assert!(group.len() >= k.min(3).min(n), "n {n} k {k}: {group:?}");
+                    if !distinct.contains(&group) {
+                        distinct.push(group);
+                    }
+                }
+                // A partition: the distinct groups hold every member once.
+                let mut all: Vec<usize> = distinct.concat();
+                all.sort_unstable();
+                assert_eq!(all, (0..n).collect::<Vec<_>>());
+                assert!(
+                    (0..n).all(|i| g.sources(i) == g.sinks(i)),
+                    "pulls go both ways"
+                );
+            }
+        }
+        // Every member of a group merges to the same bits.
+        let r = rules(Scheme::GroupAverage, 1);
+        let g = r.graph(1, Overlay::Complete(6));
+        let xs: Vec<Vec<f32>> = (0..6)
+            .map(|i| vec![i as f32, 1.0 / (i + 1) as f32])
+            .collect();
+        let group = r.group_of(&g, 0);
+        let outs: Vec<Vec<f32>> = group
+            .iter()
+            .map(|&i| {
+                let mut inc: Vec<Incoming<'_>> = group
+                    .iter()
+                    .filter(|&&j| j != i)
+                    .map(|&j| Incoming {
+                        member: j,
+                        values: Cow::Borrowed(&xs[j]),
+                        weight: 1.0 + j as f64,
+                    })
+                    .collect();
+                let mut out = vec![0.0; 2];
+                r.combine(&g, i, &xs[i], 1.0 + i as f64, &mut inc, &mut out)
+                    .unwrap();
+                out
+            })
+            .collect();
+        assert!(outs.windows(2).all(|w| w[0] == w[1]), "{outs:?}");
+        // On a restricted overlay a group is a clique of it.
+        let adj: Vec<Vec<usize>> = (0..12)
+            .map(|i| {
+                (0..12)
+                    .filter(|&j| j != i && (i / 4 == j / 4 || (i + j) % 5 == 0))
+                    .collect()
+            })
+            .collect();
+        let mut r = rules(Scheme::GroupAverage, 1);
+        r.group_size = 4;
+        for round in 1..8 {
+            let g = r.graph(round, Overlay::Restricted(&adj));
+            for i in 0..12 {
+                let group = r.group_of(&g, i);
+                for &a in &group {
+                    for &b in &group {
+                        assert!(a == b || adj[a].contains(&b), "{group:?}");
+                    }
+                }
+            }
         }
     }
 

@@ -125,6 +125,7 @@ pub fn variant_rules(
             scheme,
             seed: s.seed,
             fanout: s.fanout,
+            group_size: s.group_size,
             aggregation,
             trim_fraction: s.byzantine.trim_fraction,
             clip_norm: None,
@@ -145,6 +146,7 @@ pub fn variant_manifest(
     m.averaging.scheme = scheme;
     m.averaging.aggregation = aggregation;
     m.averaging.fanout = scheme.takes_fanout().then_some(s.fanout as u32);
+    m.averaging.group_size = (scheme == Scheme::GroupAverage).then_some(s.group_size as u32);
     m.averaging.trim_fraction =
         (aggregation == Aggregation::TrimmedMean).then_some(s.byzantine.trim_fraction);
     m.validate()

@@ -176,6 +176,7 @@ mod tests {
             scheme,
             seed: 1,
             fanout: 2,
+            group_size: 3,
             aggregation: Aggregation::Mean,
             trim_fraction: 0.2,
             clip_norm: None,
@@ -225,6 +226,7 @@ mod tests {
             Scheme::PairwiseGossip,
             Scheme::PushSum,
             Scheme::MetropolisHastings,
+            Scheme::GroupAverage,
         ] {
             let mut a = Arena::new(&init);
             run(

@@ -32,6 +32,10 @@ pub struct Scenario {
     /// topology's largest degree: the whole topology, every round).
     #[serde(default = "default_fanout")]
     pub fanout: usize,
+    /// Members of each round's groups under `group-average`, as a manifest's
+    /// `averaging.group_size`.
+    #[serde(default = "default_group_size")]
+    pub group_size: usize,
     /// The graph the gossip schemes draw each round's edges from (`complete`: as the nodes,
     /// who can reach every member through the DHT).
     pub topology: Topology,
@@ -54,6 +58,10 @@ pub struct Scenario {
 
 fn default_fanout() -> usize {
     2
+}
+
+fn default_group_size() -> usize {
+    medmesh_protocol::round::DEFAULT_GROUP_SIZE
 }
 
 fn default_aggregations() -> Vec<Aggregation> {
@@ -520,6 +528,9 @@ impl Scenario {
                 "fanout",
                 format!("must be 1 to {}", self.nodes - 1),
             ));
+        }
+        if !(2..=64).contains(&self.group_size) {
+            return Err(invalid("group_size", "must be 2 to 64"));
         }
         if self.aggregations.is_empty() {
             return Err(invalid("aggregations", "name at least one rule"));

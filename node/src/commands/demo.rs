@@ -51,7 +51,7 @@ pub struct DemoOptions {
     #[arg(long)]
     pub local_steps: Option<u32>,
     /// Override the manifest's averaging scheme: pairwise-gossip, push-sum,
-    /// metropolis-hastings or epidemic.
+    /// metropolis-hastings, epidemic or group-average.
     #[arg(long)]
     pub scheme: Option<Scheme>,
     /// Train with differential privacy: the noise with which each site's releases over the

@@ -253,6 +253,7 @@ mod tests {
             scheme,
             seed: 3,
             fanout: 2,
+            group_size: 3,
             aggregation: Aggregation::Mean,
             trim_fraction: 0.0,
             clip_norm: None,
