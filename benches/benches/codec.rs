@@ -22,6 +22,7 @@ fn header(layout: &ParamLayout, sender: &Identity) -> UpdateHeader {
         experiment_id: "bench".into(),
         manifest_digest: [7; 32],
         round: 1,
+        attempt: 0,
         sender: sender.public_key(),
         layout_digest: layout.digest(),
         num_params: layout.num_params(),

@@ -36,6 +36,7 @@ fn header(layout: &ParamLayout, sender: &Identity, digest: [u8; 32]) -> UpdateHe
         experiment_id: "bench".into(),
         manifest_digest: digest,
         round: 1,
+        attempt: 0,
         sender: sender.public_key(),
         layout_digest: layout.digest(),
         num_params: layout.num_params(),

@@ -29,10 +29,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    let encoding = match selector % 3 {
+    let encoding = match selector % 4 {
         0 => WeightEncoding::F32,
         1 => WeightEncoding::F16,
-        _ => WeightEncoding::Int8,
+        2 => WeightEncoding::Int8,
+        _ => WeightEncoding::Masked,
     };
     let expect = UpdateExpectation {
         experiment_id: "fuzz",
@@ -60,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
         experiment_id: "fuzz".into(),
         manifest_digest: digest,
         round: 1,
+        attempt: 0,
         sender: sender.public_key(),
         layout_digest: layout.digest(),
         num_params: layout.num_params(),

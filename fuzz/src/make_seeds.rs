@@ -85,6 +85,7 @@ fn main() {
         experiment_id: manifest.id.clone(),
         manifest_digest: manifest.digest(),
         round: 4,
+        attempt: 0,
         sender: node.public_key(),
         layout_digest: [3; 32],
         num_params: 8,
@@ -123,10 +124,12 @@ fn main() {
         Request::Update(UpdateRequest::Offer {
             experiment_id: manifest.id.clone(),
             round: Some(4),
+            attempt: 0,
         }),
         Request::Update(UpdateRequest::Chunk {
             experiment_id: manifest.id.clone(),
             round: 4,
+            attempt: 0,
             offset: 4096,
         }),
         Request::Update(UpdateRequest::Exchange {
@@ -198,6 +201,7 @@ fn main() {
         WeightEncoding::F32,
         WeightEncoding::F16,
         WeightEncoding::Int8,
+        WeightEncoding::Masked,
     ]
     .into_iter()
     .enumerate()

@@ -155,7 +155,8 @@ impl LocalConsortium {
 
     /// What node `from` offers its peers for round `round` of `m`, fetched off the wire as
     /// a peer fetches it, with site `as_site`'s key: the signed envelope and the weights of
-    /// the manifest's shared layout (without normalization layers under FedBN).
+    /// the manifest's shared layout (without normalization layers under FedBN), decoded by
+    /// the encoding the envelope names (a masked upload's residues read as fixed point).
     pub async fn fetch_offered_update(
         &self,
         m: &Manifest,
@@ -173,6 +174,7 @@ impl LocalConsortium {
         let query = Request::Update(UpdateRequest::Offer {
             experiment_id: m.id.clone(),
             round: Some(round),
+            attempt: 0,
         });
         let answer = member.network().request(member.peer(), query).await?;
         let Response::Update(UpdateAnswer::Offer(envelope)) = answer else {
@@ -189,7 +191,7 @@ impl LocalConsortium {
             experiment_id: &m.id,
             manifest_digest: &digest,
             layout: &layout,
-            encoding: m.averaging.encoding,
+            encoding: envelope.header.encoding,
         };
         let values =
             crate::service::exchange::download(member.network(), member.peer(), &envelope, &expect)

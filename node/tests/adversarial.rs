@@ -510,10 +510,12 @@ fn ask_each_kind(
         update(UpdateRequest::Offer {
             experiment_id: id.into(),
             round: Some(2),
+            attempt: 0,
         }),
         update(UpdateRequest::Chunk {
             experiment_id: id.into(),
             round: 2,
+            attempt: 0,
             offset: 0,
         }),
         update(UpdateRequest::Exchange {

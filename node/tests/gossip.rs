@@ -79,13 +79,21 @@ struct Ran {
     connections: Vec<(f64, f64)>,
 }
 
-fn run_experiment(
+/// `sites` node processes in `dir`, their data written by `prepare`, meshed, and `m`
+/// submitted through the researcher's client at site `sites / 2` (returned).
+fn start_experiment(
     dir: &Path,
     m: &Manifest,
     sites: usize,
     port: u16,
     prepare: impl FnOnce(&LocalConsortium),
-) -> Ran {
+) -> (
+    LocalConsortium,
+    Nodes,
+    tokio::runtime::Runtime,
+    Vec<String>,
+    Client,
+) {
     let c = LocalConsortium::create(dir, sites, port).unwrap();
     prepare(&c);
     let mut nodes = Nodes(Vec::new());
@@ -99,6 +107,17 @@ fn run_experiment(
     let client = researcher(&c, &rt, sites / 2);
     rt.block_on(client.submit(SignedManifest::sign(m.clone(), &c.researcher)))
         .unwrap();
+    (c, nodes, rt, metrics, client)
+}
+
+fn run_experiment(
+    dir: &Path,
+    m: &Manifest,
+    sites: usize,
+    port: u16,
+    prepare: impl FnOnce(&LocalConsortium),
+) -> Ran {
+    let (c, nodes, rt, metrics, client) = start_experiment(dir, m, sites, port, prepare);
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut samples = vec![Vec::new(); sites];
     loop {
@@ -275,6 +294,95 @@ fn group_average_ends_in_agreement() {
     for r in &out.last {
         assert!(r.finished, "{r:?}");
     }
+}
+
+/// Secure aggregation in real nodes: four sites, one group of four. What a site serves is
+/// masked (its residues uniform, not its weights); the group's mean is exact, so members end
+/// on the same bits; and when a site dies mid-run the other three redo without it and
+/// finish.
+#[test]
+fn secure_aggregation_hides_uploads_and_survives_a_drop_out() {
+    let sites = 4;
+    let rounds = 8;
+    let mut m = manifest(Scheme::GroupAverage, None, rounds);
+    m.id = "gossip-secure".into();
+    m.averaging.group_size = Some(4);
+    m.averaging.secure_aggregation = true;
+    m.averaging.round_timeout_secs = 15;
+    m.validate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (c, mut nodes, rt, _, client) = start_experiment(dir.path(), &m, sites, 50820, |c| {
+        c.prepare_data(8, 32, 4).unwrap();
+    });
+    let status = || rt.block_on(client.status(Some(&m.id))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // Two rounds with all four, then site 4 goes down.
+    while !(status().len() == sites && status().iter().all(|p| p.record.round >= 2)) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}\n{}",
+            status(),
+            logs(&c, sites)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let averaged_by_all = status().iter().all(|p| p.record.peers_averaged == 3);
+    nodes.0[3].kill().unwrap();
+    nodes.0[3].wait().unwrap();
+    let gone = c.sites[3].public_key();
+    loop {
+        let records = status();
+        let alive: Vec<_> = records.iter().filter(|p| p.record.node != gone).collect();
+        if alive.len() == 3 && alive.iter().all(|p| p.record.finished) {
+            for p in alive {
+                assert_eq!(p.record.round, u64::from(rounds), "{p:?}");
+                assert_eq!(
+                    p.record.peers_averaged, 0,
+                    "a finished record averages nothing"
+                );
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{records:?}\n{}",
+            logs(&c, sites)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        averaged_by_all,
+        "all four averaged with three peers before the drop-out"
+    );
+    let log = std::fs::read_to_string(c.node_dir(0).join("node.log")).unwrap();
+    assert!(
+        log.contains("secure aggregation: redoing the round without group members"),
+        "{}",
+        logs(&c, sites)
+    );
+    // The three took the same group means: the same model, to the bit.
+    let mut models = Vec::new();
+    for i in 0..3 {
+        let (model, _) = rt.block_on(researcher(&c, &rt, i).export(&m.id)).unwrap();
+        let path = dir.path().join(format!("model-{i}.safetensors"));
+        std::fs::write(&path, model).unwrap();
+        models.push(path);
+    }
+    let distance =
+        local::consensus_distance(&models, medmesh_training::params::Selection::All).unwrap();
+    assert_eq!(distance, 0.0);
+    // What site 1 served in the last round, fetched with site 2's key: masked residues,
+    // uniform over 2^64, nothing like weights.
+    let (envelope, values) = rt
+        .block_on(c.fetch_offered_update(&m, 0, 1, u64::from(rounds)))
+        .unwrap();
+    assert_eq!(
+        envelope.header.encoding,
+        medmesh_protocol::WeightEncoding::Masked
+    );
+    let big = values.iter().filter(|v| v.abs() > 1e6).count() as f64 / values.len() as f64;
+    assert!(big > 0.99, "{big} of the values look like masks");
+    drop(nodes);
 }
 
 /// A stop rule met at a site ends training at every site after the same round, without a

@@ -48,6 +48,7 @@ async fn fetch_with(port: u16, faults: Vec<(u64, Fault)>) -> Result<Vec<f32>, Fe
         experiment_id: "t".into(),
         manifest_digest: digest,
         round: 2,
+        attempt: 0,
         sender: pair.server_identity.public_key(),
         layout_digest: layout.digest(),
         num_params: layout.num_params(),

@@ -88,6 +88,7 @@ async fn measure(port: u16, params: usize) -> f64 {
         experiment_id: "mem".into(),
         manifest_digest: digest,
         round: 1,
+        attempt: 0,
         sender: pair.server_identity.public_key(),
         layout_digest: layout.digest(),
         num_params: layout.num_params(),

@@ -22,6 +22,11 @@ pub enum WeightEncoding {
     /// 1 byte per value: symmetric int8 with one f32 scale per [`INT8_BLOCK`] values.
     /// Layout: all scales (little-endian f32) first, then all quantized values.
     Int8,
+    /// 8 bytes per value: little-endian u64 residues modulo 2^64 of signed fixed point with
+    /// [`crate::secagg::FRACTION_BITS`] fractional bits. Secure aggregation sends its
+    /// masked uploads so ([`crate::secagg`]); a manifest does not choose it. Encoding f32
+    /// values writes their unmasked residues (saturating).
+    Masked,
 }
 
 /// Why a payload could not be decoded.
@@ -56,6 +61,7 @@ impl WeightEncoding {
             WeightEncoding::F32 => params * 4,
             WeightEncoding::F16 => params * 2,
             WeightEncoding::Int8 => params.div_ceil(INT8_BLOCK as u64) * 4 + params,
+            WeightEncoding::Masked => params * 8,
         }
     }
 
@@ -78,6 +84,13 @@ impl WeightEncoding {
                     .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
             ),
             WeightEncoding::Int8 => encode_int8(values, out),
+            WeightEncoding::Masked => {
+                let residues: Vec<u64> = values
+                    .iter()
+                    .map(|&v| crate::secagg::to_fixed(f64::from(v)))
+                    .collect();
+                out.extend_from_slice(&residue_bytes(&residues));
+            }
         }
     }
 
@@ -114,6 +127,11 @@ impl WeightEncoding {
         match self {
             WeightEncoding::F32 | WeightEncoding::F16 => self.decode_elementwise(payload, out),
             WeightEncoding::Int8 => decode_int8(payload, params as usize, out)?,
+            WeightEncoding::Masked => out.extend(
+                residues(payload)
+                    .into_iter()
+                    .map(|r| crate::secagg::from_fixed(r) as f32),
+            ),
         }
         Ok(())
     }
@@ -130,7 +148,7 @@ impl WeightEncoding {
         match self {
             WeightEncoding::F32 => Some(4),
             WeightEncoding::F16 => Some(2),
-            WeightEncoding::Int8 => None,
+            WeightEncoding::Int8 | WeightEncoding::Masked => None,
         }
     }
 
@@ -149,9 +167,22 @@ impl WeightEncoding {
                     .chunks_exact(2)
                     .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
             ),
-            WeightEncoding::Int8 => {}
+            WeightEncoding::Int8 | WeightEncoding::Masked => {}
         }
     }
+}
+
+/// The payload bytes of `masked` residues (see [`WeightEncoding::Masked`]).
+pub fn residue_bytes(masked: &[u64]) -> Vec<u8> {
+    masked.iter().flat_map(|r| r.to_le_bytes()).collect()
+}
+
+/// The residues of a [`WeightEncoding::Masked`] payload (trailing partial values ignored).
+pub fn residues(payload: &[u8]) -> Vec<u64> {
+    payload
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        .collect()
 }
 
 fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
@@ -207,6 +238,20 @@ fn decode_int8(payload: &[u8], params: usize, out: &mut Vec<f32>) -> Result<(), 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn masked_payloads_are_fixed_point_residues() {
+        let values = [0.0f32, 1.5, -2.25, 1e-7, 3.0e4];
+        let payload = WeightEncoding::Masked.encode(&values);
+        assert_eq!(payload.len() as u64, WeightEncoding::Masked.payload_len(5));
+        assert_eq!(residues(&payload).len(), 5);
+        assert_eq!(residue_bytes(&residues(&payload)), payload);
+        let back = WeightEncoding::Masked.decode(&payload, 5).unwrap();
+        for (a, b) in values.iter().zip(&back) {
+            assert!((a - b).abs() <= 2f32.powi(-24), "{a} vs {b}");
+        }
+        assert_eq!(residues(&payload)[2] as i64, -(9 << 22));
+    }
 
     proptest! {
         #[test]

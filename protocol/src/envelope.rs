@@ -39,6 +39,9 @@ pub struct UpdateHeader {
     pub manifest_digest: [u8; 32],
     /// Communication round.
     pub round: u64,
+    /// The attempt at the round: 0, or a secure-aggregation redo without members whose
+    /// upload did not arrive ([`crate::secagg`]).
+    pub attempt: u32,
     /// The sending node.
     pub sender: PublicKey,
     /// Digest of the [`ParamLayout`] of the payload (names, shapes, dtypes).
@@ -386,8 +389,14 @@ impl PayloadAssembler {
         Ok(())
     }
 
-    /// Checks completeness and the hash, and hands over the decoded weights.
-    pub fn finish(mut self) -> Result<Vec<f32>, UpdateError> {
+    /// Checks completeness and the hash, and hands over the payload's bytes undecoded (for
+    /// encodings without element-wise decoding: int8, masked residues).
+    pub fn finish_raw(self) -> Result<Vec<u8>, UpdateError> {
+        self.check_complete()?;
+        Ok(self.raw)
+    }
+
+    fn check_complete(&self) -> Result<(), UpdateError> {
         if !self.is_complete() {
             return Err(UpdateError::Incomplete {
                 received: self.received,
@@ -397,6 +406,12 @@ impl PayloadAssembler {
         if *self.hasher.finalize().as_bytes() != self.expected_hash {
             return Err(UpdateError::HashMismatch);
         }
+        Ok(())
+    }
+
+    /// Checks completeness and the hash, and hands over the decoded weights.
+    pub fn finish(mut self) -> Result<Vec<f32>, UpdateError> {
+        self.check_complete()?;
         if self.encoding.element_size().is_none() {
             self.encoding
                 .decode_into(&self.raw, self.params, &mut self.values)
@@ -452,6 +467,7 @@ mod tests {
             experiment_id: "exp".into(),
             manifest_digest: [1; 32],
             round: 3,
+            attempt: 0,
             sender: sender.public_key(),
             layout_digest: layout(values.len() as u64).digest(),
             num_params: values.len() as u64,

@@ -274,6 +274,12 @@ pub struct Averaging {
     /// Payload encoding on the wire.
     #[serde(default)]
     pub encoding: WeightEncoding,
+    /// Secure aggregation inside `group-average` groups ([`crate::secagg`]): a site's upload
+    /// is masked so that only its group's sum is revealed. Needs groups of at least 3, the
+    /// mean, no `clip_norm` or `norm_bound` (they inspect single updates) and the f32
+    /// encoding (uploads are 8-byte residues); there is no final exact reduce.
+    #[serde(default)]
+    pub secure_aggregation: bool,
     /// Refuse updates whose distance to the local model exceeds this L2 norm.
     #[serde(default)]
     pub norm_bound: Option<f64>,
@@ -633,6 +639,43 @@ impl Manifest {
             ),
             _ => {}
         }
+        if av.encoding == WeightEncoding::Masked {
+            bad(
+                "averaging.encoding",
+                "\"masked\" is what averaging.secure_aggregation sends; choose f32, f16 or int8"
+                    .into(),
+            );
+        }
+        if av.secure_aggregation {
+            let k = av
+                .group_size
+                .unwrap_or(crate::round::DEFAULT_GROUP_SIZE as u32);
+            let why = if av.scheme != Scheme::GroupAverage {
+                Some(format!(
+                    "masks cancel in a group's sum; {} forms no groups (use group-average)",
+                    av.scheme.as_str()
+                ))
+            } else if (k as usize) < crate::secagg::MIN_GROUP {
+                Some(format!(
+                    "groups of {k} hide nothing (each learns the other from the sum); set averaging.group_size to at least {}",
+                    crate::secagg::MIN_GROUP
+                ))
+            } else if av.aggregation != Aggregation::Mean {
+                Some("only the group's sum is revealed, so only \"mean\" applies".into())
+            } else if av.clip_norm.is_some() || av.norm_bound.is_some() {
+                Some(
+                    "averaging.clip_norm and norm_bound inspect each update, which masking hides"
+                        .into(),
+                )
+            } else if av.encoding != WeightEncoding::F32 {
+                Some("uploads are 8-byte residues; leave averaging.encoding at f32".into())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                bad("averaging.secure_aggregation", why);
+            }
+        }
         match (av.scheme, av.group_size) {
             (Scheme::GroupAverage, Some(k)) if !(2..=64).contains(&k) => {
                 bad("averaging.group_size", format!("{k} must be 2 to 64"))
@@ -948,6 +991,50 @@ mod tests {
         assert!(m.validate().is_ok(), "two matchings a round by default");
         m.averaging.fanout = Some(1);
         assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn secure_aggregation_and_groups_are_refused_where_they_cannot_work() {
+        let mut m = Manifest::parse(QUICKSTART).unwrap();
+        m.averaging.scheme = Scheme::GroupAverage;
+        m.averaging.fanout = None;
+        m.averaging.min_peers = 1;
+        m.averaging.secure_aggregation = true;
+        m.validate().unwrap();
+        assert!(!crate::round::RoundRules::from_manifest(&m).final_reduce);
+        let refused = |m: &Manifest, field: &str, words: &str| {
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(words), "{e}");
+        };
+        let mut x = m.clone();
+        x.averaging.group_size = Some(2);
+        refused(&x, "averaging.secure_aggregation", "hide nothing");
+        let mut x = m.clone();
+        x.averaging.aggregation = Aggregation::Median;
+        refused(&x, "averaging.secure_aggregation", "mean");
+        let mut x = m.clone();
+        x.averaging.norm_bound = Some(10.0);
+        refused(&x, "averaging.secure_aggregation", "masking hides");
+        let mut x = m.clone();
+        x.averaging.encoding = WeightEncoding::F16;
+        refused(&x, "averaging.secure_aggregation", "f32");
+        let mut x = m.clone();
+        x.averaging.scheme = Scheme::PairwiseGossip;
+        x.averaging.group_size = None;
+        refused(&x, "averaging.secure_aggregation", "forms no groups");
+        // Groups only where the scheme forms them; the masked encoding is not a choice.
+        let mut x = m.clone();
+        x.averaging.secure_aggregation = false;
+        x.averaging.scheme = Scheme::MetropolisHastings;
+        x.averaging.group_size = Some(4);
+        refused(&x, "averaging.group_size", "only group-average");
+        let mut x = m.clone();
+        x.averaging.secure_aggregation = false;
+        x.averaging.encoding = WeightEncoding::Masked;
+        refused(&x, "averaging.encoding", "masked");
+        let mut x = m;
+        x.averaging.group_size = Some(65);
+        refused(&x, "averaging.group_size", "2 to 64");
     }
 
     #[test]

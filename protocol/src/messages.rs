@@ -132,6 +132,8 @@ pub enum UpdateRequest {
         experiment_id: String,
         /// The round wanted; `None` for the peer's latest model (late joiners, restarts).
         round: Option<u64>,
+        /// The attempt at the round: 0, or a secure-aggregation redo ([`crate::secagg`]).
+        attempt: u32,
     },
     /// One chunk of an offered payload, from `offset` on (resumption after a drop is a
     /// request with a later offset); answered by [`UpdateAnswer::Chunk`].
@@ -140,6 +142,8 @@ pub enum UpdateRequest {
         experiment_id: String,
         /// The round of the offered update.
         round: u64,
+        /// Its attempt (see [`UpdateRequest::Offer`]).
+        attempt: u32,
         /// First byte wanted.
         offset: u64,
     },
@@ -479,10 +483,12 @@ mod tests {
             Request::Update(UpdateRequest::Offer {
                 experiment_id: "e".into(),
                 round: None,
+                attempt: 0,
             }),
             Request::Update(UpdateRequest::Chunk {
                 experiment_id: "e".into(),
                 round: 3,
+                attempt: 1,
                 offset: 4096,
             }),
             Request::Update(UpdateRequest::Exchange {
@@ -506,6 +512,7 @@ mod tests {
             experiment_id: manifest.id.clone(),
             manifest_digest: manifest.digest(),
             round: 2,
+            attempt: 0,
             sender: node.public_key(),
             layout_digest: [3; 32],
             num_params: 10,
@@ -666,6 +673,7 @@ mod tests {
         let bytes = Request::Update(UpdateRequest::Chunk {
             experiment_id: "e".into(),
             round: 3,
+            attempt: 0,
             offset: 4096,
         })
         .encode()
@@ -712,19 +720,26 @@ mod tests {
 
     fn arb_request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            ("[a-z0-9-]{0,40}", any::<u64>(), any::<u64>()).prop_map(
-                |(experiment_id, round, offset)| Request::Update(UpdateRequest::Chunk {
+            ("[a-z0-9-]{0,40}", any::<u64>(), any::<u32>(), any::<u64>()).prop_map(
+                |(experiment_id, round, attempt, offset)| Request::Update(UpdateRequest::Chunk {
                     experiment_id,
                     round,
+                    attempt,
                     offset
                 })
             ),
-            ("[a-z0-9-]{0,40}", proptest::option::of(any::<u64>())).prop_map(
-                |(experiment_id, round)| Request::Update(UpdateRequest::Offer {
-                    experiment_id,
-                    round
-                })
-            ),
+            (
+                "[a-z0-9-]{0,40}",
+                proptest::option::of(any::<u64>()),
+                any::<u32>()
+            )
+                .prop_map(|(experiment_id, round, attempt)| Request::Update(
+                    UpdateRequest::Offer {
+                        experiment_id,
+                        round,
+                        attempt
+                    }
+                )),
             proptest::option::of(".{0,60}")
                 .prop_map(|experiment_id| Request::Status(StatusQuery { experiment_id })),
         ]

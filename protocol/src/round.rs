@@ -72,7 +72,7 @@ pub struct RoundRules {
     /// Whether averaging-only rounds after training bring every site to the same model.
     /// Only under the plain mean: a robust rule or clipping exists to keep some inputs out,
     /// and an exact reduce would let them back in; with privacy noise on, a site's exact
-    /// model never leaves it.
+    /// model never leaves it; under secure aggregation, no site's model leaves it unmasked.
     pub final_reduce: bool,
 }
 
@@ -332,7 +332,8 @@ impl RoundRules {
             training_rounds: u64::from(av.rounds),
             final_reduce: av.aggregation == Aggregation::Mean
                 && av.clip_norm.is_none()
-                && m.privacy.noise_multiplier.is_none(),
+                && m.privacy.noise_multiplier.is_none()
+                && !av.secure_aggregation,
         }
     }
 

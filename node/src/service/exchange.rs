@@ -9,9 +9,10 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use libp2p::PeerId;
 use medmesh_crypto::PublicKey;
+use medmesh_protocol::encoding::residues;
 use medmesh_protocol::{
     Announcement, PayloadAssembler, Request, Response, Unavailable, UpdateAnswer, UpdateEnvelope,
-    UpdateError, UpdateExpectation, UpdateRequest,
+    UpdateError, UpdateExpectation, UpdateRequest, WeightEncoding,
 };
 
 use super::Node;
@@ -42,8 +43,10 @@ pub struct Fetched {
     pub sender: PublicKey,
     /// Its envelope.
     pub envelope: UpdateEnvelope,
-    /// Decoded weights.
+    /// Decoded weights (empty for a masked upload).
     pub values: Vec<f32>,
+    /// A masked upload's residues (secure aggregation; empty otherwise).
+    pub residues: Vec<u64>,
 }
 
 /// Why no update came from a peer.
@@ -80,6 +83,8 @@ pub enum FetchError {
 pub struct Want<'a> {
     /// Round wanted, or the latest.
     pub round: Option<u64>,
+    /// The attempt at the round (0, or a secure-aggregation redo).
+    pub attempt: u32,
     /// What a valid update looks like.
     pub expect: UpdateExpectation<'a>,
     /// Give up at this instant.
@@ -101,6 +106,7 @@ pub async fn fetch_update(
         let query = Request::Update(UpdateRequest::Offer {
             experiment_id: id.to_owned(),
             round: want.round,
+            attempt: want.attempt,
         });
         match node.net.request(peer, query).await? {
             Response::Update(UpdateAnswer::Offer(envelope)) => break envelope,
@@ -115,7 +121,12 @@ pub async fn fetch_update(
                     // way (training, or a step of the final reduce behind). The round's
                     // deadline bounds the wait. An unknown experiment may still be on its
                     // way to it.
-                    (Some(r), Some(done)) => done < r,
+                    (Some(r), Some(done)) => {
+                        done < r
+                            || (want.attempt > 0
+                                && done == r
+                                && reason == Unavailable::NotYetTrained)
+                    }
                     (Some(_), None) => unknown,
                     (None, _) => false,
                 };
@@ -148,12 +159,14 @@ pub async fn fetch_update(
             ),
         });
     }
-    if want.round.is_some_and(|r| r != envelope.header.round) {
+    if want.round.is_some_and(|r| r != envelope.header.round)
+        || (want.round.is_some() && want.attempt != envelope.header.attempt)
+    {
         return Err(FetchError::Invalid {
             reason: "replayed_update",
             detail: format!(
-                "asked for round {:?}, got an update of round {}",
-                want.round, envelope.header.round
+                "asked for round {:?} attempt {}, got an update of round {} attempt {}",
+                want.round, want.attempt, envelope.header.round, envelope.header.attempt
             ),
         });
     }
@@ -163,12 +176,24 @@ pub async fn fetch_update(
         .await
         .map_err(|_| NetError::Shutdown)?;
     let started = Instant::now();
-    let values = download(&node.net, peer, &envelope, &want.expect).await?;
+    let (values, residues) = if envelope.header.encoding == WeightEncoding::Masked {
+        let raw = assemble(&node.net, peer, &envelope, &want.expect)
+            .await?
+            .finish_raw()
+            .map_err(FetchError::from)?;
+        (Vec::new(), residues(&raw))
+    } else {
+        (
+            download(&node.net, peer, &envelope, &want.expect).await?,
+            Vec::new(),
+        )
+    };
     node.metrics.transfer_done(started.elapsed());
     Ok(Fetched {
         sender,
         envelope,
         values,
+        residues,
     })
 }
 
@@ -202,6 +227,19 @@ pub async fn download(
     envelope: &UpdateEnvelope,
     expect: &UpdateExpectation<'_>,
 ) -> Result<Vec<f32>, FetchError> {
+    assemble(net, peer, envelope, expect)
+        .await?
+        .finish()
+        .map_err(FetchError::from)
+}
+
+/// Streams the payload of `envelope` from `peer` into a complete assembler.
+async fn assemble(
+    net: &NetworkHandle,
+    peer: PeerId,
+    envelope: &UpdateEnvelope,
+    expect: &UpdateExpectation<'_>,
+) -> Result<PayloadAssembler, FetchError> {
     let mut assembler =
         PayloadAssembler::new(envelope, expect, Vec::new()).map_err(FetchError::from)?;
     let h = &envelope.header;
@@ -217,6 +255,7 @@ pub async fn download(
                 let request = Request::Update(UpdateRequest::Chunk {
                     experiment_id: h.experiment_id.clone(),
                     round: h.round,
+                    attempt: h.attempt,
                     offset: next,
                 });
                 in_flight.push_back(net.request(peer, request));
@@ -247,7 +286,7 @@ pub async fn download(
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempts))).await;
         }
     }
-    assembler.finish().map_err(FetchError::from)
+    Ok(assembler)
 }
 
 #[cfg(test)]

@@ -38,12 +38,14 @@ pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Respons
         Request::Update(UpdateRequest::Offer {
             experiment_id,
             round,
-        }) => Response::Update(node.registry.offer(&experiment_id, round)),
+            attempt,
+        }) => Response::Update(node.registry.offer(&experiment_id, round, attempt)),
         Request::Update(UpdateRequest::Chunk {
             experiment_id,
             round,
+            attempt,
             offset,
-        }) => on_chunk_request(node, &experiment_id, round, offset),
+        }) => on_chunk_request(node, &experiment_id, round, attempt, offset),
         Request::Update(UpdateRequest::Exchange {
             experiment_id,
             round,
@@ -242,8 +244,8 @@ async fn on_roster(node: &Arc<Node>, candidate: medmesh_crypto::SignedRoster) ->
     }
 }
 
-fn on_chunk_request(node: &Node, id: &str, round: u64, offset: u64) -> Response {
-    let Some(served) = node.registry.served(id, round) else {
+fn on_chunk_request(node: &Node, id: &str, round: u64, attempt: u32, offset: u64) -> Response {
+    let Some(served) = node.registry.served(id, round, attempt) else {
         return Response::Update(UpdateAnswer::Unavailable {
             experiment_id: id.to_owned(),
             reason: Unavailable::NotServed,

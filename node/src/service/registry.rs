@@ -32,8 +32,8 @@ struct Experiment {
     digest: [u8; 32],
     /// Whether this node trains in it (it has the dataset); if not, why not.
     not_participating: Option<String>,
-    /// This node's updates by round (the last [`SERVED_ROUNDS`]).
-    served: BTreeMap<u64, Arc<Served>>,
+    /// This node's updates by round and attempt (the last [`SERVED_ROUNDS`] rounds).
+    served: BTreeMap<(u64, u32), Arc<Served>>,
     /// Rounds this node has completed, the final reduce's included.
     rounds_done: u64,
     /// Whether this node finished (exported) the experiment.
@@ -164,22 +164,26 @@ impl Registry {
     /// [`SERVED_ROUNDS`].
     pub fn serve(&self, id: &str, round: u64, served: Served) {
         if let Some(e) = lock(&self.experiments).get_mut(id) {
-            e.served.insert(round, Arc::new(served));
-            while e.served.len() as u64 > SERVED_ROUNDS {
-                e.served.pop_first();
+            let attempt = served.envelope.header.attempt;
+            e.served.insert((round, attempt), Arc::new(served));
+            let mut rounds: Vec<u64> = e.served.keys().map(|k| k.0).collect();
+            rounds.dedup();
+            if let Some(&oldest_kept) = rounds.iter().rev().nth(SERVED_ROUNDS as usize - 1) {
+                e.served.retain(|k, _| k.0 >= oldest_kept);
             }
         }
     }
 
-    /// The update served for `round`.
-    pub fn served(&self, id: &str, round: u64) -> Option<Arc<Served>> {
+    /// The update served for `round` at `attempt`.
+    pub fn served(&self, id: &str, round: u64, attempt: u32) -> Option<Arc<Served>> {
         lock(&self.experiments)
             .get(id)
-            .and_then(|e| e.served.get(&round).cloned())
+            .and_then(|e| e.served.get(&(round, attempt)).cloned())
     }
 
-    /// The answer to a peer asking for this node's update of `round` (the latest if `None`).
-    pub fn offer(&self, id: &str, round: Option<u64>) -> UpdateAnswer {
+    /// The answer to a peer asking for this node's update of `round` at `attempt` (the latest
+    /// if `None`).
+    pub fn offer(&self, id: &str, round: Option<u64>, attempt: u32) -> UpdateAnswer {
         let unavailable = |reason, latest_round| UpdateAnswer::Unavailable {
             experiment_id: id.to_owned(),
             reason,
@@ -197,16 +201,18 @@ impl Registry {
             .served
             .keys()
             .next_back()
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |k| k.0)
             .max(e.rounds_done);
         let found = match round {
-            Some(r) => e.served.get(&r),
+            Some(r) => e.served.get(&(r, attempt)),
             None => e.served.values().next_back(),
         };
         match (found, round) {
             (Some(s), _) => UpdateAnswer::Offer(s.envelope.clone()),
-            (None, Some(r)) if r > latest => unavailable(Unavailable::NotYetTrained, Some(latest)),
+            // A redo of the latest round may still come.
+            (None, Some(r)) if r > latest || (r == latest && attempt > 0) => {
+                unavailable(Unavailable::NotYetTrained, Some(latest))
+            }
             (None, Some(_)) => unavailable(Unavailable::NoLongerKept, Some(latest)),
             (None, None) => unavailable(Unavailable::NoUpdateYet, Some(latest)),
         }
@@ -301,7 +307,7 @@ mod tests {
             Registered::Conflict(_)
         ));
         assert_eq!(
-            registry.offer(&first.manifest.id, Some(1)),
+            registry.offer(&first.manifest.id, Some(1), 0),
             UpdateAnswer::Unavailable {
                 experiment_id: first.manifest.id.clone(),
                 reason: Unavailable::NotParticipating,
@@ -323,7 +329,7 @@ mod tests {
             },
         )]);
         assert_eq!(
-            registry.offer("other", Some(1)),
+            registry.offer("other", Some(1), 0),
             UpdateAnswer::Unavailable {
                 experiment_id: "other".into(),
                 reason: Unavailable::UnknownExperiment,
@@ -336,6 +342,7 @@ mod tests {
                 experiment_id: id.clone(),
                 manifest_digest: m.manifest.digest(),
                 round,
+                attempt: 0,
                 sender: Identity::from_seed(&[1; 32]).public_key(),
                 layout_digest: [0; 32],
                 num_params: 1,
@@ -357,7 +364,7 @@ mod tests {
                 },
             );
         }
-        let reason = |round| match registry.offer(&id, round) {
+        let reason = |round| match registry.offer(&id, round, 0) {
             UpdateAnswer::Unavailable {
                 reason,
                 latest_round,

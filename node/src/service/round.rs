@@ -10,6 +10,7 @@ use medmesh_protocol::ParamLayout;
 use medmesh_protocol::averaging::AveragingError;
 use medmesh_protocol::robust::{UpdateRejection, check_update};
 use medmesh_protocol::round::{Incoming, RoundGraph, RoundRules, Shape};
+use medmesh_protocol::secagg::{GroupContext, masked_upload, unmask_mean};
 
 use super::exchange::FetchError;
 
@@ -38,6 +39,27 @@ pub trait RoundNet {
     /// partner's model, checked) and, if it got it, asks `partner` for its side. True only
     /// when both ends got each other's model.
     fn confirm(&mut self, partner: PublicKey, round: u64, got: bool) -> bool;
+
+    /// Serves this site's masked upload of `round` at `attempt`, carrying `mass`.
+    fn serve_masked(&mut self, round: u64, attempt: u32, residues: &[u64], mass: f64);
+
+    /// Fetches the masked uploads of `senders` for `round` at `attempt`, each until a round
+    /// timeout from now.
+    fn gather_masked(
+        &mut self,
+        senders: &[PublicKey],
+        round: u64,
+        attempt: u32,
+    ) -> Vec<(PublicKey, Result<MaskedUpload, FetchError>)>;
+}
+
+/// A group mate's masked upload (secure aggregation).
+#[derive(Debug, Clone)]
+pub struct MaskedUpload {
+    /// Its residues ([`medmesh_protocol::secagg`]).
+    pub residues: Vec<u64>,
+    /// The mass it carries.
+    pub mass: f64,
 }
 
 /// A round as one site sees it.
@@ -186,6 +208,146 @@ pub fn exchange(
     Ok(out)
 }
 
+/// Runs a `group-average` round under secure aggregation: serves this site's masked upload of
+/// `outgoing` (its model, or its privacy release) with `mass`, gathers its group mates',
+/// and takes the group's weighted mean. A mate whose upload does not arrive (or claims too
+/// much mass) is left out by a redo over the others with fresh masks, while three remain;
+/// otherwise the round counts as local. `secret_with(k)` is this member's pairwise secret
+/// with `k` (`Identity::shared_secret`).
+pub fn exchange_secure(
+    view: &RoundView<'_>,
+    outgoing: &[f32],
+    mass: f64,
+    manifest_digest: [u8; 32],
+    secret_with: &dyn Fn(&PublicKey) -> Option<[u8; 32]>,
+    net: &mut impl RoundNet,
+) -> Exchanged {
+    let round = view.graph.round();
+    let me = view.members[view.me];
+    let mut out = Exchanged {
+        mass,
+        ..Exchanged::default()
+    };
+    let group: Vec<PublicKey> = view
+        .rules
+        .group_of(view.graph, view.me)
+        .into_iter()
+        .map(|i| view.members[i])
+        .collect();
+    let mut ctx = match GroupContext::new(manifest_digest, round, group) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            tracing::warn!(round, "secure aggregation: {e}; the round counts as local");
+            return out;
+        }
+    };
+    let secrets: Vec<(PublicKey, [u8; 32])> = ctx
+        .members
+        .iter()
+        .filter(|k| **k != me)
+        .filter_map(|k| secret_with(k).map(|s| (*k, s)))
+        .collect();
+    if secrets.len() + 1 != ctx.members.len() {
+        tracing::warn!(
+            round,
+            "secure aggregation: no secret can be agreed with a group member's key; the round counts as local"
+        );
+        return out;
+    }
+    let secret_of = |k: &PublicKey| secrets.iter().find(|(x, _)| x == k).map(|(_, s)| *s);
+    let weight_bound = view.rules.weight_bound(Shape::Group, view.members.len());
+    loop {
+        let Ok(at) = ctx.position(&me) else {
+            return out;
+        };
+        let upload = masked_upload(&ctx, at, outgoing, mass, |j| {
+            ctx.pair_seed(&secret_of(&ctx.members[j]).unwrap_or_default())
+        });
+        let upload = match upload {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(round, "secure aggregation: {e}; the round counts as local");
+                return out;
+            }
+        };
+        net.serve_masked(round, ctx.attempt, &upload, mass);
+        let mates: Vec<PublicKey> = ctx.members.iter().copied().filter(|k| *k != me).collect();
+        let mut delivered = vec![true; ctx.members.len()];
+        let mut uploads = vec![upload];
+        let mut total = mass;
+        let mut senders = Vec::new();
+        for (sender, result) in net.gather_masked(&mates, round, ctx.attempt) {
+            let at = ctx.position(&sender).unwrap_or(usize::MAX);
+            match result {
+                Ok(u) if u.mass > weight_bound || u.residues.len() != outgoing.len() => {
+                    out.refused.push(Refusal {
+                        sender,
+                        reason: if u.mass > weight_bound {
+                            "sample_weight_bound"
+                        } else {
+                            "wrong_layout"
+                        },
+                        detail: format!(
+                            "masked upload of {} values claiming mass {} (at most {weight_bound})",
+                            u.residues.len(),
+                            u.mass
+                        ),
+                    });
+                    if let Some(d) = delivered.get_mut(at) {
+                        *d = false;
+                    }
+                }
+                Ok(u) => {
+                    uploads.push(u.residues);
+                    total += u.mass;
+                    senders.push(sender);
+                }
+                Err(e) => {
+                    tracing::debug!(%sender, round, attempt = ctx.attempt, "no masked upload: {e}");
+                    if let Some(d) = delivered.get_mut(at) {
+                        *d = false;
+                    }
+                }
+            }
+        }
+        if delivered.iter().all(|&d| d) {
+            let refs: Vec<&[u64]> = uploads.iter().map(Vec::as_slice).collect();
+            match unmask_mean(&refs, total)
+                .map_err(|e| e.to_string())
+                .and_then(|mean| {
+                    check_update(&mean, view.layout, outgoing, None)
+                        .map(|()| mean)
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok(mean) => {
+                    out.merged = Some(mean);
+                    out.contributors = senders;
+                }
+                Err(e) => tracing::warn!(
+                    round,
+                    "secure aggregation: the group's mean is unusable ({e}); the round counts as local"
+                ),
+            }
+            return out;
+        }
+        match ctx.without(&delivered) {
+            Ok(next) => {
+                tracing::info!(
+                    round,
+                    attempt = next.attempt,
+                    missing = delivered.iter().filter(|d| !**d).count(),
+                    "secure aggregation: redoing the round without group members whose upload did not arrive"
+                );
+                ctx = next;
+            }
+            Err(e) => {
+                tracing::warn!(round, "secure aggregation: {e}; the round counts as local");
+                return out;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -205,6 +367,8 @@ mod tests {
         partner_got_ours: bool,
         asked: Vec<(PublicKey, u64)>,
         confirmed: Vec<(u64, bool)>,
+        masked: HashMap<(PublicKey, u32), MaskedUpload>,
+        served_masked: Vec<(u32, Vec<u64>)>,
     }
 
     impl RoundNet for FakeNet {
@@ -226,6 +390,127 @@ mod tests {
             self.confirmed.push((round, got));
             got && self.partner_got_ours
         }
+
+        fn serve_masked(&mut self, _round: u64, attempt: u32, residues: &[u64], _mass: f64) {
+            self.served_masked.push((attempt, residues.to_vec()));
+        }
+
+        fn gather_masked(
+            &mut self,
+            senders: &[PublicKey],
+            _round: u64,
+            attempt: u32,
+        ) -> Vec<(PublicKey, Result<MaskedUpload, FetchError>)> {
+            senders
+                .iter()
+                .map(|k| {
+                    let answer = self
+                        .masked
+                        .remove(&(*k, attempt))
+                        .ok_or(FetchError::Deadline);
+                    (*k, answer)
+                })
+                .collect()
+        }
+    }
+
+    /// The upload `id` (holding `x` with `mass`) makes in `ctx`.
+    fn upload_of(id: &Identity, ctx: &GroupContext, x: &[f32], mass: f64) -> MaskedUpload {
+        let at = ctx.position(&id.public_key()).unwrap();
+        let residues = masked_upload(ctx, at, x, mass, |j| {
+            ctx.pair_seed(&id.shared_secret(&ctx.members[j]).unwrap())
+        })
+        .unwrap();
+        MaskedUpload { residues, mass }
+    }
+
+    #[test]
+    fn a_secure_group_takes_its_weighted_mean_and_survives_a_drop_out() {
+        let ids: Vec<Identity> = (0..4)
+            .map(|i| Identity::from_seed(&[i as u8 + 1; 32]))
+            .collect();
+        let keys = members(4);
+        let id_of = |k: &PublicKey| ids.iter().find(|i| i.public_key() == *k).unwrap();
+        let mut r = rules(Scheme::GroupAverage);
+        r.group_size = 4;
+        let graph = r.graph(3, Overlay::Complete(4));
+        let layout = layout();
+        let view = view(&r, &graph, &keys, &layout, None);
+        let me = id_of(&keys[0]);
+        let secret = |k: &PublicKey| me.shared_secret(k).ok().map(|s| *s);
+        let x = |i: usize| model(1.0 + i as f32);
+        let mass = |i: usize| 10.0 * (i + 1) as f64;
+        let digest = [7; 32];
+        let first = GroupContext::new(digest, 3, keys.clone()).unwrap();
+
+        // Every mate delivers: the exact weighted mean, and what this site served is noise.
+        let mut net = FakeNet::default();
+        for (i, key) in keys.iter().enumerate().skip(1) {
+            net.masked
+                .insert((*key, 0), upload_of(id_of(key), &first, &x(i), mass(i)));
+        }
+        let out = exchange_secure(&view, &x(0), mass(0), digest, &secret, &mut net);
+        let want =
+            (0..4).map(|i| mass(i) * (1.0 + i as f64)).sum::<f64>() / (0..4).map(mass).sum::<f64>();
+        let merged = out.merged.unwrap();
+        assert!(
+            merged.iter().all(|v| (f64::from(*v) - want).abs() < 1e-5),
+            "{merged:?}"
+        );
+        assert_eq!(out.contributors.len(), 3);
+        assert_eq!(out.mass, mass(0), "a member keeps its own sample count");
+        let (attempt, served) = &net.served_masked[0];
+        assert_eq!(*attempt, 0);
+        assert!(
+            served
+                .iter()
+                .all(|&r| secagg_value_is_far(r, f64::from(x(0)[0]) * mass(0))),
+            "the upload hides the model"
+        );
+
+        // Member 2 drops out: the others redo without it, with fresh masks.
+        let mut net = FakeNet::default();
+        for i in [1, 3] {
+            net.masked.insert(
+                (keys[i], 0),
+                upload_of(id_of(&keys[i]), &first, &x(i), mass(i)),
+            );
+        }
+        let redo = first.without(&[true, true, false, true]).unwrap();
+        for i in [1, 3] {
+            net.masked.insert(
+                (keys[i], 1),
+                upload_of(id_of(&keys[i]), &redo, &x(i), mass(i)),
+            );
+        }
+        let out = exchange_secure(&view, &x(0), mass(0), digest, &secret, &mut net);
+        let want = [0, 1, 3]
+            .iter()
+            .map(|&i| mass(i) * (1.0 + i as f64))
+            .sum::<f64>()
+            / [0, 1, 3].iter().map(|&i| mass(i)).sum::<f64>();
+        let merged = out.merged.unwrap();
+        assert!(
+            merged.iter().all(|v| (f64::from(*v) - want).abs() < 1e-5),
+            "{merged:?}"
+        );
+        assert_eq!(out.contributors.len(), 2);
+        let attempts: Vec<u32> = net.served_masked.iter().map(|s| s.0).collect();
+        assert_eq!(attempts, vec![0, 1]);
+
+        // Two drop out: fewer than three remain, and the round counts as local.
+        let mut net = FakeNet::default();
+        net.masked.insert(
+            (keys[1], 0),
+            upload_of(id_of(&keys[1]), &first, &x(1), mass(1)),
+        );
+        let out = exchange_secure(&view, &x(0), mass(0), digest, &secret, &mut net);
+        assert!(out.merged.is_none());
+    }
+
+    /// Whether residue `r`, read as fixed point, is far from `value`.
+    fn secagg_value_is_far(r: u64, value: f64) -> bool {
+        (medmesh_protocol::secagg::from_fixed(r) - value).abs() > 1.0
     }
 
     const DIM: usize = 4;

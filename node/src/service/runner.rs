@@ -13,21 +13,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use libp2p::PeerId;
 use medmesh_crypto::PublicKey;
+use medmesh_protocol::encoding::residue_bytes;
 use medmesh_protocol::envelope::chunk_size_for;
 use medmesh_protocol::robust::check_update;
-use medmesh_protocol::round::{Overlay, Phase, RoundRules};
+use medmesh_protocol::round::{Overlay, Phase, RoundRules, Shape};
 use medmesh_protocol::stop::StopRule;
 use medmesh_protocol::{
     Announcement, ExchangeState, Manifest, ParamLayout, ProgressRecord, Provenance, Request,
     Response, SignedManifest, SignedProgress, SignedProvenance, UpdateAnswer, UpdateEnvelope,
-    UpdateExpectation, UpdateHeader, UpdateRequest,
+    UpdateExpectation, UpdateHeader, UpdateRequest, WeightEncoding,
 };
 use medmesh_training::params::{self, Selection};
 use medmesh_training::{DeviceSpec, Trainer, atomic_file, checkpoint, export};
 
 use super::exchange::{FetchError, Want, fetch_update};
 use super::privacy::{Privatizer, Release};
-use super::round::{self, Received, RoundNet, RoundView};
+use super::round::{self, MaskedUpload, Received, RoundNet, RoundView};
 use super::store::{self, RunnerState};
 use super::{Node, Served};
 use crate::net;
@@ -250,9 +251,11 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             _ => None,
         };
         let (kept, sent) = rules.split_mass(&graph, me_at, mass);
+        let secure = m.averaging.secure_aggregation && graph.shape() == Shape::Group;
         // Only rounds someone pulls are served: a site idle for a few reduce steps would
-        // otherwise push the round its sinks still need out of the served window.
-        if !graph.sinks(me_at).is_empty() {
+        // otherwise push the round its sinks still need out of the served window. Under
+        // secure aggregation the exchange serves masked uploads instead.
+        if !secure && !graph.sinks(me_at).is_empty() {
             serve(
                 node,
                 m,
@@ -263,8 +266,13 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
                 sent,
             );
         }
-        // Sealed into the served payload now; free it before peers' updates arrive.
-        drop(shared);
+        let outgoing = if secure {
+            shared.unwrap_or_else(|| local.clone())
+        } else {
+            // Sealed into the served payload now; free it before peers' updates arrive.
+            drop(shared);
+            Vec::new()
+        };
 
         // 2. Gather from this round's sources (and push-sum shares that came late).
         let deadline = Instant::now() + Duration::from_secs(m.averaging.round_timeout_secs.into());
@@ -285,15 +293,22 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
                 encoding: m.averaging.encoding,
             },
             deadline,
+            timeout: Duration::from_secs(m.averaging.round_timeout_secs.into()),
         };
-        let x = round::exchange(
-            &view,
-            &local,
-            kept,
-            std::mem::take(&mut late),
-            &mut round_net,
-        )
-        .context("combining the round's models")?;
+        let x = if secure {
+            let secret_with = |k: &PublicKey| node.identity.shared_secret(k).ok().map(|s| *s);
+            round::exchange_secure(&view, &outgoing, kept, digest, &secret_with, &mut round_net)
+        } else {
+            round::exchange(
+                &view,
+                &local,
+                kept,
+                std::mem::take(&mut late),
+                &mut round_net,
+            )
+            .context("combining the round's models")?
+        };
+        drop(outgoing);
         // Nothing of a round cut short by shutdown is kept: the restart redoes it.
         check_running(node)?;
         for r in &x.refused {
@@ -538,6 +553,7 @@ fn serve(
         experiment_id: m.id.clone(),
         manifest_digest: digest,
         round,
+        attempt: 0,
         sender: node.identity.public_key(),
         layout_digest: layout.digest(),
         num_params: layout.num_params(),
@@ -567,6 +583,8 @@ struct NodeNet<'a> {
     node: &'a Node,
     expect: UpdateExpectation<'a>,
     deadline: Instant,
+    /// The manifest's round timeout (each secure-aggregation attempt gets one).
+    timeout: Duration,
 }
 
 impl RoundNet for NodeNet<'_> {
@@ -578,6 +596,7 @@ impl RoundNet for NodeNet<'_> {
         let fetches = wanted.iter().map(|&(key, round)| async move {
             let want = Want {
                 round: Some(round),
+                attempt: 0,
                 expect,
                 deadline,
                 wait_for_training: true,
@@ -592,6 +611,61 @@ impl RoundNet for NodeNet<'_> {
             ((key, round), received)
         });
         // Empty when the node stops; the runner then leaves before using the round.
+        node.tasks
+            .block_on(futures::future::join_all(fetches))
+            .unwrap_or_default()
+    }
+
+    fn serve_masked(&mut self, round: u64, attempt: u32, residues: &[u64], mass: f64) {
+        let payload = residue_bytes(residues);
+        let e = self.expect;
+        let header = UpdateHeader {
+            experiment_id: e.experiment_id.to_owned(),
+            manifest_digest: *e.manifest_digest,
+            round,
+            attempt,
+            sender: self.node.identity.public_key(),
+            layout_digest: e.layout.digest(),
+            num_params: e.layout.num_params(),
+            encoding: WeightEncoding::Masked,
+            sample_weight: mass,
+            payload_len: 0,
+            payload_hash: [0; 32],
+            chunk_size: chunk_size_for(payload.len() as u64),
+        };
+        let envelope = UpdateEnvelope::seal(header, &payload, &self.node.identity);
+        self.node
+            .registry
+            .serve(e.experiment_id, round, Served { envelope, payload });
+    }
+
+    fn gather_masked(
+        &mut self,
+        senders: &[PublicKey],
+        round: u64,
+        attempt: u32,
+    ) -> Vec<(PublicKey, Result<MaskedUpload, FetchError>)> {
+        let node = self.node;
+        let expect = UpdateExpectation {
+            encoding: WeightEncoding::Masked,
+            ..self.expect
+        };
+        let deadline = Instant::now() + self.timeout;
+        let fetches = senders.iter().map(|&key| async move {
+            let want = Want {
+                round: Some(round),
+                attempt,
+                expect,
+                deadline,
+                wait_for_training: true,
+            };
+            let fetched = fetch_update(node, net::peer_id_of(&key), key, &want).await;
+            let upload = fetched.map(|f| MaskedUpload {
+                residues: f.residues,
+                mass: f.envelope.header.sample_weight,
+            });
+            (key, upload)
+        });
         node.tasks
             .block_on(futures::future::join_all(fetches))
             .unwrap_or_default()
@@ -679,6 +753,7 @@ fn catch_up(
 ) -> Result<()> {
     let want = Want {
         round: None,
+        attempt: 0,
         expect: UpdateExpectation {
             experiment_id: &m.id,
             manifest_digest: &digest,
