@@ -19,7 +19,7 @@ const SITES: usize = 5;
 const ATTACKER: usize = 4;
 
 fn manifest(aggregation: Aggregation, clip_norm: Option<f64>) -> Manifest {
-    let mut m = local::test_manifest(20, Scheme::MetropolisHastings).unwrap();
+    let mut m = local::test_manifest(12, Scheme::MetropolisHastings).unwrap();
     // Every site averages with all four others each round (the robust rules need inputs).
     m.averaging.fanout = Some(64);
     m.id = "byzantine-test".into();

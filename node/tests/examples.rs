@@ -28,6 +28,7 @@ fn every_example_checks_and_runs_as_a_short_demo() {
     names.sort();
     assert!(names.len() >= 4, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
+    let mut private = 0;
     for (k, name) in names.iter().enumerate() {
         let path = examples.join(name);
         let path = path.to_str().unwrap();
@@ -72,5 +73,24 @@ fn every_example_checks_and_runs_as_a_short_demo() {
             report["consensus_distance"].as_f64().unwrap() <= 0.01,
             "{name}: {report}"
         );
+        // With privacy noise, each site reports the epsilon its one release spent, and
+        // `check` what the manifest's rounds would.
+        if report["privacy_delta"].is_f64() {
+            private += 1;
+            for n in nodes {
+                let spent = n["privacy_epsilon"].as_f64();
+                assert!(spent.is_some_and(|e| e > 0.0), "{name}: {n}");
+            }
+            assert!(
+                text.contains("differential privacy: epsilon spent"),
+                "{text}"
+            );
+            let (_, check) = medmesh(&["experiment", "check", "--manifest", path]);
+            assert!(check.contains("spend epsilon"), "{check}");
+        }
     }
+    assert!(
+        private >= 1,
+        "no example runs with privacy noise: {names:?}"
+    );
 }
