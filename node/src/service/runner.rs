@@ -266,13 +266,9 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
                 sent,
             );
         }
-        let outgoing = if secure {
-            shared.unwrap_or_else(|| local.clone())
-        } else {
-            // Sealed into the served payload now; free it before peers' updates arrive.
-            drop(shared);
-            Vec::new()
-        };
+        // Served and sealed now, unless secure aggregation masks it in the exchange: free it
+        // before peers' updates arrive.
+        let shared = if secure { shared } else { None };
 
         // 2. Gather from this round's sources (and push-sum shares that came late).
         let deadline = Instant::now() + Duration::from_secs(m.averaging.round_timeout_secs.into());
@@ -297,7 +293,8 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         };
         let x = if secure {
             let secret_with = |k: &PublicKey| node.identity.shared_secret(k).ok().map(|s| *s);
-            round::exchange_secure(&view, &outgoing, kept, digest, &secret_with, &mut round_net)
+            let outgoing = shared.as_deref().unwrap_or(&local);
+            round::exchange_secure(&view, outgoing, kept, digest, &secret_with, &mut round_net)
         } else {
             round::exchange(
                 &view,
@@ -308,7 +305,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             )
             .context("combining the round's models")?
         };
-        drop(outgoing);
+        drop(shared);
         // Nothing of a round cut short by shutdown is kept: the restart redoes it.
         check_running(node)?;
         for r in &x.refused {
