@@ -108,7 +108,7 @@ fn main() {
         peers_averaged: 2,
         finished: false,
         stop_after: None,
-        privacy_epsilon: None,
+        privacy_epsilon: None,        device: "cpu".into(),        bytes_sent: 1 << 20,        bytes_received: 1 << 20,        averaging_shift: Some(0.002),        failure: None,
         unix_ms: 1_800_000_000_000,
     };
     let requests = [
@@ -117,10 +117,10 @@ fn main() {
             &node,
         )))),
         Request::Announce(Announcement::Roster(signed_roster)),
-        Request::Announce(Announcement::Progress(SignedProgress::sign(
+        Request::Announce(Announcement::Progress(Box::new(SignedProgress::sign(
             record.clone(),
             &node,
-        ))),
+        )))),
         Request::Update(UpdateRequest::Offer {
             experiment_id: manifest.id.clone(),
             round: Some(4),

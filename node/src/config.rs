@@ -35,8 +35,9 @@ max_concurrent_transfers = 4   # model downloads at once
 peer_requests_per_sec = 100    # each peer's sustained request budget (a 1 MiB chunk is one)
 peer_request_burst = 200       # requests a peer may send at once; beyond: "busy, retry"
 
-[metrics]
-listen = "127.0.0.1:9464"      # Prometheus endpoint; "" to disable
+[dashboard]
+listen = "127.0.0.1:9464"      # dashboard, JSON API and Prometheus /metrics; "" to disable
+# token_file = "dashboard.token" # a secret of 32+ characters; required unless listen is loopback
 
 [log]
 format = "text"                # text or json
@@ -55,9 +56,9 @@ pub struct NodeConfig {
     pub node: NodeSection,
     /// Peer-to-peer networking.
     pub network: NetworkSection,
-    /// Prometheus metrics.
+    /// The dashboard, its JSON API and the Prometheus metrics.
     #[serde(default)]
-    pub metrics: MetricsSection,
+    pub dashboard: DashboardSection,
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
@@ -158,19 +159,24 @@ fn default_max_connections() -> u32 {
     64
 }
 
-/// `[metrics]`.
+/// `[dashboard]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    /// `host:port` of the Prometheus endpoint; empty disables it.
+pub struct DashboardSection {
+    /// `host:port` of the dashboard, JSON API and `/metrics`; empty disables it.
     #[serde(default)]
     pub listen: String,
+    /// A file holding the bearer token that the JSON API and `/metrics` ask for. Required
+    /// when `listen` is not a loopback address.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
-impl Default for MetricsSection {
+impl Default for DashboardSection {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".into(),
+            token_file: None,
         }
     }
 }
@@ -303,6 +309,9 @@ impl NodeConfig {
         for d in cfg.datasets.values_mut() {
             d.path = base.join(&d.path);
         }
+        if let Some(t) = &mut cfg.dashboard.token_file {
+            *t = base.join(&*t);
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -417,16 +426,22 @@ impl NodeConfig {
                 format!("{} must be 1 to 10000", self.network.max_connections),
             ));
         }
-        if !self.metrics.listen.is_empty()
-            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(invalid(
-                "metrics.listen",
-                format!(
-                    "{:?} is not host:port (or empty to disable)",
-                    self.metrics.listen
-                ),
-            ));
+        let d = &self.dashboard;
+        if !d.listen.is_empty() {
+            let addr = d.listen.parse::<std::net::SocketAddr>().map_err(|_| {
+                invalid(
+                    "dashboard.listen",
+                    format!("{:?} is not host:port (or empty to disable)", d.listen),
+                )
+            })?;
+            if !addr.ip().is_loopback() && d.token_file.is_none() {
+                return Err(invalid(
+                    "dashboard.token_file",
+                    format!(
+                        "dashboard.listen {addr} is reachable from other machines: set a token file (or listen on 127.0.0.1)"
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -492,7 +507,11 @@ mod tests {
             ),
             (
                 EXAMPLE.replace("listen = \"127.0.0.1:9464\"", "listen = \"nowhere\""),
-                "metrics.listen",
+                "dashboard.listen",
+            ),
+            (
+                EXAMPLE.replace("listen = \"127.0.0.1:9464\"", "listen = \"0.0.0.0:9464\""),
+                "dashboard.token_file",
             ),
             (
                 EXAMPLE.replace("identity = \"node.key\"", "identiti = \"node.key\""),

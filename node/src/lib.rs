@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod dashboard;
 pub mod keystore;
 pub mod local;
 pub mod metrics;

@@ -212,7 +212,7 @@ impl LocalConsortium {
         let config = format!(
             "[node]\nidentity = \"node.key\"\nnetwork_key = \"../../swarm.key\"\nroster = \"../../roster.toml\"\nstate_dir = \"state\"\ndevice = \"flex\"\n\n\
              [network]\nlisten = [\"/ip4/127.0.0.1/tcp/{}\"]\nbootnodes = [{bootnodes}]\n\n\
-             [metrics]\nlisten = \"{}\"\n\n[datasets.{}]\npath = {}\n",
+             [dashboard]\nlisten = \"{}\"\n\n[datasets.{}]\npath = {}\n",
             self.port + i as u16,
             self.metrics_addr(i),
             self.dataset,
@@ -294,7 +294,7 @@ pub fn wait_for_mesh(
 pub async fn scrape(addr: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         .await?;
     let mut body = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;

@@ -1,53 +1,50 @@
-//! Prometheus metrics: lock-free counters and gauges, served as text on `GET /metrics`.
+//! The node's metrics, kept with `prometheus-client` and served as OpenMetrics text on
+//! `GET /metrics` by the [`crate::dashboard`]. Per-experiment series carry an
+//! `experiment` label, so two experiments on one node never overwrite each other.
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
-/// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+/// A gauge of real values.
+type RealGauge = Gauge<f64, AtomicU64>;
 
-impl Counter {
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
+/// A histogram family whose buckets a plain function makes.
+type Histograms = Family<ExperimentLabel, Histogram, fn() -> Histogram>;
 
-    /// Adds one.
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    /// The current count.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
+/// The `experiment` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExperimentLabel {
+    experiment: String,
 }
 
-/// A value that goes up and down (stored as f64 bits).
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
+/// The `reason` label of dropped messages.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
 
-impl Gauge {
-    /// Sets the value.
-    pub fn set(&self, v: f64) {
-        self.0.store(v.to_bits(), Ordering::Relaxed);
-    }
+/// Round durations: half a second to about 17 minutes.
+fn round_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.5, 2.0, 12))
+}
 
-    /// The current value.
-    pub fn get(&self) -> f64 {
-        f64::from_bits(self.0.load(Ordering::Relaxed))
-    }
+/// Transfer durations: 10 ms to about 80 s.
+fn transfer_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 14))
 }
 
 /// Everything a node reports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Registry,
     /// Connected roster members.
     pub peers_connected: Gauge,
     /// Peers in the Kademlia routing table.
@@ -56,212 +53,229 @@ pub struct Metrics {
     pub bytes_sent: Counter,
     /// Bytes of protocol messages received.
     pub bytes_received: Counter,
-    /// Rounds completed by this node.
-    pub rounds_completed: Counter,
-    /// The current experiment round.
-    pub round: Gauge,
-    /// Validation Dice after the last round.
-    pub dice: Gauge,
-    /// Training loss of the last round.
-    pub loss: Gauge,
-    /// Peer updates averaged in the last round.
-    pub peers_averaged: Gauge,
     /// Connections refused because the peer is not on the roster.
     pub refused_not_member: Counter,
     /// Connection attempts that failed in the handshake (wrong network key, garbage, ...).
     pub failed_handshakes: Counter,
-    /// Model transfers completed, and their total seconds.
-    pub transfers: Counter,
-    /// Sum of transfer durations, in microseconds.
-    pub transfer_micros: Counter,
     /// Checkpoint or state writes that failed (full disk, I/O errors); the previous
     /// checkpoint stays in place.
     pub checkpoint_failures: Counter,
     /// Training rounds started with fewer reachable neighbours than `averaging.min_peers`
     /// asks, after waiting the round timeout for them.
     pub rounds_short_of_peers: Counter,
-    /// Messages and updates dropped, by reason.
-    rejected: Mutex<Vec<(&'static str, u64)>>,
+    /// HTTP requests the dashboard refused (bad token, bad host, bad method).
+    pub http_refused: Counter,
+    round: Family<ExperimentLabel, Gauge>,
+    dice: Family<ExperimentLabel, RealGauge>,
+    loss: Family<ExperimentLabel, RealGauge>,
+    peers_averaged: Family<ExperimentLabel, Gauge>,
+    rounds_completed: Family<ExperimentLabel, Counter>,
+    round_seconds: Histograms,
+    transfer_seconds: Histograms,
+    rejected: Family<ReasonLabel, Counter>,
+    /// The reasons counted so far, in order of first use (for the dashboard).
+    reasons: Mutex<Vec<&'static str>>,
+}
+
+/// One finished round of one experiment, as the metrics record it.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundDone {
+    /// The round.
+    pub round: u64,
+    /// Validation Dice after it.
+    pub dice: f32,
+    /// Training loss of it.
+    pub loss: f32,
+    /// Peers averaged, for a training round; `None` for a step of the final reduce.
+    pub peers_averaged: Option<usize>,
+    /// How long the round took.
+    pub elapsed: Duration,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("medmesh");
+        let this = Self {
+            peers_connected: Gauge::default(),
+            routing_table_peers: Gauge::default(),
+            bytes_sent: Counter::default(),
+            bytes_received: Counter::default(),
+            refused_not_member: Counter::default(),
+            failed_handshakes: Counter::default(),
+            checkpoint_failures: Counter::default(),
+            rounds_short_of_peers: Counter::default(),
+            http_refused: Counter::default(),
+            round: Family::default(),
+            dice: Family::default(),
+            loss: Family::default(),
+            peers_averaged: Family::default(),
+            rounds_completed: Family::default(),
+            round_seconds: Family::new_with_constructor(round_buckets),
+            transfer_seconds: Family::new_with_constructor(transfer_buckets),
+            rejected: Family::default(),
+            reasons: Mutex::new(Vec::new()),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "peers_connected",
+            "Connected roster members",
+            this.peers_connected.clone(),
+        );
+        r.register(
+            "routing_table_peers",
+            "Peers in the Kademlia routing table",
+            this.routing_table_peers.clone(),
+        );
+        r.register("bytes_sent", "Protocol bytes sent", this.bytes_sent.clone());
+        r.register(
+            "bytes_received",
+            "Protocol bytes received",
+            this.bytes_received.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused: peer not on the roster",
+            this.refused_not_member.clone(),
+        );
+        r.register(
+            "handshakes_failed",
+            "Connection attempts that failed in the handshake",
+            this.failed_handshakes.clone(),
+        );
+        r.register(
+            "checkpoint_failures",
+            "Checkpoint writes that failed (the previous checkpoint was kept)",
+            this.checkpoint_failures.clone(),
+        );
+        r.register(
+            "rounds_short_of_peers",
+            "Training rounds started with fewer reachable neighbours than min_peers asks",
+            this.rounds_short_of_peers.clone(),
+        );
+        r.register(
+            "http_refused",
+            "Dashboard requests refused (token, host or method)",
+            this.http_refused.clone(),
+        );
+        r.register("round", "Current round, per experiment", this.round.clone());
+        r.register(
+            "dice",
+            "Validation Dice after the last round, per experiment",
+            this.dice.clone(),
+        );
+        r.register(
+            "loss",
+            "Training loss of the last round, per experiment",
+            this.loss.clone(),
+        );
+        r.register(
+            "peers_averaged",
+            "Peer updates averaged in the last training round, per experiment",
+            this.peers_averaged.clone(),
+        );
+        r.register(
+            "rounds_completed",
+            "Training rounds completed, per experiment",
+            this.rounds_completed.clone(),
+        );
+        r.register(
+            "round_duration_seconds",
+            "Wall-clock seconds per round (train, exchange, average, validate), per experiment",
+            this.round_seconds.clone(),
+        );
+        r.register(
+            "transfer_seconds",
+            "Seconds to receive one model update, per experiment",
+            this.transfer_seconds.clone(),
+        );
+        r.register(
+            "rejected",
+            "Messages and updates dropped, by reason",
+            this.rejected.clone(),
+        );
+        Self { registry, ..this }
+    }
 }
 
 impl Metrics {
     /// Counts a dropped message or update under `reason` (a short snake_case label).
     pub fn rejected(&self, reason: &'static str) {
-        let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
-        match r.iter_mut().find(|(k, _)| *k == reason) {
-            Some((_, n)) => *n += 1,
-            None => r.push((reason, 1)),
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+        let mut reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        if !reasons.contains(&reason) {
+            reasons.push(reason);
         }
     }
 
     /// Drops counted under `reason`.
     pub fn rejected_count(&self, reason: &str) -> u64 {
-        let r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
-        r.iter().find(|(k, _)| *k == reason).map_or(0, |(_, n)| *n)
+        self.rejected
+            .get(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .map_or(0, |c| c.get())
     }
 
-    /// Records one finished transfer.
-    pub fn transfer_done(&self, elapsed: std::time::Duration) {
-        self.transfers.inc();
-        self.transfer_micros.add(elapsed.as_micros() as u64);
+    /// Every reason counted so far, with its count.
+    pub fn rejected_counts(&self) -> Vec<(&'static str, u64)> {
+        let reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        reasons
+            .iter()
+            .map(|r| (*r, self.rejected_count(r)))
+            .collect()
     }
 
-    /// The Prometheus text exposition.
+    /// Records one received model update of `experiment`.
+    pub fn transfer_done(&self, experiment: &str, elapsed: Duration) {
+        self.transfer_seconds
+            .get_or_create(&label(experiment))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one finished round of `experiment`.
+    pub fn round_done(&self, experiment: &str, r: RoundDone) {
+        let l = label(experiment);
+        self.round.get_or_create(&l).set(r.round as i64);
+        self.dice.get_or_create(&l).set(f64::from(r.dice));
+        self.loss.get_or_create(&l).set(f64::from(r.loss));
+        if let Some(peers) = r.peers_averaged {
+            self.rounds_completed.get_or_create(&l).inc();
+            self.peers_averaged.get_or_create(&l).set(peers as i64);
+        }
+        self.round_seconds
+            .get_or_create(&l)
+            .observe(r.elapsed.as_secs_f64());
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        metric(
-            "medmesh_peers_connected",
-            "gauge",
-            "Connected roster members.",
-            self.peers_connected.get().to_string(),
-        );
-        metric(
-            "medmesh_routing_table_peers",
-            "gauge",
-            "Peers in the Kademlia routing table.",
-            self.routing_table_peers.get().to_string(),
-        );
-        metric(
-            "medmesh_bytes_sent_total",
-            "counter",
-            "Protocol bytes sent.",
-            self.bytes_sent.get().to_string(),
-        );
-        metric(
-            "medmesh_bytes_received_total",
-            "counter",
-            "Protocol bytes received.",
-            self.bytes_received.get().to_string(),
-        );
-        metric(
-            "medmesh_rounds_completed_total",
-            "counter",
-            "Experiment rounds completed.",
-            self.rounds_completed.get().to_string(),
-        );
-        metric(
-            "medmesh_round",
-            "gauge",
-            "Current experiment round.",
-            self.round.get().to_string(),
-        );
-        metric(
-            "medmesh_dice",
-            "gauge",
-            "Validation Dice after the last round.",
-            self.dice.get().to_string(),
-        );
-        metric(
-            "medmesh_loss",
-            "gauge",
-            "Training loss of the last round.",
-            self.loss.get().to_string(),
-        );
-        metric(
-            "medmesh_peers_averaged",
-            "gauge",
-            "Peer updates averaged in the last round.",
-            self.peers_averaged.get().to_string(),
-        );
-        metric(
-            "medmesh_connections_refused_total",
-            "counter",
-            "Connections refused: peer not on the roster.",
-            self.refused_not_member.get().to_string(),
-        );
-        metric(
-            "medmesh_handshakes_failed_total",
-            "counter",
-            "Connection attempts that failed in the handshake.",
-            self.failed_handshakes.get().to_string(),
-        );
-        metric(
-            "medmesh_transfers_total",
-            "counter",
-            "Model updates received.",
-            self.transfers.get().to_string(),
-        );
-        metric(
-            "medmesh_transfer_seconds_total",
-            "counter",
-            "Seconds spent receiving model updates.",
-            (self.transfer_micros.get() as f64 / 1e6).to_string(),
-        );
-        metric(
-            "medmesh_checkpoint_failures_total",
-            "counter",
-            "Checkpoint writes that failed (the previous checkpoint was kept).",
-            self.checkpoint_failures.get().to_string(),
-        );
-        metric(
-            "medmesh_rounds_short_of_peers_total",
-            "counter",
-            "Training rounds started with fewer reachable neighbours than min_peers asks.",
-            self.rounds_short_of_peers.get().to_string(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP medmesh_rejected_total Messages and updates dropped, by reason.\n# TYPE medmesh_rejected_total counter"
-        );
-        let r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
-        for (reason, n) in r.iter() {
-            let _ = writeln!(out, "medmesh_rejected_total{{reason=\"{reason}\"}} {n}");
-        }
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .unwrap_or_else(|e| unreachable!("writing into a String cannot fail: {e}"));
         out
-    }
-
-    /// Serves `GET /metrics` on `addr` until the task is dropped. Returns the bound address.
-    pub async fn serve(
-        self: std::sync::Arc<Self>,
-        addr: &str,
-    ) -> std::io::Result<(SocketAddr, impl Future<Output = ()> + use<>)> {
-        let listener = TcpListener::bind(addr).await?;
-        let local = listener.local_addr()?;
-        let serve = async move {
-            loop {
-                let Ok((mut socket, _)) = listener.accept().await else {
-                    continue;
-                };
-                let metrics = self.clone();
-                tokio::spawn(async move {
-                    let mut request = [0u8; 1024];
-                    let n = match tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        socket.read(&mut request),
-                    )
-                    .await
-                    {
-                        Ok(Ok(n)) => n,
-                        _ => return,
-                    };
-                    let (status, body) = if request[..n].starts_with(b"GET /metrics") {
-                        ("200 OK", metrics.render())
-                    } else {
-                        ("404 Not Found", "try GET /metrics\n".to_string())
-                    };
-                    let response = format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = socket.write_all(response.as_bytes()).await;
-                });
-            }
-        };
-        Ok((local, serve))
     }
 }
 
-/// Reads one metric's value out of a text exposition (for the demo and tests).
+fn label(experiment: &str) -> ExperimentLabel {
+    ExperimentLabel {
+        experiment: experiment.to_owned(),
+    }
+}
+
+/// Reads one metric's value out of a text exposition (for the demo and tests): the first
+/// sample named `name`, with or without labels.
 pub fn parse_value(exposition: &str, name: &str) -> Option<f64> {
     exposition.lines().find_map(|line| {
         let rest = line.strip_prefix(name)?;
-        let value = rest.strip_prefix(' ')?;
+        let value = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
         value.trim().parse().ok()
     })
 }
@@ -271,16 +285,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exposition_round_trips_values() {
+    fn exposition_round_trips_values_per_experiment() {
         let m = Metrics::default();
-        m.bytes_sent.add(42);
-        m.dice.set(0.875);
+        m.bytes_sent.inc_by(42);
+        let round = |round, dice| RoundDone {
+            round,
+            dice,
+            loss: 0.5,
+            peers_averaged: Some(2),
+            elapsed: Duration::from_millis(1500),
+        };
+        m.round_done("a", round(3, 0.875));
+        m.round_done("b", round(5, 0.5));
+        m.transfer_done("a", Duration::from_millis(20));
         m.rejected("nan_weights");
         m.rejected("nan_weights");
         let text = m.render();
         assert_eq!(parse_value(&text, "medmesh_bytes_sent_total"), Some(42.0));
-        assert_eq!(parse_value(&text, "medmesh_dice"), Some(0.875));
+        assert!(
+            text.contains("medmesh_dice{experiment=\"a\"} 0.875"),
+            "{text}"
+        );
+        assert!(
+            text.contains("medmesh_dice{experiment=\"b\"} 0.5"),
+            "{text}"
+        );
+        assert!(text.contains("medmesh_round{experiment=\"b\"} 5"), "{text}");
+        assert!(
+            text.contains("medmesh_round_duration_seconds_bucket{le=\"2.0\",experiment=\"a\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("medmesh_transfer_seconds_count{experiment=\"a\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("medmesh_rejected_total{reason=\"nan_weights\"} 2"));
         assert_eq!(m.rejected_count("nan_weights"), 2);
+        assert_eq!(m.rejected_counts(), vec![("nan_weights", 2)]);
+        // `medmesh_round` is not read off `medmesh_rounds_completed_total` (1 for either
+        // experiment) or the histogram; series of one family come in no fixed order.
+        let round = parse_value(&text, "medmesh_round");
+        assert!(round == Some(3.0) || round == Some(5.0), "{round:?}");
+        assert_eq!(
+            parse_value(&text, "medmesh_round{experiment=\"b\"}"),
+            Some(5.0)
+        );
     }
 }

@@ -522,7 +522,7 @@ fn ask_each_kind(
             experiment_id: id.into(),
             round: 2,
         }),
-        Request::Announce(Announcement::Progress(progress.clone())),
+        Request::Announce(Announcement::Progress(Box::new(progress.clone()))),
         Request::Status(StatusQuery {
             experiment_id: Some(id.into()),
         }),

@@ -1,11 +1,32 @@
 //! `medmesh demo` end to end at a small size: real node processes, the researcher's
-//! submission, local-only baselines and `report.json` in the documented shape.
+//! submission, local-only baselines and `report.json` in the documented shape, and the
+//! dashboard it leaves running with `--keep-running`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// GET `path` on a node's dashboard; the body.
+fn dashboard_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
 
 #[test]
 fn demo_writes_a_complete_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_medmesh"))
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_medmesh"))
         .args([
             "demo",
             "--sites",
@@ -18,21 +39,68 @@ fn demo_writes_a_complete_report() {
             "2",
             "--port",
             "48300",
+            "--keep-running",
             "--out",
         ])
         .arg(&out)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    // Its output, line by line, until it says the nodes keep running.
+    let (lines, rx) = std::sync::mpsc::channel();
+    let reader = BufReader::new(demo.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut stdout = String::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !stdout.contains("the nodes keep running") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => stdout.push_str(&(line + "\n")),
+            Err(_) => {
+                let _ = demo.kill();
+                let mut stderr = String::new();
+                let _ = demo.stderr.take().unwrap().read_to_string(&mut stderr);
+                panic!("the demo stopped or hung:\n{stdout}\n{stderr}");
+            }
+        }
+    }
     assert!(
         stdout.contains("found the other 2 through the DHT"),
         "{stdout}"
     );
+    // The nodes stay up after the report: the dashboard the demo names answers.
+    let dashboard = "127.0.0.1:48400";
+    assert!(
+        stdout.contains(&format!("dashboard: http://{dashboard}/")),
+        "{stdout}"
+    );
+    let experiments: serde_json::Value =
+        serde_json::from_str(&dashboard_get(dashboard, "/api/v1/experiments")).unwrap();
+    let sites = experiments[0]["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 3, "{experiments}");
+    assert!(
+        sites.iter().all(|s| s["status"] == "finished"),
+        "{experiments}"
+    );
+    assert!(dashboard_get(dashboard, "/").contains("<title>medmesh</title>"));
+    // Ctrl-C stops it cleanly.
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        std::net::TcpStream::connect(dashboard).is_err(),
+        "the nodes outlived the demo"
+    );
+
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let nodes = report["nodes"].as_array().unwrap();

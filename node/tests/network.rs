@@ -27,14 +27,29 @@ fn manifest(rounds: u32) -> Manifest {
 
 /// Ports are per test so tests can run at once.
 fn start(dir: &Path, n: usize, port: u16) -> (LocalConsortium, Nodes, tokio::runtime::Runtime) {
+    start_with(dir, n, port, |_| {})
+}
+
+/// [`start`], with `prepare` run on the consortium's files before the nodes start.
+fn start_with(
+    dir: &Path,
+    n: usize,
+    port: u16,
+    prepare: impl FnOnce(&LocalConsortium),
+) -> (LocalConsortium, Nodes, tokio::runtime::Runtime) {
     let c = LocalConsortium::create(dir, n, port).unwrap();
     c.prepare_data(8, 32, 4).unwrap();
+    prepare(&c);
     let mut nodes = Nodes(Vec::new());
     for i in 0..n {
         nodes.0.push(c.spawn_node(Path::new(BIN), i, 1).unwrap());
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let metrics: Vec<String> = (0..n).map(|i| c.metrics_addr(i)).collect();
+    // The metrics of dashboards without a token (`prepare` may have given one a token).
+    let metrics: Vec<String> = (0..n)
+        .filter(|&i| !c.node_dir(i).join("dashboard.token").exists())
+        .map(|i| c.metrics_addr(i))
+        .collect();
     local::wait_for_mesh(&rt, &metrics, &mut nodes, n).unwrap_or_else(|e| {
         panic!("{e}\n{}", logs(&c, n));
     });
@@ -719,4 +734,267 @@ fn experiment_dir(c: &LocalConsortium, node: usize, id: &str) -> std::path::Path
     let dir = c.node_dir(node).join("state/experiments").join(id);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Sends `request` as is to a dashboard and reads until the server closes (at most 10 s).
+fn raw_http(addr: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// GET `path` from a dashboard, with a bearer token if given; the status line and the body.
+fn get(addr: &str, path: &str, token: Option<&str>) -> (String, String) {
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let text = raw_http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// Debian's Chromium, which `.ci/run` installs.
+fn chromium() -> &'static str {
+    for path in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if Path::new(path).exists() {
+            return path;
+        }
+    }
+    panic!(
+        "the dashboard test needs a headless Chromium: `apt-get install chromium` (.ci/run installs it)"
+    );
+}
+
+/// Runs headless Chromium on `url` with `args`, after the page's scripts have had
+/// `budget_ms` of (virtual) time.
+fn run_chromium(url: &str, budget_ms: u32, args: &[&str]) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    std::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            "--disable-background-networking",
+            &format!("--user-data-dir={}", profile.path().display()),
+            &format!("--virtual-time-budget={budget_ms}"),
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_dashboard_shows_every_site_in_a_browser_and_bad_http_leaves_training_alone() {
+    let browser = chromium();
+    let dir = tempfile::tempdir().unwrap();
+    let n = 3;
+    let token = "a-test-token-of-forty-characters-long-00";
+    let (c, mut nodes, rt) = start_with(dir.path(), n, 51500, |c| {
+        // Site 3's first image is corrupt: its experiment fails at start, and says so.
+        let images = c.site_data(2).join("imagesTr");
+        let mut files: Vec<_> = std::fs::read_dir(&images)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        std::fs::write(&files[0], b"not a NIfTI file").unwrap();
+        // Node 1's dashboard asks for a token.
+        std::fs::write(c.node_dir(0).join("dashboard.token"), format!("{token}\n")).unwrap();
+        let config = c.node_dir(0).join("node.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let text = text.replace(
+            "[dashboard]\n",
+            "[dashboard]\ntoken_file = \"dashboard.token\"\n",
+        );
+        std::fs::write(&config, text).unwrap();
+    });
+    let dash = c.metrics_addr(0);
+    let client = researcher(&c, &rt, 0);
+    let rounds = 6;
+    rt.block_on(client.submit(SignedManifest::sign(manifest(rounds), &c.researcher)))
+        .unwrap();
+
+    // Bad HTTP while the experiment trains.
+    let (status, _) = get(&dash, "/api/v1/node", None);
+    assert!(status.contains("401"), "no token: {status}");
+    let (status, _) = get(
+        &dash,
+        "/api/v1/node",
+        Some("a-wrong-token-of-forty-characters-long-0"),
+    );
+    assert!(status.contains("401"), "wrong token: {status}");
+    let (status, body) = get(&dash, "/api/v1/node", Some(token));
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("\"site\":\"site-1\""), "{body}");
+    let (status, _) = get(&dash, "/", None);
+    assert!(
+        status.contains("200"),
+        "the page itself holds no data: {status}"
+    );
+    let post = raw_http(
+        &dash,
+        b"POST /api/v1/node HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert!(
+        post.contains("content-security-policy: default-src 'none'"),
+        "{post}"
+    );
+    assert!(post.contains("x-frame-options: DENY"), "{post}");
+    let garbage = raw_http(
+        &dash,
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\xff\xfe\r\n\r\n",
+    );
+    assert!(
+        garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+        "{garbage}"
+    );
+    let huge = format!(
+        "GET / HTTP/1.1\r\nhost: localhost\r\nx-filler: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let answer = raw_http(&dash, huge.as_bytes());
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer:.200}"
+    );
+    // Without a token, only loopback host names are answered (DNS rebinding).
+    let rebound = raw_http(
+        &c.metrics_addr(1),
+        b"GET /api/v1/node HTTP/1.1\r\nhost: attacker.example\r\nconnection: close\r\n\r\n",
+    );
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    // Slow clients: more than the dashboard serves at once, each sending half a request.
+    let slow: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(&dash).unwrap();
+            let _ = s.write_all(b"GET /api/v1/node HTTP/1.1\r\nhost: loc");
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    for mut s in slow {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = Vec::new();
+        // Closed by the server: a clean end, or a reset for those over the connection limit.
+        let kept = s.read_to_end(&mut buf).is_err_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        });
+        assert!(!kept, "a slow client was kept past the header timeout");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _) = get(&dash, "/metrics", Some(token));
+    assert!(status.contains("200"), "after the slow clients: {status}");
+
+    // The healthy sites finish; the broken one reports why it failed.
+    let failed = |r: &medmesh_protocol::SignedProgress| r.record.failure.is_some();
+    wait_until(&c, &rt, &client, n, Duration::from_secs(300), |r| {
+        r.len() == n && r.iter().all(|p| p.record.finished || failed(p))
+    });
+    local::check_alive(&mut nodes).unwrap();
+    let (_, body) = get(&dash, "/api/v1/experiments/net-test", Some(token));
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sites = e["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), n, "{e}");
+    let site3 = sites.iter().find(|s| s["site"] == "site-3").unwrap();
+    assert_eq!(site3["status"], "failed", "{e}");
+    let reason = site3["failure"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("[datasets.synthetic]/./imagesTr/"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains(&dir.path().display().to_string()),
+        "{reason}"
+    );
+    for site in ["site-1", "site-2"] {
+        let curve = e["history"][site].as_array().unwrap();
+        assert_eq!(curve.len(), rounds as usize + 1, "{site}: {curve:?}");
+    }
+    assert!(
+        e["provenance"]["model_hash"].as_str().unwrap().len() == 64,
+        "{e}"
+    );
+    let metrics = get(&dash, "/metrics", Some(token)).1;
+    assert!(
+        metrics.contains(&format!(
+            "medmesh_rounds_completed_total{{experiment=\"net-test\"}} {rounds}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("medmesh_round_duration_seconds_count{experiment=\"net-test\"}"));
+
+    // The page, rendered by a real browser after its scripts ran.
+    let url = format!("http://{dash}/#token={token}");
+    let out = run_chromium(&url, 10_000, &["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && dom.contains("data-experiment=\"net-test\""),
+        "{browser} rendered no experiment:\n{dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for site in ["site-1", "site-2", "site-3"] {
+        assert!(
+            dom.contains(&format!("<tr data-site=\"{site}\"")),
+            "{site} missing:\n{dom}"
+        );
+    }
+    for site in ["site-1", "site-2"] {
+        assert!(
+            dom.contains(&format!("data-site=\"{site}\" data-rounds=\"{rounds}\"")),
+            "no {rounds}-round curve for {site}:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains("data-site=\"site-3\" data-status=\"failed\""),
+        "{dom}"
+    );
+    let shown_reason = reason
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    assert!(
+        dom.contains(&shown_reason),
+        "the failure reason is not shown:\n{dom}"
+    );
+    // A screenshot, kept as the test's artifact.
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = run_chromium(
+        &url,
+        10_000,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1400,1500",
+            "--hide-scrollbars",
+        ],
+    );
+    assert!(
+        shot.metadata().is_ok_and(|m| m.len() > 10_000),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+    drop(nodes);
 }

@@ -21,7 +21,7 @@ use crate::progress::SignedProgress;
 /// The wire protocol version this build speaks. 3: manifests carry `training.proximal_mu`
 /// and `training.personalize_steps`, progress records `personalized_metric`. 4: manifests
 /// carry `averaging.max_sample_weight` and `export.researchers`.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest encoded frame: a 1 MiB payload chunk plus generous room for its header.
 pub const MAX_MESSAGE_BYTES: usize = (1 << 20) + (64 << 10);
@@ -102,8 +102,8 @@ pub enum Announcement {
     Manifest(Box<SignedManifest>),
     /// A roster version, so newer rosters spread.
     Roster(SignedRoster),
-    /// A site's signed progress after a round.
-    Progress(SignedProgress),
+    /// A site's signed progress after a round (boxed: it carries text).
+    Progress(Box<SignedProgress>),
 }
 
 /// The answer to an [`Announcement`].
@@ -460,6 +460,11 @@ mod tests {
             finished: true,
             stop_after: None,
             privacy_epsilon: None,
+            device: "cpu".into(),
+            bytes_sent: 1 << 20,
+            bytes_received: 1 << 20,
+            averaging_shift: Some(0.002),
+            failure: None,
             unix_ms: 1_700_000_000_000,
         };
         let progress = SignedProgress::sign(record, &node);
@@ -479,7 +484,7 @@ mod tests {
                 crate::manifest::SignedManifest::sign(manifest, &node),
             ))),
             Request::Announce(Announcement::Roster(roster)),
-            Request::Announce(Announcement::Progress(progress)),
+            Request::Announce(Announcement::Progress(Box::new(progress))),
             Request::Update(UpdateRequest::Offer {
                 experiment_id: "e".into(),
                 round: None,

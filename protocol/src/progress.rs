@@ -35,6 +35,20 @@ pub struct ProgressRecord {
     /// The epsilon this site's privacy releases have spent so far, at the manifest's delta
     /// (only with privacy noise; [`crate::accounting::Budget`]).
     pub privacy_epsilon: Option<f64>,
+    /// The compute device the site trains on (`cpu`, `cuda:0`, ...), at most
+    /// [`MAX_DEVICE_LEN`] bytes.
+    pub device: String,
+    /// Model-update payload bytes this site has served to its peers in this experiment.
+    pub bytes_sent: u64,
+    /// Model-update payload bytes this site has fetched from its peers in this experiment.
+    pub bytes_received: u64,
+    /// How far this round's averaging moved the site's model: the root mean square of
+    /// (averaged - local) over the shared weights. It falls as the sites agree: the
+    /// consensus distance as one site can see it. `None` when nothing was averaged.
+    pub averaging_shift: Option<f32>,
+    /// Set when the site's experiment failed and stopped: why, in words, at most
+    /// [`MAX_FAILURE_LEN`] bytes. The site sends no further records for it.
+    pub failure: Option<String>,
     /// Wall-clock time of the record, milliseconds since the Unix epoch (sender's clock).
     pub unix_ms: u64,
 }
@@ -48,6 +62,12 @@ pub struct SignedProgress {
     pub signature: Signature,
 }
 
+/// Longest [`ProgressRecord::device`] accepted, in bytes.
+pub const MAX_DEVICE_LEN: usize = 64;
+
+/// Longest [`ProgressRecord::failure`] accepted, in bytes.
+pub const MAX_FAILURE_LEN: usize = 1024;
+
 /// Why a progress record was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProgressError {
@@ -57,6 +77,16 @@ pub enum ProgressError {
     /// The signature does not verify.
     #[error("progress signature rejected: {0}")]
     Signature(SignatureError),
+    /// A text field is longer than the protocol allows.
+    #[error("progress record field {field} is {len} bytes, over the limit of {max}")]
+    Oversized {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl From<MembershipError> for ProgressError {
@@ -81,6 +111,16 @@ impl SignedProgress {
 
     /// Checks that an active node signed it.
     pub fn verify(&self, roster: &Roster) -> Result<(), ProgressError> {
+        let r = &self.record;
+        let failure = r.failure.as_deref().map_or(0, str::len);
+        for (field, len, max) in [
+            ("device", r.device.len(), MAX_DEVICE_LEN),
+            ("failure", failure, MAX_FAILURE_LEN),
+        ] {
+            if len > max {
+                return Err(ProgressError::Oversized { field, len, max });
+            }
+        }
         roster.authorize(&self.record.node, Role::Node)?;
         self.record.node.verify(
             Domain::ProgressRecord,
@@ -129,6 +169,11 @@ mod tests {
             finished: false,
             stop_after: Some(7),
             privacy_epsilon: Some(1.5),
+            device: "cpu".into(),
+            bytes_sent: 10,
+            bytes_received: 20,
+            averaging_shift: Some(0.01),
+            failure: None,
             unix_ms: 0,
         };
         let signed = SignedProgress::sign(record.clone(), &node);
@@ -138,6 +183,15 @@ mod tests {
         assert!(matches!(
             forged.verify(&roster),
             Err(ProgressError::Signature(_))
+        ));
+        let mut long = record.clone();
+        long.failure = Some("x".repeat(MAX_FAILURE_LEN + 1));
+        assert!(matches!(
+            SignedProgress::sign(long, &node).verify(&roster),
+            Err(ProgressError::Oversized {
+                field: "failure",
+                ..
+            })
         ));
         let by_researcher = SignedProgress::sign(record, &researcher);
         assert!(matches!(

@@ -68,9 +68,12 @@ pub struct DemoOptions {
     /// Working directory (keys, data, node states, report.json).
     #[arg(long, default_value = "medmesh-demo")]
     pub out: PathBuf,
-    /// First TCP port; node i listens on port + i.
+    /// First TCP port; node i listens on port + i and serves its dashboard on port + 100 + i.
     #[arg(long, default_value_t = 47100)]
     pub port: u16,
+    /// Keep the nodes (and their dashboards) running after the report, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
 }
 
 /// Written into the working directory so a rerun may clear it.
@@ -288,6 +291,12 @@ pub fn run(o: &DemoOptions) -> Result<()> {
     let rt = super::network::runtime()?;
     local::wait_for_mesh(&rt, &metrics_addrs, &mut children, n)?;
     println!("    every node found the other {} through the DHT", n - 1);
+    println!(
+        "    dashboard: http://{}/ (each node serves its own: ports {} to {})",
+        metrics_addrs[0],
+        o.port + 100,
+        o.port + 100 + n as u16 - 1
+    );
 
     let id = manifest.id.clone();
     let digest = hex::encode(manifest.digest());
@@ -366,7 +375,12 @@ pub fn run(o: &DemoOptions) -> Result<()> {
             parse_value(&metrics, "medmesh_bytes_received_total").unwrap_or(0.0) as u64,
         ));
     }
-    drop(children);
+    let children = if o.keep_running {
+        Some(children)
+    } else {
+        drop(children);
+        None
+    };
     let b = baseline
         .join()
         .map_err(|_| anyhow::anyhow!("the baselines panicked"))??;
@@ -413,7 +427,29 @@ pub fn run(o: &DemoOptions) -> Result<()> {
     keystore::write_atomic(&path, &serde_json::to_vec_pretty(&report)?, 0o644)?;
     print!("{}", table(&report));
     println!("report: {}", path.display());
+    if let Some(children) = children {
+        keep_running(&rt, children, &metrics_addrs[0])?;
+    }
     Ok(())
+}
+
+/// Waits for Ctrl-C (or SIGTERM) while the nodes run on, then stops them.
+fn keep_running(rt: &tokio::runtime::Runtime, mut children: Nodes, dashboard: &str) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Listening before saying so: a Ctrl-C right after the line is caught, not fatal.
+    let _runtime = rt.enter();
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    println!("the nodes keep running: look around at http://{dashboard}/ ; Ctrl-C stops them");
+    rt.block_on(async {
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => return Ok(()),
+                _ = terminate.recv() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_secs(2)) => local::check_alive(&mut children)?,
+            }
+        }
+    })
 }
 
 fn prepare_dir(out: &Path) -> Result<()> {

@@ -95,6 +95,11 @@ fn progress_json(client: &Client, p: &SignedProgress) -> serde_json::Value {
         "finished": r.finished,
         "stop_after": r.stop_after,
         "privacy_epsilon": r.privacy_epsilon,
+        "device": r.device,
+        "bytes_sent": r.bytes_sent,
+        "bytes_received": r.bytes_received,
+        "averaging_shift": r.averaging_shift,
+        "failure": r.failure,
         "unix_ms": r.unix_ms,
     })
 }
@@ -134,7 +139,11 @@ pub fn status_table(client: &Client, records: &[SignedProgress]) -> String {
             "-".into()
         };
         let seen = now.saturating_sub(r.unix_ms) / 1000;
-        let state = if r.finished { " (finished)" } else { "" };
+        let state = match &r.failure {
+            Some(why) => format!(" (failed: {why})"),
+            None if r.finished => " (finished)".into(),
+            None => String::new(),
+        };
         out.push_str(&format!(
             "{:<24} {:<18} {:>5} {:>8} {:>6.3} {:>6}{}  {seen} s ago{state}\n",
             r.experiment_id,

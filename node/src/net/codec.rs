@@ -55,7 +55,7 @@ impl FrameCodec {
         }
         let mut body = vec![0u8; len];
         io.read_exact(&mut body).await?;
-        self.metrics.bytes_received.add(4 + len as u64);
+        self.metrics.bytes_received.inc_by(4 + len as u64);
         Ok(Ok(body))
     }
 
@@ -101,7 +101,7 @@ impl FrameCodec {
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&body);
         io.write_all(&frame).await?;
-        self.metrics.bytes_sent.add(frame.len() as u64);
+        self.metrics.bytes_sent.inc_by(frame.len() as u64);
         Ok(())
     }
 }

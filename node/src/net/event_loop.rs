@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
@@ -60,6 +60,15 @@ pub struct EventLoop {
     wanted: (HashSet<PeerId>, HashSet<PeerId>),
     /// Node members whose last dial failed and that have not connected since.
     unreachable: HashSet<PeerId>,
+    /// Members' connections as the dashboard shows them.
+    seen: HashMap<PeerId, Seen>,
+}
+
+/// When a member's connections last changed, and where from.
+struct Seen {
+    since: Option<SystemTime>,
+    last: SystemTime,
+    address: Multiaddr,
 }
 
 impl EventLoop {
@@ -96,6 +105,7 @@ impl EventLoop {
             addresses: HashMap::new(),
             wanted: Default::default(),
             unreachable: HashSet::new(),
+            seen: HashMap::new(),
         };
         this.set_members(members);
         (this, handle, event_rx)
@@ -161,11 +171,12 @@ impl EventLoop {
             tracing::warn!(%peer, "no longer on the roster; disconnecting");
             let _ = self.swarm.disconnect_peer_id(*peer);
             self.connected.remove(peer);
+            self.seen.remove(peer);
         }
         self.members = new;
         self.metrics
             .peers_connected
-            .set(self.connected.len() as f64);
+            .set(self.connected.len() as i64);
     }
 
     fn is_node(&self, peer: &PeerId) -> bool {
@@ -270,7 +281,7 @@ impl EventLoop {
             .kbuckets()
             .map(|b| b.num_entries())
             .sum();
-        self.metrics.routing_table_peers.set(known as f64);
+        self.metrics.routing_table_peers.set(known as i64);
     }
 
     /// Dials a wanted node member: at the addresses it told, or those the DHT knows; with
@@ -389,6 +400,33 @@ impl EventLoop {
                     .count();
                 let _ = reply.send(super::Reachability { connected, failed });
             }
+            Command::Peers { reply } => {
+                let mut peers: Vec<super::PeerState> = self
+                    .seen
+                    .iter()
+                    .map(|(peer, seen)| super::PeerState {
+                        peer: *peer,
+                        connected_since: seen.since,
+                        last_seen: Some(seen.last),
+                        address: Some(seen.address.clone()),
+                        unreachable: self.unreachable.contains(peer),
+                    })
+                    .collect();
+                peers.extend(
+                    self.unreachable
+                        .iter()
+                        .filter(|p| !self.seen.contains_key(p))
+                        .map(|peer| super::PeerState {
+                            peer: *peer,
+                            connected_since: None,
+                            last_seen: None,
+                            address: None,
+                            unreachable: true,
+                        }),
+                );
+                peers.sort_by_key(|p| p.peer);
+                let _ = reply.send(peers);
+            }
         }
     }
 
@@ -401,17 +439,30 @@ impl EventLoop {
                 peer_id,
                 connection_id,
                 num_established,
+                endpoint,
                 ..
             } => {
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
                 self.unreachable.remove(&peer_id);
+                if self.is_node(&peer_id) {
+                    let now = SystemTime::now();
+                    let address = endpoint.get_remote_address().clone();
+                    let seen = self.seen.entry(peer_id).or_insert(Seen {
+                        since: None,
+                        last: now,
+                        address: address.clone(),
+                    });
+                    seen.since.get_or_insert(now);
+                    seen.last = now;
+                    seen.address = address;
+                }
                 if num_established.get() == 1 && self.is_node(&peer_id) {
                     self.connected.insert(peer_id, Instant::now());
                     self.metrics
                         .peers_connected
-                        .set(self.connected.len() as f64);
+                        .set(self.connected.len() as i64);
                     tracing::info!(peer = %peer_id, "member connected");
                     let _ = self.events.try_send(NetEvent::Connected(peer_id));
                 }
@@ -421,9 +472,13 @@ impl EventLoop {
                 num_established: 0,
                 ..
             } if self.connected.remove(&peer_id).is_some() => {
+                if let Some(seen) = self.seen.get_mut(&peer_id) {
+                    seen.since = None;
+                    seen.last = SystemTime::now();
+                }
                 self.metrics
                     .peers_connected
-                    .set(self.connected.len() as f64);
+                    .set(self.connected.len() as i64);
                 tracing::info!(peer = %peer_id, "member disconnected");
                 let _ = self.events.try_send(NetEvent::Disconnected(peer_id));
             }

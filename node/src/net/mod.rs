@@ -123,6 +123,24 @@ pub(crate) enum Command {
         peers: Vec<PeerId>,
         reply: oneshot::Sender<Reachability>,
     },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerState>>,
+    },
+}
+
+/// A member's connection as this node sees it (for the dashboard).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerState {
+    /// The member.
+    pub peer: PeerId,
+    /// Since when it is connected; `None` when it is not.
+    pub connected_since: Option<std::time::SystemTime>,
+    /// When a connection to it last opened or closed; `None` if it never connected.
+    pub last_seen: Option<std::time::SystemTime>,
+    /// The remote address of its latest connection.
+    pub address: Option<Multiaddr>,
+    /// Whether the last dial to it failed (and it has not connected since).
+    pub unreachable: bool,
 }
 
 /// How many of some members are reachable now.
@@ -236,6 +254,15 @@ impl NetworkHandle {
             .is_err()
         {
             return Reachability::default();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// The connection state of every member this node has connected to or tried to.
+    pub async fn peers(&self) -> Vec<PeerState> {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::Peers { reply }).await.is_err() {
+            return Vec::new();
         }
         answer.await.unwrap_or_default()
     }

@@ -188,7 +188,10 @@ pub async fn fetch_update(
             Vec::new(),
         )
     };
-    node.metrics.transfer_done(started.elapsed());
+    node.metrics
+        .transfer_done(want.expect.experiment_id, started.elapsed());
+    node.registry
+        .add_traffic(want.expect.experiment_id, 0, envelope.header.payload_len);
     Ok(Fetched {
         sender,
         envelope,

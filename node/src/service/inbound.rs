@@ -33,7 +33,7 @@ pub async fn handle(node: &Arc<Node>, peer: PeerId, request: Request) -> Respons
     }
     match request {
         Request::Announce(Announcement::Manifest(signed)) => on_manifest(node, peer, *signed),
-        Request::Announce(Announcement::Progress(p)) => on_progress(node, peer, p),
+        Request::Announce(Announcement::Progress(p)) => on_progress(node, peer, *p),
         Request::Announce(Announcement::Roster(r)) => on_roster(node, r).await,
         Request::Update(UpdateRequest::Offer {
             experiment_id,
@@ -181,7 +181,7 @@ fn on_progress(node: &Arc<Node>, peer: PeerId, p: SignedProgress) -> Response {
     if node.registry.record_progress(&p) {
         let origin = crate::net::peer_id_of(&p.record.node);
         node.broadcast(
-            Request::Announce(Announcement::Progress(p)),
+            Request::Announce(Announcement::Progress(Box::new(p))),
             &[peer, origin],
         );
     }
@@ -252,10 +252,18 @@ fn on_chunk_request(node: &Node, id: &str, round: u64, attempt: u32, offset: u64
             latest_round: None,
         });
     };
-    chunk_of(&served, offset).unwrap_or_else(|why| {
-        node.metrics.rejected("bad_offset");
-        refused(why)
-    })
+    match chunk_of(&served, offset) {
+        Ok(chunk) => {
+            if let Response::Update(UpdateAnswer::Chunk(c)) = &chunk {
+                node.registry.add_traffic(id, c.bytes.len() as u64, 0);
+            }
+            chunk
+        }
+        Err(why) => {
+            node.metrics.rejected("bad_offset");
+            refused(why)
+        }
+    }
 }
 
 /// The chunk of `served`'s payload at `offset`, which must be a chunk boundary.

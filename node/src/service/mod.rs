@@ -146,7 +146,8 @@ impl Node {
                     }
                     Err(e) => {
                         tracing::error!(experiment = %id, "experiment stopped: {e:#}");
-                        node.registry.stop(id, format!("stopped: {e:#}"));
+                        node.registry.stop(id, format!("failed: {e:#}"));
+                        runner::publish_failure(&node, &signed, &format!("{e:#}"));
                     }
                 }
             });
@@ -233,15 +234,7 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
     // started stops.
     let _stop = tasks.stop_on_drop();
     let metrics = Arc::new(Metrics::default());
-    if !config.metrics.listen.is_empty() {
-        let (addr, serve) = metrics
-            .clone()
-            .serve(&config.metrics.listen)
-            .await
-            .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
-        tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        tasks.spawn(serve);
-    }
+    let dashboard = crate::dashboard::bind(&config.dashboard).await?;
 
     let protocols = Protocols::for_consortium(&consortium);
     let settings = BehaviourSettings {
@@ -302,6 +295,13 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
         tasks,
         hooks,
     });
+
+    if let Some(bound) = dashboard {
+        let addr = bound.local_addr()?;
+        tracing::info!(url = %crate::dashboard::url(addr), "dashboard, JSON API at /api/v1, metrics at /metrics");
+        node.tasks
+            .spawn(crate::dashboard::serve(bound, node.clone()));
+    }
 
     for signed in store::load_manifests(&node.config.node.state_dir)? {
         let roster = node

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use medmesh_crypto::PublicKey;
 use medmesh_protocol::{
-    ExchangeState, SignedManifest, SignedProgress, Unavailable, UpdateAnswer, UpdateEnvelope,
+    ExchangeState, ProgressRecord, SignedManifest, SignedProgress, Unavailable, UpdateAnswer,
+    UpdateEnvelope,
 };
 
 use crate::config::DatasetSection;
@@ -40,6 +41,38 @@ struct Experiment {
     finished: bool,
     /// This node's side of its recent pairwise exchanges, by round (the partner asks).
     exchanges: BTreeMap<u64, ExchangeState>,
+    /// Model-update payload bytes served to peers and fetched from them.
+    traffic: Traffic,
+}
+
+/// Model-update payload bytes of one experiment at this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Served to peers.
+    pub sent: u64,
+    /// Fetched from peers.
+    pub received: u64,
+}
+
+/// Rounds of each site's history kept for the dashboard's curves; older rounds are dropped
+/// first.
+pub const HISTORY_ROUNDS: usize = 10_000;
+
+/// One experiment as the node knows it, for the dashboard.
+#[derive(Debug, Clone)]
+pub struct ExperimentView {
+    /// The manifest as accepted.
+    pub signed: SignedManifest,
+    /// Its digest.
+    pub digest: [u8; 32],
+    /// Why this node does not (or no longer) train in it, if it doesn't.
+    pub not_participating: Option<String>,
+    /// Rounds this node has completed.
+    pub rounds_done: u64,
+    /// Whether this node finished it.
+    pub finished: bool,
+    /// This node's model-update traffic in it.
+    pub traffic: Traffic,
 }
 
 /// What [`Registry::register`] found.
@@ -60,6 +93,8 @@ pub enum Registered {
 pub struct Registry {
     experiments: Mutex<HashMap<String, Experiment>>,
     progress: Mutex<BTreeMap<(String, PublicKey), SignedProgress>>,
+    /// Every verified record heard, by (experiment, site) and round: the curves.
+    history: Mutex<HashMap<(String, PublicKey), BTreeMap<u64, ProgressRecord>>>,
 }
 
 /// Locks a mutex, recovering from poisoning: state behind these locks stays consistent
@@ -104,6 +139,7 @@ impl Registry {
                 exchanges: BTreeMap::new(),
                 rounds_done: 0,
                 finished: false,
+                traffic: Traffic::default(),
             },
         );
         if participates {
@@ -237,9 +273,69 @@ impl Registry {
             .unwrap_or(ExchangeState::Pending)
     }
 
-    /// Keeps `p` if it is newer than what is known of its site; true if it was.
+    /// Counts model-update payload bytes of experiment `id` served or fetched.
+    pub fn add_traffic(&self, id: &str, sent: u64, received: u64) {
+        if let Some(e) = lock(&self.experiments).get_mut(id) {
+            e.traffic.sent += sent;
+            e.traffic.received += received;
+        }
+    }
+
+    /// This node's model-update traffic in experiment `id`.
+    pub fn traffic(&self, id: &str) -> Traffic {
+        lock(&self.experiments)
+            .get(id)
+            .map(|e| e.traffic)
+            .unwrap_or_default()
+    }
+
+    /// Every experiment this node knows, by id.
+    pub fn experiments(&self) -> Vec<ExperimentView> {
+        let mut all: Vec<ExperimentView> = lock(&self.experiments)
+            .values()
+            .map(|e| ExperimentView {
+                signed: e.signed.clone(),
+                digest: e.digest,
+                not_participating: e.not_participating.clone(),
+                rounds_done: e.rounds_done,
+                finished: e.finished,
+                traffic: e.traffic,
+            })
+            .collect();
+        all.sort_by(|a, b| a.signed.manifest.id.cmp(&b.signed.manifest.id));
+        all
+    }
+
+    /// The records heard of each site of experiment `id`, by round (the latest record of a
+    /// round wins).
+    pub fn history(&self, id: &str) -> Vec<(PublicKey, Vec<ProgressRecord>)> {
+        let mut sites: Vec<(PublicKey, Vec<ProgressRecord>)> = lock(&self.history)
+            .iter()
+            .filter(|((e, _), _)| e == id)
+            .map(|((_, site), rounds)| (*site, rounds.values().cloned().collect()))
+            .collect();
+        sites.sort_by_key(|(k, _)| k.to_bytes());
+        sites
+    }
+
+    /// Keeps `p` in its site's history (unless it reports a failure), and as its latest if it is newer than what is known
+    /// of its site; true if it was.
     pub fn record_progress(&self, p: &SignedProgress) -> bool {
         let key = (p.record.experiment_id.clone(), p.record.node);
+        // A failure record repeats the site's last round: it is no point of its curves.
+        if p.record.failure.is_none() {
+            let mut history = lock(&self.history);
+            let rounds = history.entry(key.clone()).or_default();
+            let keep = rounds
+                .get(&p.record.round)
+                .is_none_or(|old| old.unix_ms <= p.record.unix_ms);
+            if keep {
+                rounds.insert(p.record.round, p.record.clone());
+            }
+            while rounds.len() > HISTORY_ROUNDS {
+                rounds.pop_first();
+            }
+        }
         let mut all = lock(&self.progress);
         let newer = all.get(&key).is_none_or(|old| {
             (old.record.round, old.record.finished, old.record.unix_ms)

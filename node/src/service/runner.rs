@@ -15,6 +15,7 @@ use libp2p::PeerId;
 use medmesh_crypto::PublicKey;
 use medmesh_protocol::encoding::residue_bytes;
 use medmesh_protocol::envelope::chunk_size_for;
+use medmesh_protocol::progress::MAX_FAILURE_LEN;
 use medmesh_protocol::robust::check_update;
 use medmesh_protocol::round::{Overlay, Phase, RoundRules, Shape};
 use medmesh_protocol::stop::StopRule;
@@ -31,6 +32,7 @@ use super::privacy::{Privatizer, Release};
 use super::round::{self, MaskedUpload, Received, RoundNet, RoundView};
 use super::store::{self, RunnerState};
 use super::{Node, Served};
+use crate::metrics::RoundDone;
 use crate::net;
 use crate::site_data;
 
@@ -66,7 +68,8 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         .get(&m.task.dataset)
         .with_context(|| format!("dataset {:?} is not configured", m.task.dataset))?;
     let data = site_data::load(&dataset.path, m)?;
-    let device = node.config.node.device.parse::<DeviceSpec>()?.device()?;
+    let device_spec = node.config.node.device.parse::<DeviceSpec>()?;
+    let device = device_spec.device()?;
     let ckpt = dir.join("checkpoint.bin");
     let ledger = dir.join("privacy-ledger.bin");
     for file in [&ckpt, &dir.join("progress.json"), &ledger] {
@@ -113,6 +116,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         m,
         digest,
         contribution_weight: sample_weight,
+        device: device_spec.to_string(),
     };
     // The time budget of `stop.max_minutes` counts from this site's first start.
     let started = *state.started_unix_ms.get_or_insert_with(unix_ms);
@@ -127,7 +131,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             0,
             f32::NAN,
             scores.score(metric) as f32,
-            0,
+            (0, None),
             false,
         );
     }
@@ -169,6 +173,8 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     // Rounds this site has completed, the final reduce's included (the trainer counts
     // training rounds only: progress, checkpoints and provenance speak of those).
     let mut done = trainer.round();
+    // The last training round's peers averaged and averaging shift, for the final record.
+    let mut last_exchange: (u32, Option<f32>) = (0, None);
     loop {
         check_running(node)?;
         // Training ends at the earliest round a site announced having met a stop rule.
@@ -192,6 +198,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             break;
         }
         let round = done + 1;
+        let round_started = Instant::now();
         let me_at = members
             .iter()
             .position(|k| *k == me)
@@ -334,6 +341,13 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
 
         // 3. Take the merged model and the new mass.
         let averaged = x.contributors.len();
+        let shift = x
+            .merged
+            .as_deref()
+            .map(|merged| rms_difference(merged, &local));
+        if trains {
+            last_exchange = (averaged as u32, shift);
+        }
         if let Some(merged) = &x.merged {
             trainer
                 .set_weights(merged, selection)
@@ -381,13 +395,16 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         }
         persist(node, &trainer, &ckpt, &state, &dir);
         set_progress(node, &m.id, done, false);
-        if trains {
-            node.metrics.rounds_completed.inc();
-            node.metrics.peers_averaged.set(averaged as f64);
-        }
-        node.metrics.round.set(trainer.round() as f64);
-        node.metrics.dice.set(f64::from(dice));
-        node.metrics.loss.set(f64::from(loss));
+        node.metrics.round_done(
+            &m.id,
+            RoundDone {
+                round: trainer.round(),
+                dice,
+                loss,
+                peers_averaged: trains.then_some(averaged),
+                elapsed: round_started.elapsed(),
+            },
+        );
         tracing::info!(
             experiment = %m.id,
             round,
@@ -405,7 +422,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
                 round,
                 loss,
                 last_metric,
-                averaged as u32,
+                (averaged as u32, shift),
                 false,
             );
         }
@@ -424,7 +441,15 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         personalize(m, &mut trainer, &data, steps as usize, &mut state, &dir)?;
     }
     set_progress(node, &m.id, trainer.round(), true);
-    report.publish(node, &state, trainer.round(), last.0, last_metric, 0, true);
+    report.publish(
+        node,
+        &state,
+        trainer.round(),
+        last.0,
+        last_metric,
+        last_exchange,
+        true,
+    );
     tracing::info!(experiment = %m.id, val_dice = last.1, "experiment finished; model exported");
     Ok(())
 }
@@ -776,6 +801,8 @@ struct Reporter<'a> {
     digest: [u8; 32],
     /// The weight this site brings to averaging: its training slices.
     contribution_weight: f64,
+    /// The compute device, as configured.
+    device: String,
 }
 
 impl Reporter<'_> {
@@ -787,9 +814,10 @@ impl Reporter<'_> {
         round: u64,
         loss: f32,
         metric: f32,
-        peers_averaged: u32,
+        (peers_averaged, averaging_shift): (u32, Option<f32>),
         finished: bool,
     ) {
+        let traffic = node.registry.traffic(&self.m.id);
         let record = ProgressRecord {
             experiment_id: self.m.id.clone(),
             manifest_digest: self.digest,
@@ -803,12 +831,84 @@ impl Reporter<'_> {
             finished,
             stop_after: state.stop_after,
             privacy_epsilon: state.privacy.map(|p| p.epsilon),
+            device: self.device.clone(),
+            bytes_sent: traffic.sent,
+            bytes_received: traffic.received,
+            averaging_shift,
+            failure: None,
             unix_ms: unix_ms(),
         };
-        let signed = SignedProgress::sign(record, &node.identity);
-        node.registry.record_progress(&signed);
-        node.broadcast(Request::Announce(Announcement::Progress(signed)), &[]);
+        spread(node, record);
     }
+}
+
+/// Signs `record`, keeps it, and sends it to the connected members.
+fn spread(node: &Arc<Node>, record: ProgressRecord) {
+    let signed = SignedProgress::sign(record, &node.identity);
+    node.registry.record_progress(&signed);
+    node.broadcast(
+        Request::Announce(Announcement::Progress(Box::new(signed))),
+        &[],
+    );
+}
+
+/// Tells the consortium, in a signed record, that this site's run of `signed` failed and
+/// why (after [`run`] returned an error other than [`Stopped`]). The dataset's folder and the
+/// state directory are named by their configuration keys, not their paths.
+pub fn publish_failure(node: &Arc<Node>, signed: &SignedManifest, why: &str) {
+    let m = &signed.manifest;
+    let me = node.identity.public_key();
+    let last = node
+        .registry
+        .history(&m.id)
+        .into_iter()
+        .find(|(site, _)| *site == me)
+        .and_then(|(_, rounds)| rounds.last().cloned());
+    let traffic = node.registry.traffic(&m.id);
+    // Other members learn why, not where this site keeps its files.
+    let mut failure = why.to_owned();
+    if let Some(d) = node.config.datasets.get(&m.task.dataset) {
+        let folder = d.path.display().to_string();
+        failure = failure.replace(&folder, &format!("[datasets.{}]", m.task.dataset));
+    }
+    let state = node.config.node.state_dir.display().to_string();
+    failure = failure.replace(&state, "[state_dir]");
+    if failure.len() > MAX_FAILURE_LEN {
+        let mut end = MAX_FAILURE_LEN - 3;
+        while !failure.is_char_boundary(end) {
+            end -= 1;
+        }
+        failure.truncate(end);
+        failure.push_str("...");
+    }
+    let record = ProgressRecord {
+        experiment_id: m.id.clone(),
+        manifest_digest: m.digest(),
+        round: last.as_ref().map_or(0, |r| r.round),
+        node: me,
+        loss: last.as_ref().map_or(f32::NAN, |r| r.loss),
+        metric: last.as_ref().map_or(f32::NAN, |r| r.metric),
+        personalized_metric: None,
+        contribution_weight: last.as_ref().map_or(0.0, |r| r.contribution_weight),
+        peers_averaged: 0,
+        finished: false,
+        stop_after: None,
+        privacy_epsilon: last.as_ref().and_then(|r| r.privacy_epsilon),
+        device: node.config.node.device.clone(),
+        bytes_sent: traffic.sent,
+        bytes_received: traffic.received,
+        averaging_shift: None,
+        failure: Some(failure),
+        unix_ms: unix_ms(),
+    };
+    spread(node, record);
+}
+
+/// The root mean square of `a - b`.
+fn rms_difference(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len()).max(1);
+    let sum: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    (sum / n as f64).sqrt() as f32
 }
 
 /// Writes `export/model.safetensors` and `export/provenance.json`.
