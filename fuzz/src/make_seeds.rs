@@ -218,6 +218,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("medmesh-seeds-{}", std::process::id()));
     let volume = medmesh_imaging::Volume {
         dims: [6, 5, 2],
+        spacing: [1.0; 3],
         channels: 1,
         data: (0..60).map(|i| i as f32 * 0.25).collect(),
     };

@@ -8,6 +8,7 @@
 //! paths, and check a file's declared sizes against its length before allocating: a
 //! 300-byte file cannot make a node reserve gigabytes.
 
+pub mod geometry;
 pub mod msd;
 pub mod png_pairs;
 
@@ -19,11 +20,15 @@ pub const MAX_DEFLATE_RATIO: usize = 1032;
 use std::path::PathBuf;
 
 /// An image volume: `channels` stacked 3D volumes, x fastest, then y, z, channel
-/// (NIfTI's order).
+/// (NIfTI's order). Volumes read from NIfTI are in RAS orientation ([`geometry`]): axis 2
+/// slices are axial planes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Volume {
     /// Size along x, y, z.
     pub dims: [usize; 3],
+    /// Distance between voxel centres along x, y, z, in millimetres (1 where the format
+    /// says nothing, as for PNG).
+    pub spacing: [f64; 3],
     /// Number of channels (modalities).
     pub channels: usize,
     /// Voxel values.
@@ -63,11 +68,49 @@ impl Case {
             name: name.to_owned(),
             image: Volume {
                 dims,
+                spacing: [1.0; 3],
                 channels: 1,
                 data: image,
             },
             label: LabelVolume { dims, data: label },
         }
+    }
+}
+
+impl Case {
+    /// The case at voxel spacing `to` (millimetres): the image resampled linearly, the
+    /// label by nearest neighbour.
+    pub fn resampled(&self, to: [f64; 3]) -> Result<Case, DataError> {
+        let from = self.image.spacing;
+        let geometry = |source| DataError::Geometry {
+            path: PathBuf::from(&self.name),
+            source,
+        };
+        let (image, dims) = geometry::resample_linear(
+            &self.image.data,
+            self.image.dims,
+            self.image.channels,
+            from,
+            to,
+        )
+        .map_err(geometry)?;
+        let (label, label_dims) =
+            geometry::resample_nearest(&self.label.data, self.label.dims, from, to)
+                .map_err(geometry)?;
+        debug_assert_eq!(dims, label_dims);
+        Ok(Case {
+            name: self.name.clone(),
+            image: Volume {
+                dims,
+                spacing: to,
+                channels: self.image.channels,
+                data: image,
+            },
+            label: LabelVolume {
+                dims: label_dims,
+                data: label,
+            },
+        })
     }
 }
 
@@ -88,6 +131,14 @@ pub enum DataError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A volume whose voxel-to-world affine cannot be used.
+    #[error("{path}: {source}")]
+    Geometry {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: geometry::GeometryError,
     },
     /// Not a readable NIfTI file (corrupt, truncated, unsupported).
     #[error("{path}: not a readable NIfTI volume: {reason}")]

@@ -10,6 +10,7 @@ use nifti::{IntoNdArray, NiftiObject};
 use serde::{Deserialize, Serialize};
 
 use super::{Case, DataError, LabelVolume, Volume, io_error};
+use crate::geometry::{Affine, Reorientation};
 
 /// The parts of `dataset.json` medmesh reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +107,14 @@ pub fn read_nifti(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
 /// source in errors. The header's declared voxel data is checked against what `bytes`
 /// can hold before anything is allocated for it.
 pub fn decode_nifti(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
+    decode_with_header(bytes, path).map(|(shape, data, _)| (shape, data))
+}
+
+/// [`decode_nifti`], with the header (for the volume's geometry).
+fn decode_with_header(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(Vec<usize>, Vec<f32>, nifti::NiftiHeader), DataError> {
     let nifti_err = |reason: String| DataError::Nifti {
         path: path.to_owned(),
         reason,
@@ -139,6 +148,7 @@ pub fn decode_nifti(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<f32>),
             bytes.len()
         )));
     }
+    let kept = header.clone();
     let object = if gzipped {
         nifti::InMemNiftiObject::from_reader(flate2::read::GzDecoder::new(bytes))
     } else {
@@ -159,7 +169,37 @@ pub fn decode_nifti(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<f32>),
     }
     // Reversing the axes makes logical iteration order x-fastest, whatever the memory order.
     let data: Vec<f32> = array.reversed_axes().iter().copied().collect();
-    Ok((shape, data))
+    Ok((shape, data, kept))
+}
+
+/// A volume as read: its shape (x, y, z first, then channels), x-fastest data, and voxel
+/// spacing in millimetres.
+type Read = (Vec<usize>, Vec<f32>, [f64; 3]);
+
+/// Reads a NIfTI file and brings it to RAS (shape and spacing as reoriented).
+fn read_ras(path: &Path) -> Result<Read, DataError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    let (shape, data, header) = decode_with_header(&bytes, path)?;
+    let affine = Affine::from_nifti(&header);
+    let geometry = |source| DataError::Geometry {
+        path: path.to_owned(),
+        source,
+    };
+    let turn = Reorientation::to_ras(&affine).map_err(geometry)?;
+    let dims = [0, 1, 2].map(|a| shape.get(a).copied().unwrap_or(1));
+    let channels = shape.iter().skip(3).product::<usize>().max(1);
+    let spacing = turn.affine(&affine, dims).spacing();
+    if turn.is_identity() {
+        return Ok((shape, data, spacing));
+    }
+    let data = turn.apply(&data, dims, channels);
+    let mut shape = shape;
+    for (a, d) in turn.dims(dims).into_iter().enumerate() {
+        if let Some(s) = shape.get_mut(a) {
+            *s = d;
+        }
+    }
+    Ok((shape, data, spacing))
 }
 
 /// Walks the extension chain between the header and the voxel data: each extension must
@@ -232,7 +272,7 @@ fn declared_bytes(header: &nifti::NiftiHeader) -> Option<usize> {
 }
 
 fn read_image(path: &Path) -> Result<Volume, DataError> {
-    let (shape, data) = read_nifti(path)?;
+    let (shape, data, spacing) = read_ras(path)?;
     let (dims, channels) = match shape.as_slice() {
         [x, y, z] => ([*x, *y, *z], 1),
         [x, y, z, c] => ([*x, *y, *z], *c),
@@ -252,13 +292,14 @@ fn read_image(path: &Path) -> Result<Volume, DataError> {
     }
     Ok(Volume {
         dims,
+        spacing,
         channels,
         data,
     })
 }
 
 fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
-    let (shape, data) = read_nifti(path)?;
+    let (shape, data, _) = read_ras(path)?;
     let dims = match shape.as_slice() {
         [x, y, z] => [*x, *y, *z],
         [x, y] => [*x, *y, 1],
@@ -303,7 +344,11 @@ pub fn write_dataset(
     for case in cases {
         let file = format!("{}.nii.gz", case.name);
         write_volume(&dir.join("imagesTr").join(&file), &case.image)?;
-        write_labels(&dir.join("labelsTr").join(&file), &case.label)?;
+        write_labels(
+            &dir.join("labelsTr").join(&file),
+            &case.label,
+            case.image.spacing,
+        )?;
         training.push(TrainingPair {
             image: format!("./imagesTr/{file}"),
             label: format!("./labelsTr/{file}"),
@@ -338,11 +383,27 @@ fn write_volume(path: &PathBuf, v: &Volume) -> Result<(), DataError> {
     } else {
         vec![x, y, z, v.channels]
     };
-    write_array(path, &shape, v.data.clone())
+    write_array(path, &shape, v.data.clone(), v.spacing)
 }
 
-fn write_labels(path: &PathBuf, l: &LabelVolume) -> Result<(), DataError> {
-    write_array(path, &l.dims, l.data.clone())
+fn write_labels(path: &PathBuf, l: &LabelVolume, spacing: [f64; 3]) -> Result<(), DataError> {
+    write_array(path, &l.dims, l.data.clone(), spacing)
+}
+
+/// A header that says what medmesh's volumes are: RAS, `spacing` millimetres apart (as
+/// sform and qform, both "scanner anatomical").
+fn ras_header(spacing: [f64; 3]) -> nifti::NiftiHeader {
+    let [a, b, c] = spacing.map(|s| s as f32);
+    nifti::NiftiHeader {
+        pixdim: [1.0, a, b, c, 1.0, 1.0, 1.0, 1.0],
+        sform_code: 1,
+        qform_code: 1,
+        srow_x: [a, 0.0, 0.0, 0.0],
+        srow_y: [0.0, b, 0.0, 0.0],
+        srow_z: [0.0, 0.0, c, 0.0],
+        xyzt_units: 2, // millimetres
+        ..nifti::NiftiHeader::default()
+    }
 }
 
 /// Writes x-fastest `data` of `shape` as NIfTI (gzip-compressed for `.nii.gz`).
@@ -350,13 +411,16 @@ fn write_array<A: nifti::DataElement + bytemuck::Pod>(
     path: &PathBuf,
     shape: &[usize],
     data: Vec<A>,
+    spacing: [f64; 3],
 ) -> Result<(), DataError> {
     let err = |reason: String| DataError::Nifti {
         path: path.clone(),
         reason,
     };
     let array = Array::from_shape_vec(IxDyn(shape).f(), data).map_err(|e| err(e.to_string()))?;
+    let header = ras_header(spacing);
     WriterOptions::new(path)
+        .reference_header(&header)
         .write_nifti(&array)
         .map_err(|e| err(e.to_string()))
 }
@@ -371,6 +435,7 @@ mod tests {
             name: name.into(),
             image: Volume {
                 dims,
+                spacing: [1.0, 0.5, 2.5],
                 channels: 1,
                 data: (0..n).map(|i| i as f32 * 0.5).collect(),
             },
@@ -388,6 +453,57 @@ mod tests {
         write_dataset(dir.path(), "t", "test", &["background", "lesion"], &cases).unwrap();
         let back = read_dataset(dir.path(), 1, 2).unwrap();
         assert_eq!(back, cases);
+    }
+
+    /// A dataset whose files another tool wrote in a flipped and permuted orientation
+    /// comes back in RAS, image and label alike, with its spacing.
+    #[test]
+    fn volumes_are_brought_to_ras() {
+        fn write<A: nifti::DataElement + bytemuck::Pod>(
+            path: &Path,
+            dims: [usize; 3],
+            data: Vec<A>,
+            h: &nifti::NiftiHeader,
+        ) {
+            let array = Array::from_shape_vec(IxDyn(&dims).f(), data).unwrap();
+            WriterOptions::new(path)
+                .reference_header(h)
+                .write_nifti(&array)
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ras = case("a", [2, 3, 4]);
+        write_dataset(
+            dir.path(),
+            "t",
+            "test",
+            &["bg", "fg"],
+            std::slice::from_ref(&ras),
+        )
+        .unwrap();
+        // Stored as a scanner might: axis 0 runs right to left (1 mm), axis 1 is the RAS
+        // volume's axis 2 (S, 2.5 mm), axis 2 its axis 1 reversed (P, 0.5 mm).
+        let stored = Reorientation {
+            axes: [0, 2, 1],
+            flip: [true, false, true],
+        };
+        let header = nifti::NiftiHeader {
+            pixdim: [1.0, 1.0, 2.5, 0.5, 1.0, 1.0, 1.0, 1.0],
+            sform_code: 1,
+            srow_x: [-1.0, 0.0, 0.0, 0.0],
+            srow_y: [0.0, 0.0, -0.5, 0.0],
+            srow_z: [0.0, 2.5, 0.0, 0.0],
+            ..nifti::NiftiHeader::default()
+        };
+        let dims = stored.dims(ras.image.dims);
+        assert_eq!(dims, [2, 4, 3]);
+        let image = stored.apply(&ras.image.data, ras.image.dims, 1);
+        let label = stored.apply(&ras.label.data, ras.label.dims, 1);
+        assert_ne!(image, ras.image.data);
+        write(&dir.path().join("imagesTr/a.nii.gz"), dims, image, &header);
+        write(&dir.path().join("labelsTr/a.nii.gz"), dims, label, &header);
+        let back = read_dataset(dir.path(), 1, 2).unwrap();
+        assert_eq!(back, vec![ras]);
     }
 
     #[test]
@@ -433,6 +549,7 @@ mod tests {
         write_labels(
             &dir.path().join("labelsTr/a.nii.gz"),
             &case("a", [4, 3, 2]).label,
+            [1.0; 3],
         )
         .unwrap();
         write_volume(&img, &case("a", [4, 4, 2]).image).unwrap();

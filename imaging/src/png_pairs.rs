@@ -72,6 +72,7 @@ pub fn read_pairs(dir: &Path, classes: usize) -> Result<Vec<Case>, DataError> {
                     .unwrap_or_default(),
                 image: Volume {
                     dims: [w, h, 1],
+                    spacing: [1.0; 3],
                     channels: 1,
                     data: pixels,
                 },

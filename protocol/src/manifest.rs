@@ -81,6 +81,39 @@ pub struct Task {
     pub channels: u32,
     /// Classes including background.
     pub classes: u32,
+    /// Voxel spacing (millimetres along the patient's x, y, z after reorientation to RAS)
+    /// that every site resamples its volumes to before slicing: images linearly, labels by
+    /// nearest neighbour. Absent: volumes keep their own spacing.
+    #[serde(default)]
+    pub target_spacing: Option<[f64; 3]>,
+    /// The anatomical plane 2D training slices lie in. Volumes are read in RAS orientation,
+    /// so this names the same plane at every site whatever their scanners stored.
+    #[serde(default)]
+    pub plane: Plane,
+}
+
+/// An anatomical plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Plane {
+    /// Perpendicular to the inferior-superior axis.
+    #[default]
+    Axial,
+    /// Perpendicular to the posterior-anterior axis.
+    Coronal,
+    /// Perpendicular to the left-right axis.
+    Sagittal,
+}
+
+impl Plane {
+    /// The RAS array axis a slice in this plane is perpendicular to.
+    pub fn axis(self) -> usize {
+        match self {
+            Plane::Sagittal => 0,
+            Plane::Coronal => 1,
+            Plane::Axial => 2,
+        }
+    }
 }
 
 /// Normalization layers of the UNet.
@@ -547,6 +580,15 @@ impl Manifest {
         }
         if !(1..=16).contains(&t.channels) {
             bad("task.channels", format!("{} must be 1 to 16", t.channels));
+        }
+        if let Some(s) = t.target_spacing
+            && s.iter()
+                .any(|v| !(v.is_finite() && (0.01..=100.0).contains(v)))
+        {
+            bad(
+                "task.target_spacing",
+                format!("{s:?}: each spacing must be 0.01 to 100 mm"),
+            );
         }
         if !(2..=32).contains(&t.classes) {
             bad(

@@ -140,7 +140,18 @@ pub fn site_split(
 ) -> Result<(SliceSet, SliceSet), DataError> {
     let [h, w] = manifest.task.input_size;
     let seed = manifest.training.seed;
-    let slices = slice_cases(cases, &SliceOptions::new([h as usize, w as usize], seed))?;
+    let mut opts = SliceOptions::new([h as usize, w as usize], seed);
+    opts.axis = manifest.task.plane.axis();
+    let slices = match manifest.task.target_spacing {
+        Some(to) => {
+            let resampled = cases
+                .iter()
+                .map(|c| c.resampled(to))
+                .collect::<Result<Vec<_>, _>>()?;
+            slice_cases(&resampled, &opts)?
+        }
+        None => slice_cases(cases, &opts)?,
+    };
     Ok(slices.split(manifest.evaluation.validation_fraction, seed))
 }
 
@@ -277,6 +288,7 @@ mod tests {
             name: name.into(),
             image: Volume {
                 dims,
+                spacing: [1.0; 3],
                 channels: 1,
                 data: (0..voxels)
                     .map(|i| (i % 97) as f32 * 10.0 + 1000.0)
@@ -284,6 +296,32 @@ mod tests {
             },
             label: LabelVolume { dims, data: label },
         }
+    }
+
+    /// `task.target_spacing` resamples before slicing, and `task.plane` picks the slices'
+    /// anatomical plane in the RAS volume.
+    #[test]
+    fn manifests_choose_the_spacing_and_the_plane() {
+        let mut case = cube("c", 8);
+        case.label.data.fill(1);
+        let mut m = medmesh_protocol::Manifest::parse(include_str!(
+            "../../../examples/synthetic-quickstart.toml"
+        ))
+        .unwrap();
+        let count = |m: &medmesh_protocol::Manifest| {
+            let (train, validation) = site_split(std::slice::from_ref(&case), m).unwrap();
+            train.len() + validation.len()
+        };
+        assert_eq!(count(&m), 8);
+        m.task.target_spacing = Some([1.0, 1.0, 2.0]);
+        m.validate().unwrap();
+        assert_eq!(count(&m), 4, "axial slices at 2 mm");
+        m.task.plane = medmesh_protocol::manifest::Plane::Sagittal;
+        m.task.target_spacing = Some([0.5, 1.0, 2.0]);
+        assert_eq!(count(&m), 16, "sagittal slices at 0.5 mm");
+        m.task.target_spacing = Some([0.0, 1.0, 1.0]);
+        let err = m.validate().unwrap_err().to_string();
+        assert!(err.contains("task.target_spacing"), "{err}");
     }
 
     #[test]
