@@ -243,7 +243,12 @@ fn source(n: usize, len: usize, out: usize) -> f64 {
     x.clamp(0.0, (len - 1) as f64)
 }
 
-fn check(from: [f64; 3], to: [f64; 3]) -> Result<(), GeometryError> {
+fn check(dims: [usize; 3], from: [f64; 3], to: [f64; 3]) -> Result<(), GeometryError> {
+    if dims.contains(&0) {
+        return Err(GeometryError::Degenerate(format!(
+            "a volume of {dims:?} voxels has an empty axis"
+        )));
+    }
     for s in [from, to] {
         if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
             return Err(GeometryError::Spacing(s));
@@ -261,7 +266,7 @@ pub fn resample_linear(
     from: [f64; 3],
     to: [f64; 3],
 ) -> Result<(Vec<f32>, [usize; 3]), GeometryError> {
-    check(from, to)?;
+    check(dims, from, to)?;
     let out = resampled_dims(dims, from, to);
     let voxels: usize = dims.iter().product();
     // Each axis's two neighbours and the weight of the upper one, per output index.
@@ -301,7 +306,7 @@ pub fn resample_nearest(
     from: [f64; 3],
     to: [f64; 3],
 ) -> Result<(Vec<u8>, [usize; 3]), GeometryError> {
-    check(from, to)?;
+    check(dims, from, to)?;
     let out = resampled_dims(dims, from, to);
     let taps: [Vec<usize>; 3] = [0, 1, 2].map(|a| {
         (0..out[a])
@@ -504,6 +509,7 @@ mod tests {
         assert!((got - expect).abs() < 1e-5, "{got} {expect}");
         assert!((out[216 + 5 + 6 * (2 + 6)] + expect).abs() < 1e-5);
         assert!(resample_linear(&[0.0], [1, 1, 1], 1, [0.0, 1.0, 1.0], [1.0; 3]).is_err());
+        assert!(resample_nearest(&[], [0, 1, 1], [1.0; 3], [2.0; 3]).is_err());
     }
 
     #[test]
