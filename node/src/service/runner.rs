@@ -858,12 +858,13 @@ fn spread(node: &Arc<Node>, record: ProgressRecord) {
 pub fn publish_failure(node: &Arc<Node>, signed: &SignedManifest, why: &str) {
     let m = &signed.manifest;
     let me = node.identity.public_key();
+    // This site's latest record: the round, scores and spending the failure repeats.
     let last = node
         .registry
-        .history(&m.id)
+        .progress(Some(&m.id), usize::MAX)
         .into_iter()
-        .find(|(site, _)| *site == me)
-        .and_then(|(_, rounds)| rounds.last().cloned());
+        .find(|p| p.record.node == me)
+        .map(|p| p.record);
     let traffic = node.registry.traffic(&m.id);
     // Other members learn why, not where this site keeps its files.
     let mut failure = why.to_owned();
