@@ -52,6 +52,7 @@ impl Client {
             max_connections: 4,
             request_timeout: Duration::from_secs(60),
             max_concurrent_streams: 16,
+            nat: net::NatSettings::default(),
         };
         let swarm = net::transport::build_swarm(
             identity,
@@ -81,9 +82,11 @@ impl Client {
             }
         });
         let tasks = Tasks([swarm_task, responder_task.abort_handle()]);
-        let peer = tokio::time::timeout(Duration::from_secs(20), handle.dial(addr.clone()))
+        // Longer than the transport's handshake timeout, so a failed handshake (a wrong
+        // network key) is reported as such rather than as silence.
+        let peer = tokio::time::timeout(Duration::from_secs(30), handle.dial(addr.clone()))
             .await
-            .map_err(|_| anyhow::anyhow!("no connection to {addr} within 20 s"))?
+            .map_err(|_| anyhow::anyhow!("no connection to {addr} within 30 s"))?
             .with_context(|| {
                 format!(
                     "cannot connect to {addr} (a wrong network key shows up as a failed handshake)"

@@ -35,6 +35,18 @@ max_concurrent_transfers = 4   # model downloads at once
 peer_requests_per_sec = 100    # each peer's sustained request budget (a 1 MiB chunk is one)
 peer_request_burst = 200       # requests a peer may send at once; beyond: "busy, retry"
 
+[nat]
+# Behind a NAT or a firewall that lets nothing in? Nothing to configure: AutoNAT finds out,
+# and the node then keeps reservations on relays (reachable members) and hole-punches.
+relays = []                    # optional: members to relay through, /ip4/../tcp/../p2p/<peer id>
+max_reservations = 2           # relays an unreachable node keeps a reservation on
+relay_service = true           # relay for other members while this node is reachable
+relay_max_reservations = 128   # members that may hold a reservation here
+relay_max_circuits = 16        # relayed connections through this node at once
+relay_circuit_mib = 1024       # MiB one relayed connection may carry before it is closed
+relay_circuit_secs = 3600      # seconds one relayed connection may last
+probe_interval_secs = 60       # AutoNAT: how often to retest an unsettled reachability
+
 [dashboard]
 listen = "127.0.0.1:9464"      # dashboard, JSON API and Prometheus /metrics; "" to disable
 # token_file = "dashboard.token" # a secret of 32+ characters; required unless listen is loopback
@@ -56,6 +68,9 @@ pub struct NodeConfig {
     pub node: NodeSection,
     /// Peer-to-peer networking.
     pub network: NetworkSection,
+    /// NAT traversal: AutoNAT, relays, hole punching.
+    #[serde(default)]
+    pub nat: NatSection,
     /// The dashboard, its JSON API and the Prometheus metrics.
     #[serde(default)]
     pub dashboard: DashboardSection,
@@ -147,16 +162,90 @@ pub fn parse_bootnode(text: &str) -> Result<(PeerId, Multiaddr), String> {
         .map_err(|e| format!("{text:?} is not a multiaddress: {e}"))?;
     let peer = addr
         .iter()
-        .find_map(|p| match p {
+        .filter_map(|p| match p {
             libp2p::multiaddr::Protocol::P2p(id) => Some(id),
             _ => None,
         })
+        .last()
         .ok_or_else(|| format!("{text:?} must end in /p2p/<peer id>"))?;
     Ok((peer, addr))
 }
 
 fn default_max_connections() -> u32 {
     64
+}
+
+/// `[nat]`: how a node behind a NAT is reached, and what it relays for others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// Members to take reservations on first (multiaddresses ending in `/p2p/<peer id>`).
+    #[serde(default)]
+    pub relays: Vec<String>,
+    /// Relays an unreachable node keeps a reservation on.
+    #[serde(default = "default_max_reservations")]
+    pub max_reservations: u32,
+    /// Whether this node relays for other members while AutoNAT finds it reachable.
+    #[serde(default = "default_true")]
+    pub relay_service: bool,
+    /// Members that may hold a reservation on this node.
+    #[serde(default = "default_relay_max_reservations")]
+    pub relay_max_reservations: u32,
+    /// Relayed connections through this node at once.
+    #[serde(default = "default_relay_max_circuits")]
+    pub relay_max_circuits: u32,
+    /// MiB one relayed connection may carry.
+    #[serde(default = "default_relay_circuit_mib")]
+    pub relay_circuit_mib: u32,
+    /// Seconds one relayed connection may last.
+    #[serde(default = "default_relay_circuit_secs")]
+    pub relay_circuit_secs: u32,
+    /// Seconds between AutoNAT probes while reachability is unsettled.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_secs: u32,
+}
+
+impl Default for NatSection {
+    fn default() -> Self {
+        Self {
+            relays: Vec::new(),
+            max_reservations: default_max_reservations(),
+            relay_service: true,
+            relay_max_reservations: default_relay_max_reservations(),
+            relay_max_circuits: default_relay_max_circuits(),
+            relay_circuit_mib: default_relay_circuit_mib(),
+            relay_circuit_secs: default_relay_circuit_secs(),
+            probe_interval_secs: default_probe_interval(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_max_reservations() -> u32 {
+    2
+}
+
+fn default_relay_max_reservations() -> u32 {
+    128
+}
+
+fn default_relay_max_circuits() -> u32 {
+    16
+}
+
+fn default_relay_circuit_mib() -> u32 {
+    1024
+}
+
+fn default_relay_circuit_secs() -> u32 {
+    3600
+}
+
+fn default_probe_interval() -> u32 {
+    60
 }
 
 /// `[dashboard]`.
@@ -289,6 +378,7 @@ impl NodeConfig {
             .list_separator(",")
             .with_list_parse_key("network.listen")
             .with_list_parse_key("network.bootnodes")
+            .with_list_parse_key("nat.relays")
             .source(env);
         let mut cfg: NodeConfig = Config::builder()
             .add_source(File::from_str(&text, FileFormat::Toml))
@@ -420,6 +510,31 @@ impl NodeConfig {
                 ));
             }
         }
+        for (i, a) in self.nat.relays.iter().enumerate() {
+            if let Err(reason) = parse_bootnode(a) {
+                return Err(invalid(&format!("nat.relays[{i}]"), reason));
+            }
+        }
+        let n = &self.nat;
+        for (field, value, range) in [
+            ("nat.max_reservations", n.max_reservations, 0..=16),
+            (
+                "nat.relay_max_reservations",
+                n.relay_max_reservations,
+                1..=10_000,
+            ),
+            ("nat.relay_max_circuits", n.relay_max_circuits, 1..=10_000),
+            ("nat.relay_circuit_mib", n.relay_circuit_mib, 1..=1_048_576),
+            ("nat.relay_circuit_secs", n.relay_circuit_secs, 10..=86_400),
+            ("nat.probe_interval_secs", n.probe_interval_secs, 5..=86_400),
+        ] {
+            if !range.contains(&value) {
+                return Err(invalid(
+                    field,
+                    format!("{value} must be {} to {}", range.start(), range.end()),
+                ));
+            }
+        }
         if !(1..=10_000).contains(&self.network.max_connections) {
             return Err(invalid(
                 "network.max_connections",
@@ -456,6 +571,33 @@ mod tests {
         let p = dir.join("node.toml");
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    /// The node configurations the README points clinic IT to load as written.
+    #[test]
+    fn shipped_node_examples_load() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            (
+                "behind-nat",
+                include_str!("../../examples/nodes/behind-nat.toml"),
+            ),
+            (
+                "reachable-relay",
+                include_str!("../../examples/nodes/reachable-relay.toml"),
+            ),
+        ] {
+            let cfg = NodeConfig::load(&write(dir.path(), text), Some(HashMap::new()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(cfg.network.listen, ["/ip4/0.0.0.0/tcp/4001"], "{name}");
+            if name == "behind-nat" {
+                assert_eq!(cfg.nat.relays.len(), 1);
+                assert_eq!(cfg.nat.max_reservations, 2);
+            } else {
+                assert!(cfg.nat.relay_service);
+                assert_eq!(cfg.nat.relay_circuit_mib, 1024);
+            }
+        }
     }
 
     #[test]
@@ -524,6 +666,18 @@ mod tests {
             (
                 EXAMPLE.replace("peer_requests_per_sec = 100", "peer_requests_per_sec = 0"),
                 "network.peer_requests_per_sec",
+            ),
+            (
+                EXAMPLE.replace("relays = []", "relays = [\"/ip4/10.0.0.1/tcp/4001\"]"),
+                "nat.relays[0]",
+            ),
+            (
+                EXAMPLE.replace("relay_circuit_mib = 1024", "relay_circuit_mib = 0"),
+                "nat.relay_circuit_mib",
+            ),
+            (
+                EXAMPLE.replace("probe_interval_secs = 60", "probe_interval_secs = 1"),
+                "nat.probe_interval_secs",
             ),
         ];
         for (text, field) in cases {

@@ -25,10 +25,24 @@ struct ExperimentLabel {
     experiment: String,
 }
 
+/// The labels of a model transfer: its experiment, and whether it came directly or
+/// through a relay.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransferLabel {
+    experiment: String,
+    path: &'static str,
+}
+
 /// The `reason` label of dropped messages.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
+}
+
+/// The `result` label of hole punches.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 /// Round durations: half a second to about 17 minutes.
@@ -65,13 +79,25 @@ pub struct Metrics {
     pub rounds_short_of_peers: Counter,
     /// HTTP requests the dashboard refused (bad token, bad host, bad method).
     pub http_refused: Counter,
+    /// Connected members with a direct connection.
+    pub peers_direct: Gauge,
+    /// Connected members reached only through a relay.
+    pub peers_relayed: Gauge,
+    /// AutoNAT's verdict on this node: 1 reachable, -1 not reachable, 0 not yet known.
+    pub reachable: Gauge,
+    /// Relays this node holds a reservation on.
+    pub relay_reservations: Gauge,
+    /// Relayed connections passing through this node now.
+    pub relayed_circuits: Gauge,
+    /// Hole punches, by result.
+    hole_punches: Family<ResultLabel, Counter>,
     round: Family<ExperimentLabel, Gauge>,
     dice: Family<ExperimentLabel, RealGauge>,
     loss: Family<ExperimentLabel, RealGauge>,
     peers_averaged: Family<ExperimentLabel, Gauge>,
     rounds_completed: Family<ExperimentLabel, Counter>,
     round_seconds: Histograms,
-    transfer_seconds: Histograms,
+    transfer_seconds: Family<TransferLabel, Histogram, fn() -> Histogram>,
     rejected: Family<ReasonLabel, Counter>,
     /// The reasons counted so far, in order of first use (for the dashboard).
     reasons: Mutex<Vec<&'static str>>,
@@ -105,6 +131,12 @@ impl Default for Metrics {
             checkpoint_failures: Counter::default(),
             rounds_short_of_peers: Counter::default(),
             http_refused: Counter::default(),
+            peers_direct: Gauge::default(),
+            peers_relayed: Gauge::default(),
+            reachable: Gauge::default(),
+            relay_reservations: Gauge::default(),
+            relayed_circuits: Gauge::default(),
+            hole_punches: Family::default(),
             round: Family::default(),
             dice: Family::default(),
             loss: Family::default(),
@@ -158,6 +190,36 @@ impl Default for Metrics {
             "Dashboard requests refused (token, host or method)",
             this.http_refused.clone(),
         );
+        r.register(
+            "peers_direct",
+            "Connected members with a direct connection",
+            this.peers_direct.clone(),
+        );
+        r.register(
+            "peers_relayed",
+            "Connected members reached only through a relay",
+            this.peers_relayed.clone(),
+        );
+        r.register(
+            "reachable",
+            "AutoNAT verdict: 1 reachable from outside, -1 not reachable, 0 not yet known",
+            this.reachable.clone(),
+        );
+        r.register(
+            "relay_reservations",
+            "Relays this node holds a reservation on",
+            this.relay_reservations.clone(),
+        );
+        r.register(
+            "relayed_circuits",
+            "Relayed connections between other members passing through this node",
+            this.relayed_circuits.clone(),
+        );
+        r.register(
+            "hole_punches",
+            "Hole punches (relayed connections upgraded to direct), by result",
+            this.hole_punches.clone(),
+        );
         r.register("round", "Current round, per experiment", this.round.clone());
         r.register(
             "dice",
@@ -186,7 +248,7 @@ impl Default for Metrics {
         );
         r.register(
             "transfer_seconds",
-            "Seconds to receive one model update, per experiment",
+            "Seconds to receive one model update, per experiment and path (direct or relayed)",
             this.transfer_seconds.clone(),
         );
         r.register(
@@ -230,10 +292,22 @@ impl Metrics {
             .collect()
     }
 
+    /// Counts one hole punch: `ok` or `failed`.
+    pub fn hole_punch(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.hole_punches
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
     /// Records one received model update of `experiment`.
-    pub fn transfer_done(&self, experiment: &str, elapsed: Duration) {
+    /// `path` is `direct` or `relayed`.
+    pub fn transfer_done(&self, experiment: &str, path: &'static str, elapsed: Duration) {
         self.transfer_seconds
-            .get_or_create(&label(experiment))
+            .get_or_create(&TransferLabel {
+                experiment: experiment.to_owned(),
+                path,
+            })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -297,7 +371,7 @@ mod tests {
         };
         m.round_done("a", round(3, 0.875));
         m.round_done("b", round(5, 0.5));
-        m.transfer_done("a", Duration::from_millis(20));
+        m.transfer_done("a", "relayed", Duration::from_millis(20));
         m.rejected("nan_weights");
         m.rejected("nan_weights");
         let text = m.render();
@@ -316,7 +390,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("medmesh_transfer_seconds_count{experiment=\"a\"} 1"),
+            text.contains("medmesh_transfer_seconds_count{experiment=\"a\",path=\"relayed\"} 1"),
             "{text}"
         );
         assert!(text.contains("medmesh_rejected_total{reason=\"nan_weights\"} 2"));

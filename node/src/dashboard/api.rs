@@ -112,7 +112,18 @@ fn this_node(node: &Node, started: Instant) -> Value {
         "uptime_secs": started.elapsed().as_secs(),
         "connections": {
             "members": m.peers_connected.get(),
+            "direct": m.peers_direct.get(),
+            "relayed": m.peers_relayed.get(),
             "routing_table": m.routing_table_peers.get(),
+        },
+        "nat": {
+            "reachability": match m.reachable.get() {
+                1 => "reachable",
+                -1 => "not reachable",
+                _ => "unknown",
+            },
+            "relay_reservations": m.relay_reservations.get(),
+            "relayed_circuits": m.relayed_circuits.get(),
         },
         "traffic": {
             "bytes_sent": m.bytes_sent.get(),
@@ -181,6 +192,7 @@ async fn consortium(node: &Node) -> Value {
                 "connected_since_ms": state.and_then(|s| s.connected_since).map(unix_ms),
                 "last_seen_ms": state.and_then(|s| s.last_seen).map(unix_ms),
                 "address": state.and_then(|s| s.address.as_ref()).map(ToString::to_string),
+                "path": state.and_then(|s| s.path).map(|p| p.to_string()),
                 "last_record_ms": last_record.get(&m.public_key.to_bytes()),
             })
         })

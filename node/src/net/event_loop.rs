@@ -9,13 +9,17 @@ use futures::StreamExt;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, ListenError, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, identify, kad};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, dcutr, identify, kad,
+    relay,
+};
 use medmesh_crypto::Role;
 use medmesh_protocol::Response;
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::codec::Inbound;
+use super::nat::{self, NatState, Reachability, RelayPolicy};
 use super::rate_limit::{PeerBudgets, RateLimit};
 use super::{Command, NetError, NetEvent, NetworkHandle};
 use crate::metrics::Metrics;
@@ -62,6 +66,10 @@ pub struct EventLoop {
     unreachable: HashSet<PeerId>,
     /// Members' connections as the dashboard shows them.
     seen: HashMap<PeerId, Seen>,
+    /// Reachability, relays, reservations, and each connection's path.
+    nat: NatState,
+    /// Inbound requests per peer not answered yet (a connection carrying one stays open).
+    inbound_pending: HashMap<PeerId, usize>,
 }
 
 /// When a member's connections last changed, and where from.
@@ -106,6 +114,8 @@ impl EventLoop {
             wanted: Default::default(),
             unreachable: HashSet::new(),
             seen: HashMap::new(),
+            nat: NatState::new(RelayPolicy::default()),
+            inbound_pending: HashMap::new(),
         };
         this.set_members(members);
         (this, handle, event_rx)
@@ -123,6 +133,11 @@ impl EventLoop {
     /// [`Response::Busy`].
     pub fn set_rate_limit(&mut self, limit: RateLimit) {
         self.budgets = Some(PeerBudgets::new(limit));
+    }
+
+    /// Where to take reservations when this node turns out unreachable.
+    pub fn set_relay_policy(&mut self, policy: RelayPolicy) {
+        self.nat.set_policy(policy);
     }
 
     /// Runs until every [`NetworkHandle`] is dropped.
@@ -214,14 +229,30 @@ impl EventLoop {
         {
             return;
         }
-        let Some(addrs) = self.addresses.get(&peer) else {
+        let addrs = self.told_addresses(&peer);
+        if addrs.is_empty() {
             return;
-        };
+        }
         let opts = DialOpts::peer_id(peer)
             .condition(PeerCondition::DisconnectedAndNotDialing)
-            .addresses(addrs.clone())
+            .addresses(addrs)
             .build();
         let _ = self.swarm.dial(opts);
+    }
+
+    /// The addresses `peer` told, less circuits through this node.
+    fn told_addresses(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        let me = *self.swarm.local_peer_id();
+        self.addresses
+            .get(peer)
+            .map(|addrs| {
+                addrs
+                    .iter()
+                    .filter(|a| !nat::through(a, &me))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Keeps the wanted members connected, and reaches the bootnodes again if every
@@ -229,6 +260,8 @@ impl EventLoop {
     fn maintain(&mut self) {
         self.count_routing_table();
         self.prune();
+        self.keep_reservations();
+        self.drop_superseded_relayed();
         let wanted: Vec<PeerId> = self.wanted.0.iter().copied().collect();
         for peer in wanted {
             self.dial_wanted(peer);
@@ -254,6 +287,7 @@ impl EventLoop {
             return;
         }
         let awaited: HashSet<PeerId> = self.pending_requests.values().map(|(p, _)| *p).collect();
+        let keep = self.nat.keep();
         let now = Instant::now();
         let stale: Vec<PeerId> = self
             .connected
@@ -263,6 +297,7 @@ impl EventLoop {
                     && !now_wanted.contains(p)
                     && !before.contains(p)
                     && !awaited.contains(p)
+                    && !keep.contains(p)
             })
             .map(|(p, _)| *p)
             .collect();
@@ -293,7 +328,7 @@ impl EventLoop {
         {
             return;
         }
-        let told = self.addresses.get(&peer).cloned().unwrap_or_default();
+        let told = self.told_addresses(&peer);
         let in_dht = self
             .swarm
             .behaviour_mut()
@@ -318,10 +353,14 @@ impl EventLoop {
         self.wanted.1 = previous;
         // Bootnodes are not kept either: once a node has joined, its routing table finds
         // peers, and `maintain` dials the bootnodes again if every connection is gone.
+        // Relays (and members relaying through this node) are.
+        let keep = self.nat.keep();
         let stale: Vec<PeerId> = self
             .connected
             .keys()
-            .filter(|p| !self.wanted.0.contains(p) && !self.wanted.1.contains(p))
+            .filter(|p| {
+                !self.wanted.0.contains(p) && !self.wanted.1.contains(p) && !keep.contains(p)
+            })
             .copied()
             .collect();
         for peer in stale {
@@ -357,10 +396,14 @@ impl EventLoop {
                     .send_response(channel, response);
             }
             Command::Dial { addr, reply } => {
-                let peer = addr.iter().find_map(|p| match p {
-                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                    _ => None,
-                });
+                // The last /p2p/ names the peer (a circuit address names its relay first).
+                let peer = addr
+                    .iter()
+                    .filter_map(|p| match p {
+                        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                        _ => None,
+                    })
+                    .last();
                 let opts = match peer {
                     Some(peer) => DialOpts::peer_id(peer)
                         .addresses(vec![addr.clone()])
@@ -410,6 +453,7 @@ impl EventLoop {
                         last_seen: Some(seen.last),
                         address: Some(seen.address.clone()),
                         unreachable: self.unreachable.contains(peer),
+                        path: self.nat.path_to(peer),
                     })
                     .collect();
                 peers.extend(
@@ -422,10 +466,14 @@ impl EventLoop {
                             last_seen: None,
                             address: None,
                             unreachable: true,
+                            path: None,
                         }),
                 );
                 peers.sort_by_key(|p| p.peer);
                 let _ = reply.send(peers);
+            }
+            Command::Path { peer, reply } => {
+                let _ = reply.send(self.nat.path_to(&peer));
             }
         }
     }
@@ -446,6 +494,10 @@ impl EventLoop {
                     let _ = reply.send(Ok(peer_id));
                 }
                 self.unreachable.remove(&peer_id);
+                let path = self.nat.opened(peer_id, connection_id, &endpoint);
+                if self.is_node(&peer_id) && num_established.get() > 1 {
+                    tracing::info!(peer = %peer_id, %path, address = %endpoint.get_remote_address(), "another connection to a member");
+                }
                 if self.is_node(&peer_id) {
                     let now = SystemTime::now();
                     let address = endpoint.get_remote_address().clone();
@@ -463,24 +515,22 @@ impl EventLoop {
                     self.metrics
                         .peers_connected
                         .set(self.connected.len() as i64);
-                    tracing::info!(peer = %peer_id, "member connected");
+                    tracing::info!(peer = %peer_id, %path, address = %endpoint.get_remote_address(), "member connected");
                     let _ = self.events.try_send(NetEvent::Connected(peer_id));
                 }
+                self.count_paths();
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
-            } if self.connected.remove(&peer_id).is_some() => {
-                if let Some(seen) = self.seen.get_mut(&peer_id) {
-                    seen.since = None;
-                    seen.last = SystemTime::now();
+            } => {
+                self.nat.closed(peer_id, connection_id);
+                self.count_paths();
+                if num_established == 0 && self.connected.remove(&peer_id).is_some() {
+                    self.member_gone(peer_id);
                 }
-                self.metrics
-                    .peers_connected
-                    .set(self.connected.len() as i64);
-                tracing::info!(peer = %peer_id, "member disconnected");
-                let _ = self.events.try_send(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::IncomingConnectionError {
                 error,
@@ -529,6 +579,11 @@ impl EventLoop {
                     && !self.connected.contains_key(&peer)
                 {
                     self.unreachable.insert(peer);
+                    // The addresses it was dialed at may be stale (a relay it no longer
+                    // uses): ask the DHT again.
+                    if self.wanted.0.contains(&peer) {
+                        self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    }
                 }
                 tracing::debug!(peer = ?peer_id, "dial failed: {reason}");
             }
@@ -546,6 +601,11 @@ impl EventLoop {
                 if self.is_node(&peer_id) && !info.listen_addrs.is_empty() {
                     self.addresses.insert(peer_id, info.listen_addrs.clone());
                 }
+                if self.is_node(&peer_id) {
+                    let serves = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                    self.nat.relay_service(peer_id, serves);
+                    self.keep_reservations();
+                }
                 if info.protocols.contains(&self.kad_protocol) {
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -560,11 +620,52 @@ impl EventLoop {
                     self.dial_wanted(peer);
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(Ok(found)),
+                ..
+            })) => self.found_peers(found.peers),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(event)) => self.on_autonat(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay(event),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                self.on_relay_client(event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => self.on_dcutr(event),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.nat.listener_closed(listener_id) {
+                    let why = match reason {
+                        Ok(()) => "closed".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(%relay, "relay reservation lost ({why}); will reserve again");
+                    self.count_paths();
+                }
+            }
             _ => {}
         }
     }
 
     fn on_rpc(&mut self, event: request_response::Event<Inbound, Response>) {
+        match &event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { .. },
+                ..
+            } => *self.inbound_pending.entry(*peer).or_default() += 1,
+            request_response::Event::ResponseSent { peer, .. }
+            | request_response::Event::InboundFailure { peer, .. } => {
+                if let Some(n) = self.inbound_pending.get_mut(peer) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.inbound_pending.remove(peer);
+                    }
+                }
+            }
+            _ => {}
+        }
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -654,5 +755,182 @@ impl EventLoop {
             }
             request_response::Event::ResponseSent { .. } => {}
         }
+    }
+
+    /// A node member's last connection closed.
+    fn member_gone(&mut self, peer: PeerId) {
+        if let Some(seen) = self.seen.get_mut(&peer) {
+            seen.since = None;
+            seen.last = SystemTime::now();
+        }
+        self.metrics
+            .peers_connected
+            .set(self.connected.len() as i64);
+        tracing::info!(%peer, "member disconnected");
+        let _ = self.events.try_send(NetEvent::Disconnected(peer));
+    }
+
+    /// Publishes how many members are connected directly and how many through relays.
+    fn count_paths(&mut self) {
+        let (direct, relayed) = self.nat.count_paths(self.connected.keys());
+        self.metrics.peers_direct.set(direct as i64);
+        self.metrics.peers_relayed.set(relayed as i64);
+        self.metrics
+            .relay_reservations
+            .set(self.nat.accepted_reservations() as i64);
+        self.metrics
+            .relayed_circuits
+            .set(self.nat.circuits_here_count() as i64);
+    }
+
+    /// A DHT lookup found peers: wanted members among them are dialed at the addresses
+    /// found (they replace what they told, which may name a relay they have left).
+    fn found_peers(&mut self, found: Vec<kad::PeerInfo>) {
+        for info in found {
+            if self.wanted.0.contains(&info.peer_id) && !info.addrs.is_empty() {
+                let told = self.addresses.entry(info.peer_id).or_default();
+                for addr in info.addrs {
+                    if !told.contains(&addr) {
+                        told.push(addr);
+                    }
+                }
+                self.dial_wanted(info.peer_id);
+            }
+        }
+    }
+
+    /// Unreachable: keep reservations on relays. Reachable: give them up.
+    fn keep_reservations(&mut self) {
+        if self.nat.reachability == Reachability::Public {
+            for listener in self.nat.drop_reservations() {
+                self.swarm.remove_listener(listener);
+            }
+            return;
+        }
+        for (relay, addr) in self.nat.reservations_to_make() {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(listener) => {
+                    tracing::info!(%relay, "asking a relay for a reservation");
+                    self.nat.reserving(relay, listener);
+                }
+                Err(e) => tracing::warn!(%relay, "cannot reserve on {addr}: {e}"),
+            }
+        }
+    }
+
+    /// Closes relayed connections to peers that now have a direct one, once nothing is in
+    /// flight to or from them (a request answered on a closing connection would be lost):
+    /// model transfers then take the direct path.
+    fn drop_superseded_relayed(&mut self) {
+        let awaited: HashSet<PeerId> = self.pending_requests.values().map(|(p, _)| *p).collect();
+        for (peer, id) in self.nat.superseded() {
+            if awaited.contains(&peer) || self.inbound_pending.contains_key(&peer) {
+                continue;
+            }
+            tracing::info!(%peer, "direct connection up; closing the relayed one");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn on_autonat(&mut self, event: autonat::Event) {
+        let autonat::Event::StatusChanged { new, .. } = event else {
+            return;
+        };
+        let reachability = match &new {
+            autonat::NatStatus::Public(addr) => {
+                tracing::info!(%addr, "reachable from other members (AutoNAT)");
+                Reachability::Public
+            }
+            autonat::NatStatus::Private => {
+                tracing::info!(
+                    "not reachable from other members (AutoNAT); relays will carry inbound connections"
+                );
+                Reachability::Private
+            }
+            autonat::NatStatus::Unknown => Reachability::Unknown,
+        };
+        self.nat.reachability = reachability;
+        self.metrics.reachable.set(reachability.gauge());
+        // Reachable members relay for the others; unreachable ones cannot.
+        if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+            relay.set_status(Some(if reachability == Reachability::Public {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+        }
+        self.keep_reservations();
+        self.count_paths();
+    }
+
+    fn on_relay(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
+                if !renewed {
+                    tracing::info!(peer = %src_peer_id, "a member reserved on this relay");
+                }
+                self.nat.reservation_here(src_peer_id, true);
+            }
+            relay::Event::ReservationClosed { src_peer_id }
+            | relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.nat.reservation_here(src_peer_id, false);
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "relaying a connection between members");
+                self.nat.circuit_here(src_peer_id, dst_peer_id, true);
+            }
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                error,
+            } => {
+                if let Some(e) = error {
+                    tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relayed connection ended: {e}");
+                }
+                self.nat.circuit_here(src_peer_id, dst_peer_id, false);
+            }
+            other => tracing::debug!("relay: {other:?}"),
+        }
+        self.count_paths();
+    }
+
+    fn on_relay_client(&mut self, event: relay::client::Event) {
+        match event {
+            relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } => {
+                if self.nat.reserved(relay_peer_id) {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+                self.count_paths();
+            }
+            relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                tracing::debug!(relay = %relay_peer_id, "relayed connection opened");
+            }
+            relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                tracing::debug!(src = %src_peer_id, "relayed connection accepted");
+            }
+        }
+    }
+
+    fn on_dcutr(&mut self, event: dcutr::Event) {
+        let peer = event.remote_peer_id;
+        match event.result {
+            Ok(connection) => {
+                self.metrics.hole_punch(true);
+                self.nat.hole_punched(connection);
+                tracing::info!(%peer, "hole punch succeeded: direct connection");
+                self.drop_superseded_relayed();
+            }
+            Err(e) => {
+                self.metrics.hole_punch(false);
+                tracing::info!(%peer, "hole punch failed; staying relayed: {e}");
+            }
+        }
+        self.count_paths();
     }
 }

@@ -35,6 +35,7 @@ fn settings() -> BehaviourSettings {
         max_connections: 8,
         request_timeout: Duration::from_secs(60),
         max_concurrent_streams: 64,
+        nat: super::NatSettings::default(),
     }
 }
 

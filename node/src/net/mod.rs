@@ -6,12 +6,14 @@
 //! * [`codec`]: length-prefixed, size-limited bincode frames.
 //! * [`event_loop`]: the task that owns the swarm.
 //! * [`rate_limit`]: per-peer request budgets.
+//! * [`nat`]: reachability, relays and hole punching, as the event loop tracks them.
 //! * [`loopback`]: two connected members, for benchmarks and tests.
 
 pub mod behaviour;
 pub mod codec;
 pub mod event_loop;
 pub mod loopback;
+pub mod nat;
 pub mod rate_limit;
 pub mod transport;
 
@@ -23,8 +25,9 @@ use medmesh_crypto::{PublicKey, Role};
 use medmesh_protocol::{Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
-pub use behaviour::{BehaviourSettings, Protocols};
+pub use behaviour::{BehaviourSettings, NatSettings, Protocols, RelayLimits};
 pub use event_loop::EventLoop;
+pub use nat::{Path, RelayPolicy};
 
 /// The libp2p peer id of a medmesh public key.
 pub fn peer_id_of(key: &PublicKey) -> PeerId {
@@ -126,6 +129,10 @@ pub(crate) enum Command {
     Peers {
         reply: oneshot::Sender<Vec<PeerState>>,
     },
+    Path {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<Path>>,
+    },
 }
 
 /// A member's connection as this node sees it (for the dashboard).
@@ -141,6 +148,8 @@ pub struct PeerState {
     pub address: Option<Multiaddr>,
     /// Whether the last dial to it failed (and it has not connected since).
     pub unreachable: bool,
+    /// How it is connected now: directly or through a relay; `None` when it is not.
+    pub path: Option<Path>,
 }
 
 /// How many of some members are reachable now.
@@ -265,6 +274,16 @@ impl NetworkHandle {
             return Vec::new();
         }
         answer.await.unwrap_or_default()
+    }
+
+    /// How `peer` is connected now (directly, or only through a relay); `None` if it is not.
+    pub async fn path(&self, peer: PeerId) -> Option<Path> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Path { peer, reply })
+            .await
+            .ok()?;
+        answer.await.ok().flatten()
     }
 
     /// Cuts this node off from `peers` (a partition drill): their connections are closed

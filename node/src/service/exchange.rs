@@ -16,7 +16,7 @@ use medmesh_protocol::{
 };
 
 use super::Node;
-use crate::net::{NetError, NetworkHandle};
+use crate::net::{self, NetError, NetworkHandle};
 
 /// Most chunk requests in flight per transfer: enough to hide a round trip.
 const MAX_WINDOW: u64 = 4;
@@ -188,8 +188,21 @@ pub async fn fetch_update(
             Vec::new(),
         )
     };
+    let elapsed = started.elapsed();
+    let path = match node.net.path(peer).await {
+        Some(net::Path::Relayed { .. }) => "relayed",
+        _ => "direct",
+    };
     node.metrics
-        .transfer_done(want.expect.experiment_id, started.elapsed());
+        .transfer_done(want.expect.experiment_id, path, elapsed);
+    tracing::info!(
+        %peer,
+        round = envelope.header.round,
+        bytes = envelope.header.payload_len,
+        ms = elapsed.as_millis() as u64,
+        path,
+        "received a model update"
+    );
     node.registry
         .add_traffic(want.expect.experiment_id, 0, envelope.header.payload_len);
     Ok(Fetched {

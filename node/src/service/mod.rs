@@ -244,6 +244,7 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
         max_connections: config.network.max_connections,
         request_timeout: Duration::from_secs(config.network.request_timeout_secs.into()),
         max_concurrent_streams: 64,
+        nat: nat_settings(&config.nat),
     };
     let swarm = net::transport::build_swarm(
         &identity,
@@ -262,6 +263,15 @@ pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
     let members = member_list(&roster);
     let (mut event_loop, handle, mut events) =
         EventLoop::new(swarm, members, bootnodes, &protocols, metrics.clone());
+    event_loop.set_relay_policy(net::RelayPolicy {
+        pinned: config
+            .nat
+            .relays
+            .iter()
+            .filter_map(|r| parse_bootnode(r).ok())
+            .collect(),
+        max_reservations: config.nat.max_reservations as usize,
+    });
     for addr in &config.network.listen {
         let addr: Multiaddr = addr.parse().context("network.listen")?;
         event_loop.listen(addr).map_err(anyhow::Error::msg)?;
@@ -375,4 +385,17 @@ pub fn member_list(roster: &TrustedRoster) -> Vec<(PeerId, Role)> {
         .filter(|m| roster.authorize(&m.public_key, m.role).is_ok())
         .map(|m| (net::peer_id_of(&m.public_key), m.role))
         .collect()
+}
+
+/// The swarm's NAT settings from `[nat]`.
+fn nat_settings(nat: &crate::config::NatSection) -> net::NatSettings {
+    net::NatSettings {
+        relay: nat.relay_service.then(|| net::RelayLimits {
+            max_reservations: nat.relay_max_reservations as usize,
+            max_circuits: nat.relay_max_circuits as usize,
+            circuit_bytes: u64::from(nat.relay_circuit_mib) << 20,
+            circuit_duration: Duration::from_secs(nat.relay_circuit_secs.into()),
+        }),
+        probe_interval: Some(Duration::from_secs(nat.probe_interval_secs.into())),
+    }
 }

@@ -183,7 +183,11 @@ function renderNode(n, c) {
   const entries = [
     ["site", n.site], ["peer id", n.peer_id], ["version", n.version + " (protocol " + n.protocol_version + ")"],
     ["device", n.device], ["listening on", n.listen.join(", ")], ["up for", n.uptime_secs + " s"],
-    ["connected members", n.connections.members], ["routing table", n.connections.routing_table + " peers"],
+    ["connected members", n.connections.members + " (" + n.connections.direct + " direct, " +
+      n.connections.relayed + " through relays)"],
+    ["routing table", n.connections.routing_table + " peers"],
+    ["reachability", n.nat.reachability + "; " + n.nat.relay_reservations + " relay reservations held, " +
+      n.nat.relayed_circuits + " connections relayed for others"],
     ["traffic", bytes(n.traffic.bytes_sent) + " sent, " + bytes(n.traffic.bytes_received) + " received"],
     ["refused", n.refused.not_member + " non-members, " + n.refused.failed_handshakes +
       " failed handshakes, " + n.refused.http + " HTTP requests"],
@@ -210,7 +214,7 @@ function renderConsortium(c) {
     el("tr", { "data-site": m.site },
       el("td", {}, m.site, m.active ? null : el("span", { class: "muted" }, " (revoked)")),
       el("td", {}, m.role),
-      el("td", {}, badge(m.connection)),
+      el("td", {}, badge(m.connection), m.path ? el("span", { class: "muted" }, " " + m.path) : null),
       el("td", {}, m.this_node ? "-" : ago(m.last_seen_ms)),
       el("td", {}, ago(m.last_record_ms)),
       el("td", {}, m.address ?? "-"),
