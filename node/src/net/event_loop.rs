@@ -70,6 +70,8 @@ pub struct EventLoop {
     nat: NatState,
     /// Inbound requests per peer not answered yet (a connection carrying one stays open).
     inbound_pending: HashMap<PeerId, usize>,
+    /// Whether "unreachable and no relay" was logged (once until a relay turns up).
+    warned_no_relay: bool,
 }
 
 /// When a member's connections last changed, and where from.
@@ -116,6 +118,7 @@ impl EventLoop {
             seen: HashMap::new(),
             nat: NatState::new(RelayPolicy::default()),
             inbound_pending: HashMap::new(),
+            warned_no_relay: false,
         };
         this.set_members(members);
         (this, handle, event_rx)
@@ -816,6 +819,15 @@ impl EventLoop {
                 Err(e) => tracing::warn!(%relay, "cannot reserve on {addr}: {e}"),
             }
         }
+        let stranded =
+            self.nat.reachability == Reachability::Private && self.nat.reservations_asked() == 0;
+        if stranded && !self.warned_no_relay {
+            tracing::warn!(
+                "not reachable, and no member relays for this node yet: other members cannot \
+                 connect to it until one does (a reachable member, or one named in nat.relays)"
+            );
+        }
+        self.warned_no_relay = stranded;
     }
 
     /// Closes relayed connections to peers that now have a direct one, once nothing is in

@@ -266,6 +266,11 @@ impl NatState {
         self.reservations.drain().map(|(_, (l, _))| l).collect()
     }
 
+    /// Reservations asked for (accepted or not yet).
+    pub fn reservations_asked(&self) -> usize {
+        self.reservations.len()
+    }
+
     /// Reservations accepted now.
     pub fn accepted_reservations(&self) -> usize {
         self.reservations.values().filter(|(_, ok)| *ok).count()
