@@ -8,6 +8,7 @@
 //! paths, and check a file's declared sizes against its length before allocating: a
 //! 300-byte file cannot make a node reserve gigabytes.
 
+pub mod dicom;
 pub mod geometry;
 pub mod msd;
 pub mod png_pairs;

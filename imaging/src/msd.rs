@@ -271,7 +271,8 @@ fn declared_bytes(header: &nifti::NiftiHeader) -> Option<usize> {
     voxels.checked_mul(element)
 }
 
-fn read_image(path: &Path) -> Result<Volume, DataError> {
+/// Reads an image volume (3D, or 4D with channels) and brings it to RAS.
+pub fn read_image(path: &Path) -> Result<Volume, DataError> {
     let (shape, data, spacing) = read_ras(path)?;
     let (dims, channels) = match shape.as_slice() {
         [x, y, z] => ([*x, *y, *z], 1),
@@ -298,7 +299,8 @@ fn read_image(path: &Path) -> Result<Volume, DataError> {
     })
 }
 
-fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
+/// Reads a label volume, brought to RAS, its values checked against `classes`.
+pub fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
     let (shape, data, _) = read_ras(path)?;
     let dims = match shape.as_slice() {
         [x, y, z] => [*x, *y, *z],

@@ -170,6 +170,10 @@ pub enum TaskArg {
 pub enum DataCommand {
     /// Write one MSD-layout dataset per site: DIR/site-1, DIR/site-2, ...
     Prepare(crate::commands::data::PrepareArgs),
+    /// Convert a folder of DICOM series (and a label NIfTI beside each) into a site dataset
+    /// in the MSD layout: slices sorted along the normal, rescale slope and intercept
+    /// applied, volumes in RAS with their spacing.
+    Import(crate::commands::data::ImportArgs),
 }
 
 /// Member roles, as accepted on the command line.

@@ -32,6 +32,9 @@ fn main() -> ExitCode {
         Command::Data {
             command: DataCommand::Prepare(args),
         } => data::prepare(&args),
+        Command::Data {
+            command: DataCommand::Import(args),
+        } => data::import(&args),
         Command::TrainLocal {
             data,
             manifest,

@@ -1,12 +1,14 @@
-//! `medmesh data prepare`: per-site datasets in the MSD layout.
+//! `medmesh data prepare`: per-site datasets in the MSD layout; `medmesh data import`: a
+//! folder of DICOM series as a site dataset.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use medmesh_training::data::brain::BrainTemplate;
 use medmesh_training::data::generate_site_cases;
-use medmesh_training::data::msd::write_dataset;
+use medmesh_training::data::msd::{self, write_dataset};
 use medmesh_training::data::synthetic::Preset;
+use medmesh_training::data::{Case, dicom};
 
 use crate::cli::TaskArg;
 
@@ -81,5 +83,77 @@ pub fn prepare(p: &PrepareArgs) -> Result<()> {
         tracing::info!(site = site + 1, cases = cases.len(), dir = %dir.display(), "site dataset written");
         println!("{}: {} cases", dir.display(), cases.len());
     }
+    Ok(())
+}
+
+/// Options of `medmesh data import`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImportArgs {
+    /// A folder of DICOM series (searched recursively; one file per slice). Each series'
+    /// label is a NIfTI named `label.nii.gz` (or `label.nii`) in the folder of its files.
+    #[arg(long)]
+    pub dicom: PathBuf,
+    /// The site dataset to write (MSD layout: dataset.json, imagesTr/, labelsTr/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Label names, background first; a label voxel must be below their number.
+    #[arg(long, value_delimiter = ',', default_value = "background,foreground")]
+    pub labels: Vec<String>,
+    /// The dataset's name in dataset.json.
+    #[arg(long, default_value = "imported")]
+    pub name: String,
+}
+
+/// Converts every series under `--dicom` (rescaled, in RAS, with its spacing) and its label
+/// into an MSD-layout dataset.
+pub fn import(a: &ImportArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.labels.len() >= 2,
+        "--labels needs the background and at least one class"
+    );
+    let series = dicom::read_series(&a.dicom)
+        .with_context(|| format!("reading DICOM under {}", a.dicom.display()))?;
+    let mut cases = Vec::with_capacity(series.len());
+    for (k, s) in series.into_iter().enumerate() {
+        let label_path = ["label.nii.gz", "label.nii"]
+            .iter()
+            .map(|n| s.dir.join(n))
+            .find(|p| p.is_file())
+            .with_context(|| {
+                format!(
+                    "series {} in {}: no label.nii.gz beside its files (DICOM SEG is not read)",
+                    s.uid,
+                    s.dir.display()
+                )
+            })?;
+        let label = msd::read_label(&label_path, a.labels.len())?;
+        anyhow::ensure!(
+            label.dims == s.volume.dims,
+            "{}: the label's grid is {:?} voxels in RAS, series {}'s is {:?}",
+            label_path.display(),
+            label.dims,
+            s.uid,
+            s.volume.dims
+        );
+        let name = format!("case-{:03}", k + 1);
+        println!(
+            "{name}: series {} ({}), {:?} voxels, spacing {:.3?} mm, label {}",
+            s.uid,
+            s.description.as_deref().unwrap_or("no description"),
+            s.volume.dims,
+            s.volume.spacing,
+            label_path.display()
+        );
+        cases.push(Case {
+            name,
+            image: s.volume,
+            label,
+        });
+    }
+    let labels: Vec<&str> = a.labels.iter().map(String::as_str).collect();
+    let description = format!("imported from DICOM under {}", a.dicom.display());
+    write_dataset(&a.out, &a.name, &description, &labels, &cases)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!("{}: {} cases", a.out.display(), cases.len());
     Ok(())
 }

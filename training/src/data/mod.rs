@@ -10,7 +10,7 @@ pub mod brain;
 pub mod slices;
 pub mod synthetic;
 
-pub use medmesh_imaging::{Case, DataError, LabelVolume, Volume, load_dir, msd, png_pairs};
+pub use medmesh_imaging::{Case, DataError, LabelVolume, Volume, dicom, load_dir, msd, png_pairs};
 
 /// Generates site `site`'s cases: synthetic lesions, or brain extraction from `template`
 /// when given, with the site's scanner (and, for lesions, its lesion statistics) from

@@ -1,0 +1,366 @@
+//! DICOM series in. dicom-rs parses the files (`dicom-object`) and decodes their pixel
+//! data with the Modality LUT applied (`dicom-pixeldata`: rescale slope and intercept);
+//! this module groups the files of a folder into series, sorts each series' slices along
+//! the slice normal, checks that they form one regular grid, and gives the volume its
+//! geometry. DICOM's patient coordinates are LPS; volumes leave here in RAS, like every
+//! volume medmesh reads.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, open_file};
+use dicom_pixeldata::PixelDecoder;
+
+use crate::Volume;
+use crate::geometry::{Affine, GeometryError, Reorientation};
+
+/// Why a DICOM folder could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DicomError {
+    /// The folder or a file in it could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file that says it is DICOM could not be parsed or decoded.
+    #[error("{path}: {reason}")]
+    File {
+        /// Which.
+        path: PathBuf,
+        /// dicom-rs's explanation, or the missing attribute.
+        reason: String,
+    },
+    /// The slices of a series do not form one regular grid.
+    #[error("series {series}: {reason}")]
+    Series {
+        /// Its SeriesInstanceUID.
+        series: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The geometry has no canonical orientation.
+    #[error("series {series}: {source}")]
+    Geometry {
+        /// Its SeriesInstanceUID.
+        series: String,
+        /// Why.
+        source: GeometryError,
+    },
+    /// No DICOM image in the folder.
+    #[error("{0}: no DICOM image found")]
+    Empty(PathBuf),
+}
+
+/// One series, as a volume in RAS.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// SeriesInstanceUID.
+    pub uid: String,
+    /// SeriesDescription, when set.
+    pub description: Option<String>,
+    /// The folder holding its first slice (where a label NIfTI sits beside it).
+    pub dir: PathBuf,
+    /// The voxels, rescaled, in RAS, with their spacing.
+    pub volume: Volume,
+    /// Voxel to RAS millimetres, after reorientation.
+    pub affine: Affine,
+}
+
+/// One image file's geometry and pixels.
+struct Slice {
+    path: PathBuf,
+    series: String,
+    description: Option<String>,
+    position: [f64; 3],
+    orientation: [f64; 6],
+    /// (between rows, between columns), millimetres.
+    pixel_spacing: [f64; 2],
+    thickness: Option<f64>,
+    rows: usize,
+    columns: usize,
+    pixels: Vec<f32>,
+}
+
+/// Every series of image files under `dir` (searched recursively; files without the DICOM
+/// preamble are skipped), sorted by SeriesInstanceUID.
+pub fn read_series(dir: &Path) -> Result<Vec<Series>, DicomError> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files)?;
+    files.sort();
+    let mut by_series: BTreeMap<String, Vec<Slice>> = BTreeMap::new();
+    for path in files {
+        if !has_preamble(&path)? {
+            continue;
+        }
+        let slice = read_slice(&path)?;
+        by_series
+            .entry(slice.series.clone())
+            .or_default()
+            .push(slice);
+    }
+    if by_series.is_empty() {
+        return Err(DicomError::Empty(dir.to_owned()));
+    }
+    by_series
+        .into_iter()
+        .map(|(uid, slices)| assemble(uid, slices))
+        .collect()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DicomError> {
+    let io = |source| DicomError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    for entry in fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path` starts with the 128-byte preamble and `DICM`.
+fn has_preamble(path: &Path) -> Result<bool, DicomError> {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    let mut f = fs::File::open(path).map_err(|source| DicomError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut read = 0;
+    while read < head.len() {
+        match f.read(&mut head[read..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => read += n,
+            Err(source) => {
+                return Err(DicomError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(&head[128..] == b"DICM")
+}
+
+fn read_slice(path: &Path) -> Result<Slice, DicomError> {
+    let fail = |reason: String| DicomError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let obj = open_file(path).map_err(|e| fail(e.to_string()))?;
+    let text = |tag, name: &str| -> Result<String, DicomError> {
+        obj.element(tag)
+            .map_err(|_| fail(format!("no {name}")))?
+            .to_str()
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| fail(format!("{name}: {e}")))
+    };
+    let floats = |tag, name: &str, n: usize| -> Result<Vec<f64>, DicomError> {
+        let v = obj
+            .element(tag)
+            .map_err(|_| fail(format!("no {name}: not a slice of a volume")))?
+            .to_multi_float64()
+            .map_err(|e| fail(format!("{name}: {e}")))?;
+        if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+            return Err(fail(format!("{name} must be {n} finite numbers, is {v:?}")));
+        }
+        Ok(v)
+    };
+    let series = text(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?;
+    let position = floats(tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient", 3)?;
+    let orientation = floats(
+        tags::IMAGE_ORIENTATION_PATIENT,
+        "ImageOrientationPatient",
+        6,
+    )?;
+    let pixel_spacing = floats(tags::PIXEL_SPACING, "PixelSpacing", 2)?;
+    if pixel_spacing.iter().any(|s| *s <= 0.0) {
+        return Err(fail(format!(
+            "PixelSpacing {pixel_spacing:?} must be positive"
+        )));
+    }
+    let thickness = obj
+        .element(tags::SLICE_THICKNESS)
+        .ok()
+        .and_then(|e| e.to_float64().ok())
+        .filter(|t| *t > 0.0);
+    let description = text(tags::SERIES_DESCRIPTION, "SeriesDescription").ok();
+    let (pixels, rows, columns) = decode(&obj).map_err(fail)?;
+    Ok(Slice {
+        path: path.to_owned(),
+        series,
+        description,
+        position: [position[0], position[1], position[2]],
+        orientation: std::array::from_fn(|i| orientation[i]),
+        pixel_spacing: [pixel_spacing[0], pixel_spacing[1]],
+        thickness,
+        rows,
+        columns,
+        pixels,
+    })
+}
+
+/// The pixels of a single-frame, single-sample image, rescaled (Modality LUT).
+fn decode(obj: &DefaultDicomObject) -> Result<(Vec<f32>, usize, usize), String> {
+    let ts = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_owned();
+    let data = obj
+        .decode_pixel_data()
+        .map_err(|e| format!("pixel data (transfer syntax {ts}): {e}"))?;
+    if data.number_of_frames() != 1 {
+        return Err(format!(
+            "{} frames in one file: multi-frame images are not read (one file per slice)",
+            data.number_of_frames()
+        ));
+    }
+    if data.samples_per_pixel() != 1 {
+        return Err(format!(
+            "{} samples per pixel: only grey-level images are read",
+            data.samples_per_pixel()
+        ));
+    }
+    let pixels: Vec<f32> = data.to_vec().map_err(|e| format!("pixel data: {e}"))?;
+    Ok((pixels, data.rows() as usize, data.columns() as usize))
+}
+
+fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
+}
+
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// Stacks a series' slices along the slice normal into a RAS volume.
+fn assemble(uid: String, mut slices: Vec<Slice>) -> Result<Series, DicomError> {
+    let bad = |reason: String| DicomError::Series {
+        series: uid.clone(),
+        reason,
+    };
+    let first = &slices[0];
+    let (rows, columns, o, ps) = (
+        first.rows,
+        first.columns,
+        first.orientation,
+        first.pixel_spacing,
+    );
+    for s in &slices {
+        if (s.rows, s.columns) != (rows, columns) {
+            return Err(bad(format!(
+                "{} is {}x{} pixels, {} is {}x{}",
+                s.path.display(),
+                s.columns,
+                s.rows,
+                first.path.display(),
+                columns,
+                rows
+            )));
+        }
+        let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+        if !same(&s.orientation, &o) || !same(&s.pixel_spacing, &ps) {
+            return Err(bad(format!(
+                "{} has another orientation or pixel spacing than {}",
+                s.path.display(),
+                first.path.display()
+            )));
+        }
+    }
+    // ImageOrientationPatient: the direction of a row (increasing column), then of a
+    // column (increasing row).
+    let row_dir = [o[0], o[1], o[2]];
+    let col_dir = [o[3], o[4], o[5]];
+    let normal = cross(row_dir, col_dir);
+    let norm = dot(normal, normal).sqrt();
+    if !(0.99..=1.01).contains(&norm) || dot(row_dir, col_dir).abs() > 1e-3 {
+        return Err(bad(format!(
+            "ImageOrientationPatient {o:?} is not two orthogonal unit vectors"
+        )));
+    }
+    slices.sort_by(|a, b| dot(a.position, normal).total_cmp(&dot(b.position, normal)));
+    let along: Vec<f64> = slices.iter().map(|s| dot(s.position, normal)).collect();
+    let gaps: Vec<f64> = along.windows(2).map(|w| w[1] - w[0]).collect();
+    let step = match gaps.first() {
+        Some(&g) => g,
+        None => first_thickness(&slices),
+    };
+    if step <= 1e-6 {
+        return Err(bad(format!(
+            "two slices at the same position ({} mm along the normal)",
+            along[0]
+        )));
+    }
+    if let Some(g) = gaps
+        .iter()
+        .find(|g| (**g - step).abs() > 1e-3 * step.max(1.0))
+    {
+        return Err(bad(format!(
+            "uneven slice spacing ({step} mm, then {g} mm): a missing or extra slice?"
+        )));
+    }
+    // Voxel (column i, row j, slice k) in LPS millimetres: origin + i * dc * row_dir
+    // + j * dr * col_dir + k * step * normal; then LPS to RAS (x and y negated).
+    let [dr, dc] = ps;
+    let origin = slices[0].position;
+    let mut lps = [[0.0; 4]; 3];
+    for a in 0..3 {
+        lps[a] = [
+            row_dir[a] * dc,
+            col_dir[a] * dr,
+            normal[a] * step,
+            origin[a],
+        ];
+    }
+    let affine = Affine([lps[0].map(|v| -v), lps[1].map(|v| -v), lps[2]]);
+    let dims = [columns, rows, slices.len()];
+    let data: Vec<f32> = slices
+        .iter()
+        .flat_map(|s| s.pixels.iter().copied())
+        .collect();
+    if let Some(v) = data.iter().find(|v| !v.is_finite()) {
+        return Err(bad(format!("a pixel rescales to {v}")));
+    }
+    let turn = Reorientation::to_ras(&affine).map_err(|source| DicomError::Geometry {
+        series: uid.clone(),
+        source,
+    })?;
+    let ras = turn.affine(&affine, dims);
+    let volume = Volume {
+        dims: turn.dims(dims),
+        spacing: ras.spacing(),
+        channels: 1,
+        data: turn.apply(&data, dims, 1),
+    };
+    let dir = slices[0]
+        .path
+        .parent()
+        .map_or_else(PathBuf::new, Path::to_owned);
+    Ok(Series {
+        uid,
+        description: slices[0].description.clone(),
+        dir,
+        volume,
+        affine: ras,
+    })
+}
+
+/// A single slice's extent along the normal: its SliceThickness, else 1 mm.
+fn first_thickness(slices: &[Slice]) -> f64 {
+    slices[0].thickness.unwrap_or(1.0)
+}

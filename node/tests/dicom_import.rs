@@ -1,0 +1,293 @@
+//! `medmesh data import --dicom` on DICOM that medmesh did not write: a series made with
+//! Debian's DICOM tools (gdcm's `gdcmimg` and `gdcmconv`, dcmtk's `dcmodify`) from the MNI
+//! ch2 brain template (`mricron-data`), sagittal slices with flipped axes, anisotropic
+//! spacing, a rescale slope and intercept, and files in shuffled order. The imported volume
+//! is checked voxel by voxel against a hand computation from the DICOM geometry, and
+//! against `dcm2niix`'s conversion of the same files; the label (a mask series converted by
+//! `dcm2niix`, beside the image files) must land on the same voxels. CI installs the tools;
+//! without them the test fails and says which is missing.
+
+use std::path::Path;
+use std::process::Command;
+
+use medmesh_training::data::msd::{read_image, read_label, read_nifti};
+
+const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
+const TEMPLATE: &str = "/usr/share/mricron/templates/ch2.nii.gz";
+const BRAIN: &str = "/usr/share/mricron/templates/ch2bet.nii.gz";
+
+/// Slices, rows and columns of the series, and the template voxels they sample.
+const SLICES: usize = 12;
+const ROWS: usize = 20;
+const COLUMNS: usize = 24;
+
+/// DICOM geometry (LPS): a row runs along +y (posterior), a column along -z (down): the
+/// orientation (0\1\0\0\0\-1) written below. So the slice normal is row × column = -x
+/// (towards the patient's right).
+const NORMAL: [f64; 3] = [-1.0, 0.0, 0.0];
+/// Between rows, between columns, between slices (millimetres).
+const DR: f64 = 1.2;
+const DC: f64 = 0.8;
+const STEP: f64 = 2.5;
+const ORIGIN: [f64; 3] = [10.0, -20.0, 30.0];
+const SLOPE: f64 = 2.0;
+const INTERCEPT: f64 = -100.0;
+
+fn tool(name: &str, args: &[&str]) {
+    let out = Command::new(name).args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "`{name}` is needed (Debian: dcmtk, libgdcm-tools, dcm2niix; .ci/run installs \
+             them): {e}"
+        )
+    });
+    assert!(
+        out.status.success(),
+        "`{name} {}` failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The template value (raw, before rescale) of DICOM voxel (slice k, row j, column i).
+fn sample(t: &(Vec<usize>, Vec<f32>), k: usize, j: usize, i: usize) -> u16 {
+    let (dims, data) = t;
+    // Spread the small grid over the brain: x from slices, y from columns, z from rows.
+    let x = 40 + 8 * k;
+    let y = 30 + 6 * i;
+    let z = 40 + 6 * j;
+    data[x + dims[0] * (y + dims[1] * z)] as u16
+}
+
+/// Writes one series of `SLICES` files into `dir` (file names shuffled against slice order).
+fn write_series(
+    dir: &Path,
+    work: &Path,
+    series: &str,
+    rescale: bool,
+    value: impl Fn(usize, usize, usize) -> u16,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    for k in 0..SLICES {
+        let mut pgm = format!("P5\n{COLUMNS} {ROWS}\n65535\n").into_bytes();
+        for j in 0..ROWS {
+            for i in 0..COLUMNS {
+                pgm.extend(value(k, j, i).to_be_bytes());
+            }
+        }
+        let pgm_path = work.join(format!("{series}-{k}.pgm"));
+        std::fs::write(&pgm_path, pgm).unwrap();
+        let raw = work.join(format!("{series}-{k}.dcm"));
+        // A file order unrelated to the slices' order: sorting must use the positions.
+        let file = dir.join(format!("IM{:04}", (k * 7) % SLICES));
+        tool(
+            "gdcmimg",
+            &[
+                "-C",
+                "1.2.840.10008.5.1.4.1.1.4",
+                "-T",
+                "1.2.826.0.1.3680043.2.1125.7",
+                "-S",
+                series,
+                "-i",
+                pgm_path.to_str().unwrap(),
+                "-o",
+                raw.to_str().unwrap(),
+            ],
+        );
+        tool(
+            "gdcmconv",
+            &["--raw", raw.to_str().unwrap(), file.to_str().unwrap()],
+        );
+        let p: Vec<String> = (0..3)
+            .map(|a| format!("{}", ORIGIN[a] + k as f64 * STEP * NORMAL[a]))
+            .collect();
+        let (slope, intercept) = if rescale {
+            (SLOPE, INTERCEPT)
+        } else {
+            (1.0, 0.0)
+        };
+        let sets = [
+            format!("(0020,0032)={}", p.join("\\")),
+            "(0020,0037)=0\\1\\0\\0\\0\\-1".to_owned(),
+            format!("(0028,0030)={DR}\\{DC}"),
+            format!("(0018,0050)={STEP}"),
+            format!("(0028,1053)={slope}"),
+            format!("(0028,1052)={intercept}"),
+            format!("(0020,0013)={}", k + 1),
+            format!("(0020,0011)={}", if rescale { 1 } else { 2 }),
+            "(0020,0052)=1.2.826.0.1.3680043.2.1125.7.9".to_owned(),
+            // gdcmimg stamps the time of writing; one study has one date and time.
+            "(0008,0020)=20261202".to_owned(),
+            "(0008,0030)=120000".to_owned(),
+            "(0008,0060)=MR".to_owned(),
+            "(0008,103e)=ch2 sagittal".to_owned(),
+        ];
+        let mut args = vec!["-nb".to_owned()];
+        for s in sets {
+            args.push("-i".into());
+            args.push(s);
+        }
+        args.push(file.to_str().unwrap().to_owned());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        tool("dcmodify", &refs);
+    }
+}
+
+#[test]
+fn a_third_party_dicom_series_imports_with_its_geometry() {
+    let template = read_nifti(Path::new(TEMPLATE)).expect("mricron-data (.ci/run installs it)");
+    let brain = read_nifti(Path::new(BRAIN)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let series_dir = work.path().join("dicom/patient-1/series-1");
+    let scratch = work.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let image_uid = "1.2.826.0.1.3680043.2.1125.7.1";
+    write_series(&series_dir, &scratch, image_uid, true, |k, j, i| {
+        sample(&template, k, j, i)
+    });
+    // The label: a mask series on the same grid, converted by dcm2niix, beside the images.
+    let mask_dir = work.path().join("mask-dicom");
+    write_series(
+        &mask_dir,
+        &scratch,
+        "1.2.826.0.1.3680043.2.1125.7.2",
+        false,
+        |k, j, i| u16::from(sample(&brain, k, j, i) > 0),
+    );
+    tool(
+        "dcm2niix",
+        &[
+            "-z",
+            "y",
+            "-f",
+            "label",
+            "-o",
+            series_dir.to_str().unwrap(),
+            mask_dir.to_str().unwrap(),
+        ],
+    );
+    // dcm2niix's own conversion of the image series, for comparison.
+    let reference = work.path().join("dcm2niix");
+    std::fs::create_dir_all(&reference).unwrap();
+    tool(
+        "dcm2niix",
+        &[
+            "-z",
+            "y",
+            "-f",
+            "image",
+            "-o",
+            reference.to_str().unwrap(),
+            series_dir.to_str().unwrap(),
+        ],
+    );
+
+    let site = work.path().join("site");
+    let out = Command::new(BIN)
+        .args(["data", "import", "--dicom"])
+        .arg(work.path().join("dicom"))
+        .arg("--out")
+        .arg(&site)
+        .args(["--labels", "background,brain"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 cases"), "{text}");
+
+    let ours = read_image(&site.join("imagesTr/case-001.nii.gz")).unwrap();
+    let label = read_label(&site.join("labelsTr/case-001.nii.gz"), 2).unwrap();
+
+    // RAS: slices run along -x in LPS = +x in RAS (R), columns along +y in LPS = -y in RAS
+    // (flipped to A), rows along -z (flipped to S). So the RAS grid is (slice, column
+    // reversed, row reversed) with spacing (STEP, DC, DR).
+    assert_eq!(ours.dims, [SLICES, COLUMNS, ROWS]);
+    for (a, want) in ours.spacing.iter().zip([STEP, DC, DR]) {
+        assert!((a - want).abs() < 1e-4, "spacing {:?}", ours.spacing);
+    }
+    let at = |v: &[f32], x: usize, y: usize, z: usize| v[x + SLICES * (y + COLUMNS * z)];
+    for k in 0..SLICES {
+        for j in 0..ROWS {
+            for i in 0..COLUMNS {
+                let want = f64::from(sample(&template, k, j, i)) * SLOPE + INTERCEPT;
+                let got = at(&ours.data, k, COLUMNS - 1 - i, ROWS - 1 - j);
+                assert_eq!(
+                    f64::from(got),
+                    want,
+                    "voxel (slice {k}, row {j}, column {i})"
+                );
+                let mask = sample(&brain, k, j, i) > 0;
+                let l = label.data[k + SLICES * ((COLUMNS - 1 - i) + COLUMNS * (ROWS - 1 - j))];
+                assert_eq!(l == 1, mask, "label at (slice {k}, row {j}, column {i})");
+            }
+        }
+    }
+
+    // And dcm2niix, read the same way, agrees voxel for voxel.
+    let theirs = read_image(&reference.join("image.nii.gz")).unwrap();
+    assert_eq!(theirs.dims, ours.dims);
+    for (a, b) in theirs.spacing.iter().zip(ours.spacing) {
+        assert!(
+            (a - b).abs() < 1e-3,
+            "{:?} vs {:?}",
+            theirs.spacing,
+            ours.spacing
+        );
+    }
+    let worst = theirs
+        .data
+        .iter()
+        .zip(&ours.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "dcm2niix differs by up to {worst}");
+    assert!(label.data.contains(&1) && label.data.contains(&0));
+}
+
+#[test]
+fn a_series_with_a_missing_slice_or_no_label_is_refused_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("dicom");
+    let scratch = work.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    write_series(
+        &dir,
+        &scratch,
+        "1.2.826.0.1.3680043.2.1125.9",
+        true,
+        |k, j, i| (k + j + i) as u16,
+    );
+    let import = |dicom: &Path| {
+        let out = Command::new(BIN)
+            .args(["data", "import", "--dicom"])
+            .arg(dicom)
+            .arg("--out")
+            .arg(work.path().join("site"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = import(&dir);
+    assert!(err.contains("no label.nii.gz"), "{err}");
+    // A slice in the middle of the stack goes missing.
+    std::fs::remove_file(dir.join(format!("IM{:04}", (5 * 7) % SLICES))).unwrap();
+    let err = import(&dir);
+    assert!(err.contains("uneven slice spacing"), "{err}");
+    // A file with the DICOM preamble, cut short.
+    let cut = work.path().join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    let whole = std::fs::read(dir.join("IM0000")).unwrap();
+    std::fs::write(cut.join("IM0000"), &whole[..whole.len() / 2]).unwrap();
+    let err = import(&cut);
+    assert!(err.contains("IM0000"), "{err}");
+    let empty = work.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = import(&empty);
+    assert!(err.contains("no DICOM image found"), "{err}");
+}
