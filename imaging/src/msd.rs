@@ -301,7 +301,15 @@ pub fn read_image(path: &Path) -> Result<Volume, DataError> {
 
 /// Reads a label volume, brought to RAS, its values checked against `classes`.
 pub fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
-    let (shape, data, _) = read_ras(path)?;
+    read_label_spaced(path, classes).map(|(label, _)| label)
+}
+
+/// [`read_label`], with the voxel spacing (millimetres, in RAS order) its file states.
+pub fn read_label_spaced(
+    path: &Path,
+    classes: usize,
+) -> Result<(LabelVolume, [f64; 3]), DataError> {
+    let (shape, data, spacing) = read_ras(path)?;
     let dims = match shape.as_slice() {
         [x, y, z] => [*x, *y, *z],
         [x, y] => [*x, *y, 1],
@@ -327,7 +335,7 @@ pub fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError>
             }
         })
         .collect::<Result<Vec<u8>, _>>()?;
-    Ok(LabelVolume { dims, data: labels })
+    Ok((LabelVolume { dims, data: labels }, spacing))
 }
 
 /// Writes cases as an MSD-layout dataset in `dir` (created if needed).

@@ -10,7 +10,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use medmesh_training::data::msd::{read_image, read_label, read_nifti};
+use medmesh_training::data::msd::{self, read_image, read_label, read_nifti};
+use medmesh_training::data::{Case, LabelVolume, Volume};
 
 const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 const TEMPLATE: &str = "/usr/share/mricron/templates/ch2.nii.gz";
@@ -275,6 +276,27 @@ fn a_series_with_a_missing_slice_or_no_label_is_refused_by_name() {
     };
     let err = import(&dir);
     assert!(err.contains("no label.nii.gz"), "{err}");
+    // A label with the series' size but another spacing: not this series' label.
+    let other = work.path().join("other");
+    let dims = [SLICES, COLUMNS, ROWS];
+    let n = SLICES * ROWS * COLUMNS;
+    let case = Case {
+        name: "x".into(),
+        image: Volume {
+            dims,
+            spacing: [1.0; 3],
+            channels: 1,
+            data: vec![0.0; n],
+        },
+        label: LabelVolume {
+            dims,
+            data: vec![0; n],
+        },
+    };
+    msd::write_dataset(&other, "x", "x", &["background", "brain"], &[case]).unwrap();
+    std::fs::copy(other.join("labelsTr/x.nii.gz"), dir.join("label.nii.gz")).unwrap();
+    let err = import(&dir);
+    assert!(err.contains("does not belong to this series"), "{err}");
     // A slice in the middle of the stack goes missing.
     std::fs::remove_file(dir.join(format!("IM{:04}", (5 * 7) % SLICES))).unwrap();
     let err = import(&dir);

@@ -126,14 +126,21 @@ pub fn import(a: &ImportArgs) -> Result<()> {
                     s.dir.display()
                 )
             })?;
-        let label = msd::read_label(&label_path, a.labels.len())?;
+        let (label, spacing) = msd::read_label_spaced(&label_path, a.labels.len())?;
+        let same_spacing = spacing
+            .iter()
+            .zip(s.volume.spacing)
+            .all(|(l, v)| (l - v).abs() <= 1e-3 * v.max(1.0));
         anyhow::ensure!(
-            label.dims == s.volume.dims,
-            "{}: the label's grid is {:?} voxels in RAS, series {}'s is {:?}",
+            label.dims == s.volume.dims && same_spacing,
+            "{}: the label's grid is {:?} voxels of {:.3?} mm in RAS, series {}'s is {:?} of \
+             {:.3?} mm: it does not belong to this series",
             label_path.display(),
             label.dims,
+            spacing,
             s.uid,
-            s.volume.dims
+            s.volume.dims,
+            s.volume.spacing
         );
         let name = format!("case-{:03}", k + 1);
         println!(
