@@ -24,16 +24,19 @@ pub enum Domain {
     ProgressRecord,
     /// The provenance file of an exported model.
     Provenance,
+    /// A site's dataset fingerprint (signed by its node).
+    DatasetFingerprint,
 }
 
 impl Domain {
     /// All domains, for diagnostics.
-    pub const ALL: [Domain; 5] = [
+    pub const ALL: [Domain; 6] = [
         Domain::Roster,
         Domain::Manifest,
         Domain::UpdateEnvelope,
         Domain::ProgressRecord,
         Domain::Provenance,
+        Domain::DatasetFingerprint,
     ];
 
     /// The context string mixed into every signature of this domain.
@@ -44,6 +47,7 @@ impl Domain {
             Domain::UpdateEnvelope => "model-update-envelope",
             Domain::ProgressRecord => "progress-record",
             Domain::Provenance => "model-provenance",
+            Domain::DatasetFingerprint => "dataset-fingerprint",
         }
     }
 }

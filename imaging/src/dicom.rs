@@ -63,6 +63,8 @@ pub struct Series {
     pub uid: String,
     /// SeriesDescription, when set.
     pub description: Option<String>,
+    /// Modality ("CT", "MR", ...), when set.
+    pub modality: Option<String>,
     /// The folder holding its first slice (where a label NIfTI sits beside it).
     pub dir: PathBuf,
     /// The voxels, rescaled, in RAS, with their spacing.
@@ -76,6 +78,7 @@ struct Slice {
     path: PathBuf,
     series: String,
     description: Option<String>,
+    modality: Option<String>,
     position: [f64; 3],
     orientation: [f64; 6],
     /// (between rows, between columns), millimetres.
@@ -195,11 +198,15 @@ fn read_slice(path: &Path) -> Result<Slice, DicomError> {
         .and_then(|e| e.to_float64().ok())
         .filter(|t| *t > 0.0);
     let description = text(tags::SERIES_DESCRIPTION, "SeriesDescription").ok();
+    let modality = text(tags::MODALITY, "Modality")
+        .ok()
+        .filter(|m| !m.is_empty());
     let (pixels, rows, columns) = decode(&obj).map_err(fail)?;
     Ok(Slice {
         path: path.to_owned(),
         series,
         description,
+        modality,
         position: [position[0], position[1], position[2]],
         orientation: std::array::from_fn(|i| orientation[i]),
         pixel_spacing: [pixel_spacing[0], pixel_spacing[1]],
@@ -354,6 +361,7 @@ fn assemble(uid: String, mut slices: Vec<Slice>) -> Result<Series, DicomError> {
     Ok(Series {
         uid,
         description: slices[0].description.clone(),
+        modality: slices[0].modality.clone(),
         dir,
         volume,
         affine: ras,

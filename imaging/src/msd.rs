@@ -42,14 +42,19 @@ pub struct TrainingPair {
     pub label: String,
 }
 
-/// Reads every training case of an MSD-layout dataset, checking channels and label range.
-pub fn read_dataset(dir: &Path, channels: usize, classes: usize) -> Result<Vec<Case>, DataError> {
+/// Reads `dir/dataset.json`.
+pub fn read_meta(dir: &Path) -> Result<DatasetJson, DataError> {
     let json_path = dir.join("dataset.json");
     let text = fs::read_to_string(&json_path).map_err(io_error(&json_path))?;
-    let meta: DatasetJson = serde_json::from_str(&text).map_err(|e| DataError::DatasetJson {
-        path: json_path.clone(),
+    serde_json::from_str(&text).map_err(|e| DataError::DatasetJson {
+        path: json_path,
         reason: e.to_string(),
-    })?;
+    })
+}
+
+/// Reads every training case of an MSD-layout dataset, checking channels and label range.
+pub fn read_dataset(dir: &Path, channels: usize, classes: usize) -> Result<Vec<Case>, DataError> {
+    let meta = read_meta(dir)?;
     if meta.training.is_empty() {
         return Err(DataError::Empty {
             path: dir.to_owned(),
@@ -338,11 +343,24 @@ pub fn read_label_spaced(
     Ok((LabelVolume { dims, data: labels }, spacing))
 }
 
-/// Writes cases as an MSD-layout dataset in `dir` (created if needed).
+/// Writes cases as an MSD-layout dataset of MRI images in `dir` (created if needed).
 pub fn write_dataset(
     dir: &Path,
     name: &str,
     description: &str,
+    class_names: &[&str],
+    cases: &[Case],
+) -> Result<(), DataError> {
+    write_dataset_of(dir, name, description, "MRI", class_names, cases)
+}
+
+/// Writes cases as an MSD-layout dataset in `dir` (created if needed), every channel of
+/// `modality` ("CT", "MRI", ...) in `dataset.json`.
+pub fn write_dataset_of(
+    dir: &Path,
+    name: &str,
+    description: &str,
+    modality: &str,
     class_names: &[&str],
     cases: &[Case],
 ) -> Result<(), DataError> {
@@ -368,7 +386,7 @@ pub fn write_dataset(
         name: name.to_owned(),
         description: description.to_owned(),
         modality: (0..cases.first().map_or(1, |c| c.image.channels))
-            .map(|c| (c.to_string(), "MRI".to_owned()))
+            .map(|c| (c.to_string(), modality.to_owned()))
             .collect(),
         labels: class_names
             .iter()

@@ -174,6 +174,9 @@ pub enum DataCommand {
     /// in the MSD layout: slices sorted along the normal, rescale slope and intercept
     /// applied, volumes in RAS with their spacing.
     Import(crate::commands::data::ImportArgs),
+    /// Compute this site's dataset fingerprint (case sizes and spacings, foreground intensity
+    /// statistics; no voxel, label or case name), signed by the node, for `experiment plan`.
+    Fingerprint(crate::commands::data::FingerprintArgs),
 }
 
 /// Member roles, as accepted on the command line.
@@ -258,6 +261,26 @@ pub enum ExperimentCommand {
         /// The manifest file.
         #[arg(long)]
         manifest: PathBuf,
+    },
+    /// Derive target spacing, intensity normalization and input size from the sites' signed
+    /// dataset fingerprints (`medmesh data fingerprint`), show the plan and why, and write the
+    /// planned manifest with --out.
+    Plan {
+        /// The manifest (TOML or JSON) to plan.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The roster the fingerprints' signers must be active nodes of.
+        #[arg(long)]
+        roster: PathBuf,
+        /// One signed fingerprint per site.
+        #[arg(long, required = true, num_args = 1..)]
+        fingerprints: Vec<PathBuf>,
+        /// Where to write the manifest with the plan applied (TOML).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        force: bool,
     },
     /// Sign a manifest with a researcher key.
     Sign {

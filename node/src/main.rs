@@ -35,6 +35,9 @@ fn main() -> ExitCode {
         Command::Data {
             command: DataCommand::Import(args),
         } => data::import(&args),
+        Command::Data {
+            command: DataCommand::Fingerprint(args),
+        } => data::fingerprint(&args),
         Command::TrainLocal {
             data,
             manifest,
@@ -55,6 +58,13 @@ fn main() -> ExitCode {
         Command::Roster { command } => roster::run(command),
         Command::Experiment { command } => match command {
             ExperimentCommand::Check { manifest } => experiment::check(&manifest),
+            ExperimentCommand::Plan {
+                manifest,
+                roster,
+                fingerprints,
+                out,
+                force,
+            } => experiment::plan(&manifest, &roster, &fingerprints, out.as_deref(), force),
             ExperimentCommand::Sign {
                 manifest,
                 key,

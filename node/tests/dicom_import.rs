@@ -199,7 +199,10 @@ fn a_third_party_dicom_series_imports_with_its_geometry() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 cases"), "{text}");
+    assert!(text.contains("1 cases of MRI"), "{text}");
+    // The DICOM Modality (MR) reaches dataset.json, where the experiment plan reads it.
+    let meta = msd::read_meta(&site).unwrap();
+    assert_eq!(meta.modality.values().collect::<Vec<_>>(), ["MRI"]);
 
     let ours = read_image(&site.join("imagesTr/case-001.nii.gz")).unwrap();
     let label = read_label(&site.join("labelsTr/case-001.nii.gz"), 2).unwrap();

@@ -7,6 +7,8 @@
 //! * [`layout`]: parameter layouts (names, shapes, dtypes) and their digests.
 //! * [`progress`]: signed per-round progress records.
 //! * [`provenance`]: signed statements about exported models.
+//! * [`fingerprint`]: sites' signed dataset statistics, and the experiment plan (spacing,
+//!   normalization, input size) derived from them without pooling images.
 //! * [`averaging`] and [`robust`]: the averaging rules, as pure functions over flat slices,
 //!   used by the node and the simulator alike.
 //! * [`round`]: the round engine: each round's communication graph, computed alike by every
@@ -24,6 +26,7 @@ pub mod accounting;
 pub mod averaging;
 pub mod encoding;
 pub mod envelope;
+pub mod fingerprint;
 pub mod layout;
 pub mod manifest;
 pub mod messages;

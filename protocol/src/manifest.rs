@@ -90,6 +90,51 @@ pub struct Task {
     /// so this names the same plane at every site whatever their scanners stored.
     #[serde(default)]
     pub plane: Plane,
+    /// How image intensities are normalized before training. Default: each case z-scored
+    /// on its own. `medmesh experiment plan` derives it from the sites' fingerprints.
+    #[serde(default)]
+    pub intensity: Intensity,
+}
+
+/// Intensity normalization, per channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intensity {
+    /// Which normalization.
+    pub scheme: IntensityScheme,
+    /// `ct` only: clip to these intensities (the consortium's foreground 0.5th and 99.5th
+    /// percentiles), then subtract `mean` and divide by `std` (its foreground mean and
+    /// standard deviation). The same numbers at every site and for every case.
+    #[serde(default)]
+    pub clip: Option<[f64; 2]>,
+    /// `ct` only: the consortium's foreground mean intensity.
+    #[serde(default)]
+    pub mean: Option<f64>,
+    /// `ct` only: the consortium's foreground standard deviation.
+    #[serde(default)]
+    pub std: Option<f64>,
+}
+
+/// An intensity normalization scheme (nnU-Net's two).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntensityScheme {
+    /// Each case and channel on its own: clip to its 0.5th and 99.5th percentiles, subtract
+    /// its mean, divide by its standard deviation. For MRI and other uncalibrated scales.
+    #[default]
+    ZScore,
+    /// Calibrated intensities (CT's Hounsfield units): one fixed clip and scale for all.
+    Ct,
+}
+
+impl Intensity {
+    /// The CT clip range and scale, when this is the `ct` scheme with all its numbers.
+    pub fn ct(&self) -> Option<([f64; 2], f64, f64)> {
+        match (self.scheme, self.clip, self.mean, self.std) {
+            (IntensityScheme::Ct, Some(clip), Some(mean), Some(std)) => Some((clip, mean, std)),
+            _ => None,
+        }
+    }
 }
 
 /// An anatomical plane.
@@ -590,6 +635,41 @@ impl Manifest {
                 format!("{s:?}: each spacing must be 0.01 to 100 mm"),
             );
         }
+        let i = &t.intensity;
+        match i.scheme {
+            IntensityScheme::ZScore => {
+                for (name, set) in [
+                    ("clip", i.clip.is_some()),
+                    ("mean", i.mean.is_some()),
+                    ("std", i.std.is_some()),
+                ] {
+                    if set {
+                        bad(
+                            "task.intensity",
+                            format!("{name} is for the ct scheme; z-score computes its own"),
+                        );
+                    }
+                }
+            }
+            IntensityScheme::Ct => match i.ct() {
+                None => bad(
+                    "task.intensity",
+                    "the ct scheme needs clip, mean and std (medmesh experiment plan derives them)"
+                        .into(),
+                ),
+                Some(([lo, hi], mean, std)) => {
+                    if ![lo, hi, mean, std].iter().all(|v| v.is_finite()) || lo >= hi {
+                        bad(
+                            "task.intensity",
+                            format!("clip {:?} must be two finite values, low first", [lo, hi]),
+                        );
+                    }
+                    if !(std.is_finite() && std > 0.0) {
+                        bad("task.intensity", format!("std {std} must be above 0"));
+                    }
+                }
+            },
+        }
         if !(2..=32).contains(&t.classes) {
             bad(
                 "task.classes",
@@ -1015,6 +1095,54 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
+    }
+
+    /// `task.intensity`: CT needs all its numbers, z-score takes none, and TOML round-trips.
+    #[test]
+    fn intensity_schemes_take_exactly_their_fields() {
+        let ct = QUICKSTART.replace(
+            "classes = 2 ",
+            "classes = 2\nintensity = { scheme = \"ct\", clip = [-100.0, 300.0], mean = 40.0, std = 60.0 } ",
+        );
+        let m = Manifest::parse(&ct).unwrap();
+        assert_eq!(m.task.intensity.ct(), Some(([-100.0, 300.0], 40.0, 60.0)));
+        assert_eq!(Manifest::from_toml(&m.to_toml()).unwrap(), m);
+        for (bad, why) in [
+            (
+                r#"{ scheme = "ct", clip = [-100.0, 300.0] }"#,
+                "needs clip, mean and std",
+            ),
+            (
+                r#"{ scheme = "ct", clip = [300.0, -100.0], mean = 1.0, std = 1.0 }"#,
+                "low first",
+            ),
+            (
+                r#"{ scheme = "ct", clip = [0.0, 1.0], mean = 1.0, std = 0.0 }"#,
+                "above 0",
+            ),
+            (
+                r#"{ scheme = "z-score", mean = 1.0 }"#,
+                "mean is for the ct scheme",
+            ),
+        ] {
+            let text =
+                QUICKSTART.replace("classes = 2 ", &format!("classes = 2\nintensity = {bad} "));
+            let err = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("task.intensity") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
+        let typo = QUICKSTART.replace(
+            "classes = 2 ",
+            "classes = 2\nintensity = { scheme = \"ct\", slope = 1.0 } ",
+        );
+        assert!(
+            Manifest::parse(&typo)
+                .unwrap_err()
+                .to_string()
+                .contains("slope")
+        );
     }
 
     #[test]

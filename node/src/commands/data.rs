@@ -1,16 +1,20 @@
 //! `medmesh data prepare`: per-site datasets in the MSD layout; `medmesh data import`: a
-//! folder of DICOM series as a site dataset.
+//! folder of DICOM series as a site dataset; `medmesh data fingerprint`: a site's signed
+//! dataset statistics.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use medmesh_protocol::fingerprint::SignedFingerprint;
 use medmesh_training::data::brain::BrainTemplate;
 use medmesh_training::data::generate_site_cases;
-use medmesh_training::data::msd::{self, write_dataset};
+use medmesh_training::data::msd::{self, write_dataset, write_dataset_of};
 use medmesh_training::data::synthetic::Preset;
 use medmesh_training::data::{Case, dicom};
 
 use crate::cli::TaskArg;
+use crate::config::NodeConfig;
+use crate::keystore;
 
 /// Options of `medmesh data prepare`.
 #[derive(Debug, Clone, clap::Args)]
@@ -113,6 +117,7 @@ pub fn import(a: &ImportArgs) -> Result<()> {
     );
     let series = dicom::read_series(&a.dicom)
         .with_context(|| format!("reading DICOM under {}", a.dicom.display()))?;
+    let modality = series_modality(&series)?;
     let mut cases = Vec::with_capacity(series.len());
     for (k, s) in series.into_iter().enumerate() {
         let label_path = ["label.nii.gz", "label.nii"]
@@ -159,8 +164,129 @@ pub fn import(a: &ImportArgs) -> Result<()> {
     }
     let labels: Vec<&str> = a.labels.iter().map(String::as_str).collect();
     let description = format!("imported from DICOM under {}", a.dicom.display());
-    write_dataset(&a.out, &a.name, &description, &labels, &cases)
+    write_dataset_of(&a.out, &a.name, &description, &modality, &labels, &cases)
         .with_context(|| format!("writing {}", a.out.display()))?;
-    println!("{}: {} cases", a.out.display(), cases.len());
+    println!("{}: {} cases of {modality}", a.out.display(), cases.len());
+    Ok(())
+}
+
+/// The modality every series shares, as `dataset.json` names it ("MR" becomes "MRI").
+fn series_modality(series: &[dicom::Series]) -> Result<String> {
+    let name = |s: &dicom::Series| match s.modality.as_deref() {
+        Some("MR") => "MRI".to_owned(),
+        Some(m) => m.to_owned(),
+        None => "unknown".to_owned(),
+    };
+    let first = series.first().map(name).unwrap_or_else(|| "unknown".into());
+    if let Some(other) = series.iter().find(|s| name(s) != first) {
+        anyhow::bail!(
+            "series {} is {} but series {} is {first}: import each modality into its own dataset",
+            other.uid,
+            name(other),
+            series[0].uid
+        );
+    }
+    Ok(first)
+}
+
+/// Options of `medmesh data fingerprint`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FingerprintArgs {
+    /// The node's configuration: its identity signs, its roster names the consortium, its
+    /// `[datasets.NAME]` section says where the dataset is.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The dataset, by the name manifests give it (`task.dataset`).
+    #[arg(long)]
+    pub dataset: String,
+    /// Where to write the signed fingerprint (JSON, for the data-protection officer to read
+    /// before it is sent).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Computes, signs and writes the fingerprint of one configured dataset.
+pub fn fingerprint(a: &FingerprintArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.force || !a.out.exists(),
+        "{} already exists; refusing to overwrite it (pass --force to replace it)",
+        a.out.display()
+    );
+    let cfg = NodeConfig::load(&a.config, None)?;
+    let section = cfg.datasets.get(&a.dataset).with_context(|| {
+        format!(
+            "{} has no [datasets.{}] section (it has: {})",
+            a.config.display(),
+            a.dataset,
+            cfg.datasets.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let identity = keystore::load_identity(&cfg.node.identity)?;
+    let roster = keystore::load_roster(&cfg.node.roster)?
+        .into_genesis(None)
+        .with_context(|| format!("roster {}", cfg.node.roster.display()))?;
+    let roster = roster.roster();
+    roster
+        .authorize(&identity.public_key(), medmesh_crypto::Role::Node)
+        .with_context(|| {
+            format!(
+                "{} is not an active node of the roster",
+                identity.public_key()
+            )
+        })?;
+    let dir = &section.path;
+    // Channels and classes as the dataset declares them; PNG pairs are one channel.
+    let (modalities, channels, classes) = if dir.join("dataset.json").is_file() {
+        let meta = msd::read_meta(dir)?;
+        let modalities: Vec<String> = meta.modality.values().cloned().collect();
+        let channels = modalities.len().max(1);
+        (modalities, channels, meta.labels.len().max(2))
+    } else {
+        (Vec::new(), 1, 256)
+    };
+    let cases = medmesh_training::data::load_dir(dir, channels, classes)
+        .with_context(|| format!("loading dataset {} from {}", a.dataset, dir.display()))?;
+    let f = medmesh_training::data::fingerprint::fingerprint(
+        &cases,
+        &modalities,
+        &roster.consortium,
+        &a.dataset,
+        identity.public_key(),
+    );
+    let signed = SignedFingerprint::sign(f, &identity);
+    let text = serde_json::to_string_pretty(&signed).context("rendering the fingerprint")?;
+    keystore::write_atomic(&a.out, text.as_bytes(), 0o644)?;
+    let f = &signed.fingerprint;
+    let fg = &f.foreground[0];
+    println!(
+        "wrote {}: dataset {} of consortium {}, signed by {}",
+        a.out.display(),
+        f.dataset,
+        f.consortium,
+        identity.public_key()
+    );
+    println!(
+        "  {} cases; modality {}; channel 0 foreground: {} voxels, mean {:.4}, std {:.4}, \
+         0.5th-99.5th percentile {:.4} to {:.4}",
+        f.cases.len(),
+        if f.modalities.iter().all(String::is_empty) {
+            "unknown".to_owned()
+        } else {
+            f.modalities.join("+")
+        },
+        fg.voxels,
+        fg.mean,
+        fg.std,
+        fg.quantiles[0],
+        fg.quantiles[fg.quantiles.len() - 1]
+    );
+    println!(
+        "  it holds each case's grid size and spacing, and per channel the count, mean, \
+         standard deviation and 101 quantiles of foreground intensities: no voxel, label or \
+         case name"
+    );
     Ok(())
 }

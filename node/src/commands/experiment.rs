@@ -1,8 +1,9 @@
-//! `medmesh experiment check|sign|verify`: the researcher's side of manifests.
+//! `medmesh experiment check|plan|sign|verify`: the researcher's side of manifests.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use medmesh_protocol::fingerprint::{self, SignedFingerprint};
 use medmesh_protocol::{Manifest, SignedManifest};
 
 use super::read_text;
@@ -12,6 +13,95 @@ use crate::keystore;
 pub fn check(path: &Path) -> Result<()> {
     let manifest = load_manifest(path)?;
     print_summary(&manifest);
+    Ok(())
+}
+
+/// Verifies the sites' fingerprints against the roster, derives the plan, prints it with its
+/// reasons, and writes the planned manifest to `out` when given.
+pub fn plan(
+    manifest: &Path,
+    roster: &Path,
+    fingerprints: &[std::path::PathBuf],
+    out: Option<&Path>,
+    force: bool,
+) -> Result<()> {
+    if let Some(out) = out {
+        anyhow::ensure!(
+            force || !out.exists(),
+            "{} already exists; refusing to overwrite it (pass --force to replace it)",
+            out.display()
+        );
+    }
+    let mut m = load_manifest(manifest)?;
+    let roster = keystore::load_roster(roster)?
+        .into_genesis(None)
+        .with_context(|| format!("roster {} is not trusted", roster.display()))?;
+    let roster = roster.roster();
+    let signed: Vec<SignedFingerprint> = fingerprints
+        .iter()
+        .map(|p| {
+            serde_json::from_str(&read_text(p)?)
+                .with_context(|| format!("{} is not a signed fingerprint", p.display()))
+        })
+        .collect::<Result<_>>()?;
+    let mut verified = Vec::with_capacity(signed.len());
+    for (s, path) in signed.iter().zip(fingerprints) {
+        let f = s
+            .verify(roster)
+            .with_context(|| format!("{} does not verify", path.display()))?;
+        verified.push(f);
+    }
+    let plan = fingerprint::plan(&m, &verified)?;
+    println!(
+        "plan for experiment {} from {} sites, {} cases:",
+        m.id, plan.sites, plan.cases
+    );
+    println!(
+        "  {:<16} {:>6} {:<10} {:>22} {:>12} {:>12}",
+        "site", "cases", "modality", "median spacing (mm)", "fg mean", "fg std"
+    );
+    for f in &verified {
+        let site = roster
+            .member(&f.node)
+            .map_or_else(|| f.node.to_string(), |m| m.site.clone());
+        let median = |a: usize| {
+            fingerprint::percentile(
+                &f.cases.iter().map(|c| c.spacing[a]).collect::<Vec<_>>(),
+                50.0,
+            )
+        };
+        println!(
+            "  {:<16} {:>6} {:<10} {:>22} {:>12.4} {:>12.4}",
+            site,
+            f.cases.len(),
+            f.modalities.first().map_or("", String::as_str),
+            format!("{:.2} x {:.2} x {:.2}", median(0), median(1), median(2)),
+            f.foreground[0].mean,
+            f.foreground[0].std
+        );
+    }
+    for reason in &plan.reasons {
+        println!("  {reason}");
+    }
+    plan.apply(&mut m);
+    m.validate()
+        .context("the planned manifest does not validate")?;
+    #[derive(serde::Serialize)]
+    struct TaskOnly<'a> {
+        task: &'a medmesh_protocol::manifest::Task,
+    }
+    let task =
+        toml::to_string(&TaskOnly { task: &m.task }).context("rendering the planned task")?;
+    println!("planned:\n{}", task.trim_end());
+    if let Some(out) = out {
+        let text = toml::to_string(&m).context("rendering the planned manifest")?;
+        keystore::write_atomic(out, text.as_bytes(), 0o644)?;
+        println!(
+            "wrote {} (digest {})",
+            out.display(),
+            hex::encode(m.digest())
+        );
+    }
     Ok(())
 }
 

@@ -5,8 +5,10 @@
 //! * [`synthetic`]: seeded, non-IID multi-site data with scanner and annotator effects.
 //! * [`brain`]: semi-real brain extraction cases built from a public T1 template.
 //! * [`slices`]: volumes to normalized, resized 2D training slices.
+//! * [`fingerprint`]: a site's dataset statistics for the federated experiment plan.
 
 pub mod brain;
+pub mod fingerprint;
 pub mod slices;
 pub mod synthetic;
 

@@ -2,6 +2,8 @@
 //! (percentile clip, then z-score), slicing along an axis, resizing to the manifest's input
 //! size, and thinning out slices without foreground.
 
+use medmesh_protocol::manifest::Intensity;
+
 use super::{Case, DataError};
 use crate::rng::Rng;
 
@@ -14,8 +16,10 @@ pub struct SliceOptions {
     pub size: [usize; 2],
     /// Probability of keeping a slice whose mask is all background.
     pub keep_empty: f64,
-    /// Lower and upper intensity percentiles to clip to before the z-score.
+    /// Lower and upper intensity percentiles to clip each case to before its z-score.
     pub clip_percentiles: (f64, f64),
+    /// The manifest's normalization: per-case z-score, or CT's fixed clip and scale.
+    pub intensity: Intensity,
     /// Seed for choosing which empty slices to keep.
     pub seed: u64,
 }
@@ -28,6 +32,7 @@ impl SliceOptions {
             size,
             keep_empty: 0.35,
             clip_percentiles: (0.5, 99.5),
+            intensity: Intensity::default(),
             seed,
         }
     }
@@ -142,6 +147,7 @@ pub fn site_split(
     let seed = manifest.training.seed;
     let mut opts = SliceOptions::new([h as usize, w as usize], seed);
     opts.axis = manifest.task.plane.axis();
+    opts.intensity = manifest.task.intensity;
     let slices = match manifest.task.target_spacing {
         Some(to) => {
             let resampled = cases
@@ -168,7 +174,7 @@ pub fn slice_cases(cases: &[Case], opts: &SliceOptions) -> Result<SliceSet, Data
     };
     let mut rng = Rng::derive(opts.seed, 0x0051_1CE5);
     for (case_index, case) in cases.iter().enumerate() {
-        let normalized = normalize(case, opts.clip_percentiles);
+        let normalized = normalize(case, opts);
         let dims = case.image.dims;
         let (rows_axis, cols_axis) = match opts.axis {
             0 => (2, 1),
@@ -207,8 +213,19 @@ pub fn slice_cases(cases: &[Case], opts: &SliceOptions) -> Result<SliceSet, Data
 }
 
 /// Per channel: clip to the percentiles, then subtract the mean and divide by the standard
-/// deviation, so scanners with different intensity scales land in the same range.
-fn normalize(case: &Case, (lo_pct, hi_pct): (f64, f64)) -> Vec<f32> {
+/// deviation, so scanners with different intensity scales land in the same range. With
+/// CT's scheme, every case gets the manifest's fixed clip and scale instead, so Hounsfield
+/// units keep their meaning across cases and sites.
+fn normalize(case: &Case, opts: &SliceOptions) -> Vec<f32> {
+    if let Some(([lo, hi], mean, std)) = opts.intensity.ct() {
+        return case
+            .image
+            .data
+            .iter()
+            .map(|v| ((f64::from(*v).clamp(lo, hi) - mean) / std) as f32)
+            .collect();
+    }
+    let (lo_pct, hi_pct) = opts.clip_percentiles;
     let n = case.image.voxels();
     let mut out = Vec::with_capacity(case.image.data.len());
     for plane in case.image.data.chunks(n.max(1)) {
@@ -338,6 +355,33 @@ mod tests {
         assert!(mean.abs() < 0.5, "z-scored: {mean}");
         opts.keep_empty = 1.0;
         assert_eq!(slice_cases(&cases, &opts).unwrap().len(), 16);
+    }
+
+    /// CT's scheme clips and scales every case alike: the same Hounsfield value gives the same
+    /// input whichever case it is in (a per-case z-score would not).
+    #[test]
+    fn ct_intensities_keep_their_meaning_across_cases() {
+        use medmesh_protocol::manifest::IntensityScheme;
+        let (a, mut b) = (cube("a", 8), cube("b", 8));
+        b.image.data.iter_mut().for_each(|v| *v = *v * 0.5 - 400.0);
+        let mut opts = SliceOptions::new([8, 8], 1);
+        opts.keep_empty = 1.0;
+        opts.intensity = Intensity {
+            scheme: IntensityScheme::Ct,
+            clip: Some([200.0, 1500.0]),
+            mean: Some(1000.0),
+            std: Some(250.0),
+        };
+        let set = slice_cases(&[a.clone(), b.clone()], &opts).unwrap();
+        let expected = |v: f32| ((f64::from(v).clamp(200.0, 1500.0) - 1000.0) / 250.0) as f32;
+        // Axial slice 0, pixel (0, 0) is voxel 0 of each case.
+        assert_eq!(set.image(0)[0], expected(a.image.data[0]));
+        assert_eq!(set.image(8)[0], expected(b.image.data[0]));
+        assert_eq!(expected(b.image.data[0]), -3.2, "100 is clipped to 200");
+        // The per-case z-score maps both cases to the same range instead.
+        opts.intensity = Intensity::default();
+        let z = slice_cases(&[a, b], &opts).unwrap();
+        assert!((z.image(0)[0] - z.image(8)[0]).abs() < 1e-3);
     }
 
     #[test]
