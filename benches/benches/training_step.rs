@@ -50,6 +50,7 @@ fn training_step(c: &mut Criterion) {
         grad_clip: None,
         rounds: 1_000_000,
         proximal_mu: None,
+        augmentation: None,
     };
     let data = batch();
     let mut group = c.benchmark_group("unet_train_step_b8_128px_base16_depth4");

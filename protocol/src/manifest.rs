@@ -225,6 +225,65 @@ pub struct Training {
     /// federated rounds. The site reports both the consensus model's score and this one's.
     #[serde(default)]
     pub personalize_steps: Option<u32>,
+    /// nnU-Net-style augmentation of training slices, beyond the random horizontal flips
+    /// that always apply. Absent: flips only.
+    #[serde(default)]
+    pub augmentation: Option<Augmentation>,
+}
+
+/// Random transforms of each training slice (never of validation slices). Each transform
+/// that is set applies to a slice with `probability`, with its parameters drawn uniformly
+/// from the given range; spatial ones move image and label together.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Augmentation {
+    /// Chance that each transform applies to a slice (nnU-Net uses 0.2; default 0.2).
+    #[serde(default = "Augmentation::default_probability")]
+    pub probability: f64,
+    /// In-plane rotation by up to this many degrees either way.
+    #[serde(default)]
+    pub rotate_degrees: Option<f64>,
+    /// Zoom by a factor in `[low, high]` (below 1 shrinks the anatomy).
+    #[serde(default)]
+    pub scale: Option<[f64; 2]>,
+    /// Elastic deformation `[alpha, sigma]`, in pixels: a random displacement field smoothed
+    /// by a Gaussian of `sigma` and scaled to `alpha`.
+    #[serde(default)]
+    pub elastic: Option<[f64; 2]>,
+    /// Gamma curve with an exponent in `[low, high]` on intensities scaled to [0, 1]; the
+    /// slice keeps its mean and standard deviation.
+    #[serde(default)]
+    pub gamma: Option<[f64; 2]>,
+    /// Multiply intensities by a factor in `[low, high]`.
+    #[serde(default)]
+    pub brightness: Option<[f64; 2]>,
+    /// Shift intensities by an offset in `[low, high]` (in normalized units).
+    #[serde(default)]
+    pub shift: Option<[f64; 2]>,
+    /// Gaussian noise with a standard deviation drawn in `[0, this]` (normalized units).
+    #[serde(default)]
+    pub noise: Option<f64>,
+    /// Gaussian blur with a sigma in `[low, high]` pixels.
+    #[serde(default)]
+    pub blur: Option<[f64; 2]>,
+}
+
+impl Augmentation {
+    fn default_probability() -> f64 {
+        0.2
+    }
+
+    /// Each set range with its name and bounds, for validation.
+    fn ranges(&self) -> [(&'static str, Option<[f64; 2]>, f64, f64); 6] {
+        [
+            ("scale", self.scale, 0.25, 4.0),
+            ("elastic", self.elastic, 0.0, 200.0),
+            ("gamma", self.gamma, 0.1, 10.0),
+            ("brightness", self.brightness, 0.1, 10.0),
+            ("shift", self.shift, -10.0, 10.0),
+            ("blur", self.blur, 0.0, 10.0),
+        ]
+    }
 }
 
 /// Averaging schemes.
@@ -743,6 +802,55 @@ impl Manifest {
             );
         }
 
+        if let Some(a) = &tr.augmentation {
+            let field = |name: &str| format!("training.augmentation.{name}");
+            if !(a.probability.is_finite() && a.probability > 0.0 && a.probability <= 1.0) {
+                bad(
+                    &field("probability"),
+                    format!("{} must be in (0, 1]", a.probability),
+                );
+            }
+            if let Some(r) = a.rotate_degrees
+                && !(r.is_finite() && (0.0..=180.0).contains(&r))
+            {
+                bad(&field("rotate_degrees"), format!("{r} must be 0 to 180"));
+            }
+            if let Some(n) = a.noise
+                && !(n.is_finite() && (0.0..=10.0).contains(&n))
+            {
+                bad(&field("noise"), format!("{n} must be 0 to 10"));
+            }
+            for (name, range, lo, hi) in a.ranges() {
+                if let Some([a, b]) = range
+                    && !(a.is_finite() && b.is_finite() && lo <= a && a <= b && b <= hi)
+                {
+                    bad(
+                        &field(name),
+                        format!("[{a}, {b}] must be ascending within [{lo}, {hi}]"),
+                    );
+                }
+            }
+            if let Some([_, sigma]) = a.elastic
+                && sigma < 1.0
+            {
+                bad(
+                    &field("elastic"),
+                    format!("sigma {sigma} must be at least 1 pixel"),
+                );
+            }
+            let none = a.rotate_degrees.is_none()
+                && a.noise.is_none()
+                && a.ranges().iter().all(|r| r.1.is_none());
+            if none {
+                bad(
+                    "training.augmentation",
+                    "names no transform (rotate_degrees, scale, elastic, gamma, brightness, \
+                     shift, noise, blur)"
+                        .into(),
+                );
+            }
+        }
+
         let av = &self.averaging;
         match (av.scheme, av.fanout) {
             (Scheme::Epidemic, None) => bad(
@@ -1143,6 +1251,44 @@ mod tests {
                 .to_string()
                 .contains("slope")
         );
+    }
+
+    /// `training.augmentation`: each transform's range is checked and named; an empty table
+    /// and unknown transforms are refused.
+    #[test]
+    fn augmentation_fields_are_checked_by_name() {
+        let with = |table: &str| {
+            QUICKSTART.replace("seed = 7\n", &format!("seed = 7\naugmentation = {table}\n"))
+        };
+        let m = Manifest::parse(&with(
+            "{ rotate_degrees = 35.0, scale = [0.7, 1.3], gamma = [0.6, 2.0], noise = 0.32 }",
+        ))
+        .unwrap();
+        let a = m.training.augmentation.unwrap();
+        assert_eq!((a.probability, a.rotate_degrees), (0.2, Some(35.0)));
+        assert_eq!(Manifest::from_toml(&m.to_toml()).unwrap(), m);
+        for (bad, field) in [
+            ("{ scale = [1.3, 0.7] }", "training.augmentation.scale"),
+            ("{ gamma = [0.0, 2.0] }", "training.augmentation.gamma"),
+            (
+                "{ rotate_degrees = 400.0 }",
+                "training.augmentation.rotate_degrees",
+            ),
+            ("{ noise = -1.0 }", "training.augmentation.noise"),
+            ("{ elastic = [10.0, 0.5] }", "training.augmentation.elastic"),
+            (
+                "{ probability = 0.0, noise = 0.1 }",
+                "training.augmentation.probability",
+            ),
+            ("{ probability = 0.5 }", "training.augmentation"),
+        ] {
+            let err = Manifest::parse(&with(bad)).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        let err = Manifest::parse(&with("{ mirror = true }"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mirror"), "{err}");
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //!   multi-site generator and the brain-extraction task, slicing and normalization.
 //! * [`model`]: the UNet and its seeded initialization.
 //! * [`trainer`]: local training rounds and evaluation; [`loss`] and [`metrics`].
+//! * [`augment`]: nnU-Net-style augmentation of training slices.
 //! * [`baselines`]: local-only, pooled, FedAvg and unseen-site baselines.
 //! * [`params`]: weights as one flat vector with a stable layout (FedBN selection).
 //! * [`checkpoint`] and [`export`]: atomic checkpoints; safetensors export.
 //! * [`device`]: the compute device named in configuration.
 
 pub mod atomic_file;
+pub mod augment;
 pub mod baselines;
 pub mod checkpoint;
 pub mod data;

@@ -7,7 +7,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::tensor::Bytes;
-use medmesh_protocol::manifest::{Manifest, Metric, Optimizer};
+use medmesh_protocol::manifest::{Augmentation, Manifest, Metric, Optimizer};
 use serde::Serialize;
 
 use crate::data::slices::SliceSet;
@@ -40,6 +40,8 @@ pub struct TrainSettings {
     pub rounds: usize,
     /// FedProx's mu: the local loss gains mu/2 * ||w - w_round_start||^2.
     pub proximal_mu: Option<f64>,
+    /// Augmentation beyond the random horizontal flips.
+    pub augmentation: Option<Augmentation>,
 }
 
 impl TrainSettings {
@@ -57,6 +59,7 @@ impl TrainSettings {
             grad_clip: t.grad_clip,
             rounds: m.averaging.rounds as usize,
             proximal_mu: t.proximal_mu,
+            augmentation: t.augmentation,
         }
     }
 
@@ -313,8 +316,8 @@ impl Trainer {
         }
     }
 
-    /// Builds a batch: images `[b, c, h, w]` and one-hot targets, with random flips when
-    /// `augment` is set.
+    /// Builds a batch: images `[b, c, h, w]` and one-hot targets, with random flips and the
+    /// manifest's augmentation when `augment` is set.
     fn batch(
         &mut self,
         data: &SliceSet,
@@ -329,6 +332,7 @@ impl Trainer {
         for &i in indices {
             let flip = augment && self.rng.uniform() < 0.5;
             let (img, lab) = (data.image(i), data.label(i));
+            let (image_start, label_start) = (images.len(), labels.len());
             if flip {
                 for plane in img.chunks(h * w) {
                     images.extend(plane.chunks(w).flat_map(|row| row.iter().rev()));
@@ -337,6 +341,16 @@ impl Trainer {
             } else {
                 images.extend_from_slice(img);
                 labels.extend_from_slice(lab);
+            }
+            if let Some(spec) = self.settings.augmentation.as_ref().filter(|_| augment) {
+                let mut slice = crate::augment::Slice {
+                    image: &mut images[image_start..],
+                    label: &mut labels[label_start..],
+                    channels: c,
+                    height: h,
+                    width: w,
+                };
+                crate::augment::augment(spec, &mut slice, &mut self.rng);
             }
         }
         let b = indices.len();

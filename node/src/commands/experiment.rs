@@ -177,6 +177,34 @@ fn print_summary(m: &Manifest) {
     if !methods.is_empty() {
         println!("  non-IID methods: {}", methods.join(", "));
     }
+    if let Some(a) = &m.training.augmentation {
+        let mut transforms = Vec::new();
+        if let Some(d) = a.rotate_degrees {
+            transforms.push(format!("rotation ±{d}°"));
+        }
+        if a.elastic.is_some() {
+            transforms.push("elastic".to_owned());
+        }
+        for (name, range) in [
+            ("scale", a.scale),
+            ("gamma", a.gamma),
+            ("brightness", a.brightness),
+            ("shift", a.shift),
+            ("blur", a.blur),
+        ] {
+            if let Some([lo, hi]) = range {
+                transforms.push(format!("{name} {lo}-{hi}"));
+            }
+        }
+        if let Some(n) = a.noise {
+            transforms.push(format!("noise up to {n}"));
+        }
+        println!(
+            "  augmentation, each with probability {}: {}",
+            a.probability,
+            transforms.join(", ")
+        );
+    }
     if let Some(b) = medmesh_protocol::accounting::Budget::for_manifest(m) {
         let rounds = u64::from(m.averaging.rounds);
         println!(

@@ -71,10 +71,90 @@ impl BrainTemplate {
     }
 }
 
+/// How heads lie in a site's field of view.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pose {
+    /// In-plane tilt in radians: its size is drawn in `[min, max]`, its sign at random.
+    pub tilt: (f64, f64),
+    /// Head size in the field of view (1: as the template), drawn in this range.
+    pub scale: (f64, f64),
+}
+
+impl Pose {
+    /// The training sites': up to 0.2 rad (11°) of tilt, 0.9 to 1.1 of the template's size.
+    pub const USUAL: Pose = Pose {
+        tilt: (0.0, 0.2),
+        scale: (0.9, 1.1),
+    };
+    /// A site whose heads lie as no training site's do: tilted 0.35 to 0.6 rad (20-34°) and
+    /// smaller in a wider field of view (0.72 to 0.82).
+    pub const UNSEEN: Pose = Pose {
+        tilt: (0.35, 0.6),
+        scale: (0.72, 0.82),
+    };
+}
+
+/// The scanner of the unseen-site check, outside the training presets' ranges in three ways
+/// at once: gamma 1.9 (training sites: 0.7-1.4), bias field 0.45 (0.05-0.35) and Rician noise
+/// 0.1 (0.02-0.09); with their strongest blur (a 5-pixel box) and half the gain.
+pub const UNSEEN_SCANNER: Scanner = Scanner {
+    gain: 0.5,
+    gamma: 1.9,
+    bias: 0.45,
+    noise: super::synthetic::Noise::Rician,
+    noise_level: 0.1,
+    blur: 2,
+};
+
+/// A site unlike any training site, for the unseen-site check: heads in [`Pose::UNSEEN`]
+/// under [`UNSEEN_SCANNER`].
+pub fn generate_unseen_site(
+    template: &BrainTemplate,
+    cases: usize,
+    size: usize,
+    slices: usize,
+    seed: u64,
+) -> Vec<Case> {
+    generate_posed_site(
+        template,
+        &UNSEEN_SCANNER,
+        Pose::UNSEEN,
+        cases,
+        size,
+        slices,
+        seed,
+        99,
+    )
+}
+
 /// Generates `cases` brain-extraction cases of `size x size x slices` for one site.
 pub fn generate_site(
     template: &BrainTemplate,
     scanner: &Scanner,
+    cases: usize,
+    size: usize,
+    slices: usize,
+    seed: u64,
+    site: usize,
+) -> Vec<Case> {
+    generate_posed_site(
+        template,
+        scanner,
+        Pose::USUAL,
+        cases,
+        size,
+        slices,
+        seed,
+        site,
+    )
+}
+
+/// [`generate_site`] with heads in `pose`.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_posed_site(
+    template: &BrainTemplate,
+    scanner: &Scanner,
+    pose: Pose,
     cases: usize,
     size: usize,
     slices: usize,
@@ -87,6 +167,7 @@ pub fn generate_site(
             generate_case(
                 template,
                 scanner,
+                pose,
                 &format!("site{}_brain{:03}", site + 1, i),
                 size,
                 slices,
@@ -99,6 +180,7 @@ pub fn generate_site(
 fn generate_case(
     t: &BrainTemplate,
     scanner: &Scanner,
+    pose: Pose,
     name: &str,
     size: usize,
     slices: usize,
@@ -108,8 +190,14 @@ fn generate_case(
     // Axial slices through the middle of the brain, where most of it is.
     let z_lo = (nz as f64 * 0.30) as usize;
     let z_hi = (nz as f64 * 0.72) as usize;
-    let angle = rng.range(-0.2, 0.2);
-    let scale = rng.range(0.9, 1.1);
+    // A symmetric range is one draw, so the usual pose makes the same cases it always did.
+    let angle = if pose.tilt.0 == 0.0 {
+        rng.range(-pose.tilt.1, pose.tilt.1)
+    } else {
+        let tilt = rng.range(pose.tilt.0, pose.tilt.1);
+        if rng.uniform() < 0.5 { -tilt } else { tilt }
+    };
+    let scale = rng.range(pose.scale.0, pose.scale.1);
     let shift = (rng.range(-8.0, 8.0), rng.range(-8.0, 8.0));
     let waves: Vec<(f64, f64, f64, f64)> = (0..3)
         .map(|_| {
