@@ -20,15 +20,7 @@ fn batch() -> SliceSet {
     let labels = (0..n * h * w)
         .map(|i| u8::from((i % w) > w / 2 && (i / w) % h > h / 3))
         .collect();
-    SliceSet {
-        channels: 1,
-        height: h,
-        width: w,
-        images,
-        labels,
-        case_of: vec![0; n],
-        case_names: vec!["bench".into()],
-    }
+    SliceSet::from_memory([1, h, w], images, labels, vec![0; n], vec!["bench".into()])
 }
 
 fn training_step(c: &mut Criterion) {

@@ -65,6 +65,11 @@ impl Case {
             image.extend(img.iter().map(|v| *v as f32));
             label.extend(lab);
         }
+        Self::one_channel(name, dims, image, label)
+    }
+
+    /// A one-channel case of 1 mm voxels, x fastest.
+    pub fn one_channel(name: &str, dims: [usize; 3], image: Vec<f32>, label: Vec<u8>) -> Self {
         Case {
             name: name.to_owned(),
             image: Volume {
@@ -255,7 +260,8 @@ pub fn load_dir(
     }
 }
 
-pub(crate) fn io_error(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
+/// Wraps an I/O error with the path it concerns.
+pub fn io_error(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
     let path = path.into();
     move |source| DataError::Io { path, source }
 }

@@ -54,41 +54,75 @@ pub fn read_meta(dir: &Path) -> Result<DatasetJson, DataError> {
 
 /// Reads every training case of an MSD-layout dataset, checking channels and label range.
 pub fn read_dataset(dir: &Path, channels: usize, classes: usize) -> Result<Vec<Case>, DataError> {
-    let meta = read_meta(dir)?;
-    if meta.training.is_empty() {
-        return Err(DataError::Empty {
-            path: dir.to_owned(),
-        });
-    }
-    meta.training
-        .iter()
-        .map(|pair| {
-            let image_path = dir.join(&pair.image);
-            let label_path = dir.join(&pair.label);
-            let image = read_image(&image_path)?;
-            if image.channels != channels {
-                return Err(DataError::Channels {
-                    path: image_path,
-                    found: image.channels,
-                    expected: channels,
-                });
-            }
-            let label = read_label(&label_path, classes)?;
-            if label.dims != image.dims {
-                return Err(DataError::ShapeMismatch {
-                    image: image_path,
-                    label: label_path,
-                    image_shape: image.dims.to_vec(),
-                    label_shape: label.dims.to_vec(),
-                });
-            }
-            Ok(Case {
-                name: case_name(&image_path),
-                image,
-                label,
-            })
+    let reader = DatasetReader::open(dir, channels, classes)?;
+    (0..reader.len()).map(|i| reader.read(i)).collect()
+}
+
+/// An MSD-layout dataset read one case at a time, so a dataset larger than memory can be
+/// sliced case by case.
+#[derive(Debug, Clone)]
+pub struct DatasetReader {
+    dir: PathBuf,
+    meta: DatasetJson,
+    channels: usize,
+    classes: usize,
+}
+
+impl DatasetReader {
+    /// Reads `dir/dataset.json`; refuses a dataset without training cases.
+    pub fn open(dir: &Path, channels: usize, classes: usize) -> Result<Self, DataError> {
+        let meta = read_meta(dir)?;
+        if meta.training.is_empty() {
+            return Err(DataError::Empty {
+                path: dir.to_owned(),
+            });
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            meta,
+            channels,
+            classes,
         })
-        .collect()
+    }
+
+    /// Number of training cases.
+    pub fn len(&self) -> usize {
+        self.meta.training.len()
+    }
+
+    /// Whether there are none (never, once opened).
+    pub fn is_empty(&self) -> bool {
+        self.meta.training.is_empty()
+    }
+
+    /// Case `i`, checking channels, label range and that image and label share a grid.
+    pub fn read(&self, i: usize) -> Result<Case, DataError> {
+        let pair = &self.meta.training[i];
+        let image_path = self.dir.join(&pair.image);
+        let label_path = self.dir.join(&pair.label);
+        let image = read_image(&image_path)?;
+        if image.channels != self.channels {
+            return Err(DataError::Channels {
+                path: image_path,
+                found: image.channels,
+                expected: self.channels,
+            });
+        }
+        let label = read_label(&label_path, self.classes)?;
+        if label.dims != image.dims {
+            return Err(DataError::ShapeMismatch {
+                image: image_path,
+                label: label_path,
+                image_shape: image.dims.to_vec(),
+                label_shape: label.dims.to_vec(),
+            });
+        }
+        Ok(Case {
+            name: case_name(&image_path),
+            image,
+            label,
+        })
+    }
 }
 
 fn case_name(path: &Path) -> String {

@@ -91,6 +91,13 @@ pub enum Command {
         /// Checkpoint file: resumed from if present, rewritten after every round.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        /// Slice an MSD dataset one case at a time into this directory, so a dataset larger
+        /// than memory trains (slices beyond --memory-mib are read from here per batch).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// MiB of slices kept in memory with --cache.
+        #[arg(long, default_value_t = 1024, requires = "cache")]
+        memory_mib: u64,
     },
     /// Evaluate a model on a dataset; prints JSON with per-case Dice and the mean.
     Evaluate {

@@ -24,6 +24,7 @@ roster = "roster.toml"         # the consortium roster this node was installed w
 # roster_digest = "..."        # optional: pin the installed roster's digest (medmesh roster show)
 state_dir = "state"            # manifests, checkpoints, exported models
 device = "flex"                # flex (CPU), cuda:0, wgpu
+data_memory_mib = 1024         # slices kept in memory; beyond, read from state_dir per batch
 
 [network]
 listen = ["/ip4/0.0.0.0/tcp/4001"]
@@ -100,6 +101,15 @@ pub struct NodeSection {
     /// Compute device name.
     #[serde(default = "default_device")]
     pub device: String,
+    /// MiB of an experiment's training and validation slices kept in memory (default 1024).
+    /// Datasets are sliced one case at a time into `state_dir`; a larger slice set is read
+    /// from there a slice at a time.
+    #[serde(default = "default_data_memory")]
+    pub data_memory_mib: u64,
+}
+
+fn default_data_memory() -> u64 {
+    1024
 }
 
 fn default_device() -> String {

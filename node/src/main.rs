@@ -44,7 +44,22 @@ fn main() -> ExitCode {
             out,
             device,
             checkpoint,
-        } => train::train_local(&data, &manifest, &out, &device, checkpoint.as_deref()),
+            cache,
+            memory_mib,
+        } => {
+            let cache = cache.as_deref().map(|dir| medmesh_node::site_data::Cache {
+                dir,
+                memory_budget: memory_mib * 1024 * 1024,
+            });
+            train::train_local(
+                &data,
+                &manifest,
+                &out,
+                &device,
+                checkpoint.as_deref(),
+                cache,
+            )
+        }
         Command::Evaluate {
             model,
             data,

@@ -94,6 +94,32 @@ fn prepare_train_evaluate() {
     let again: serde_json::Value = serde_json::from_str(out2.trim()).unwrap();
     assert_eq!(again["dice_final"], summary["dice_final"]);
 
+    // Sliced a case at a time into a cache, with no memory for slices: training reads every
+    // batch from disk, and trains exactly as from memory.
+    let (ok, out3, err) = medmesh(
+        d,
+        &[
+            "--log-format",
+            "json",
+            "train-local",
+            "--data",
+            "data/site-1",
+            "--manifest",
+            "m.toml",
+            "--out",
+            "streamed.safetensors",
+            "--cache",
+            "slices",
+            "--memory-mib",
+            "0",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains(r#""from_disk":true"#), "{err}");
+    assert!(d.join("slices/train/images.f32").is_file());
+    let streamed: serde_json::Value = serde_json::from_str(out3.trim()).unwrap();
+    assert_eq!(streamed["dice_final"], summary["dice_final"]);
+
     let (ok, out, err) = medmesh(
         d,
         &[

@@ -91,6 +91,14 @@ fn fedbn_fedprox_and_personalization_work_in_real_nodes() {
         .collect();
     assert!(local::consensus_distance(&models, Selection::WithoutNormalization).unwrap() < 1e-6);
     assert!(local::consensus_distance(&models, Selection::All).unwrap() > 1e-4);
+    // Each node sliced its dataset through its slice cache and removed it when it finished.
+    for i in 0..n {
+        assert!(log(i).contains("slice cache"), "{}", log(i));
+        assert!(
+            find(&c.node_dir(i), "labels.u8").is_none(),
+            "slice cache left behind"
+        );
+    }
 
     // FedProx: every node trained with the proximal term.
     for i in 0..n {

@@ -339,8 +339,8 @@ impl Trainer {
                 }
                 labels.extend(lab.chunks(w).flat_map(|row| row.iter().rev()));
             } else {
-                images.extend_from_slice(img);
-                labels.extend_from_slice(lab);
+                images.extend_from_slice(&img);
+                labels.extend_from_slice(&lab);
             }
             if let Some(spec) = self.settings.augmentation.as_ref().filter(|_| augment) {
                 let mut slice = crate::augment::Slice {
@@ -442,7 +442,7 @@ pub fn predict(model: &UNet, data: &SliceSet, device: &Device) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() * h * w);
     for start in (0..data.len()).step_by(16) {
         let end = (start + 16).min(data.len());
-        let images = data.images[start * c * h * w..end * c * h * w].to_vec();
+        let images = data.images_between(start, end).into_owned();
         let x = Tensor::<4>::from_data(TensorData::new(images, [end - start, c, h, w]), device);
         let pred = model.forward(x).argmax(1).into_data();
         out.extend(pred.iter::<i64>().map(|v| v as u8));
@@ -468,7 +468,7 @@ pub fn evaluate(model: &UNet, data: &SliceSet, device: &Device, classes: usize) 
                 .collect();
             let t: Vec<u8> = slices
                 .iter()
-                .flat_map(|&i| data.label(i).iter().copied())
+                .flat_map(|&i| data.label(i).into_owned())
                 .collect();
             let s = Scores::of(&p, &t, classes);
             let dims = [data.width, data.height, slices.len()];

@@ -272,7 +272,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
     }
     let sites: Vec<Site> = (0..n)
         .map(|i| {
-            let d = crate::site_data::load(&consortium.site_data(i), &manifest)?;
+            let d = crate::site_data::load(&consortium.site_data(i), &manifest, None)?;
             Ok(Site {
                 train: d.train,
                 validation: d.validation,

@@ -32,15 +32,17 @@ pub fn train_local(
     out: &Path,
     device_name: &str,
     ckpt: Option<&Path>,
+    cache: Option<crate::site_data::Cache<'_>>,
 ) -> Result<()> {
     let m = load_manifest(manifest)?;
     let device = device(device_name)?;
-    let site = crate::site_data::load(data, &m)?;
+    let site = crate::site_data::load(data, &m, cache)?;
     let (train_set, val_set) = (site.train, site.validation);
     tracing::info!(
         cases = site.cases,
         train_slices = train_set.len(),
         val_slices = val_set.len(),
+        from_disk = train_set.is_on_disk(),
         device = device_name,
         "data loaded"
     );

@@ -67,7 +67,11 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         .datasets
         .get(&m.task.dataset)
         .with_context(|| format!("dataset {:?} is not configured", m.task.dataset))?;
-    let data = site_data::load(&dataset.path, m)?;
+    let cache = site_data::Cache {
+        dir: &dir.join("slices"),
+        memory_budget: node.config.node.data_memory_mib * 1024 * 1024,
+    };
+    let data = site_data::load(&dataset.path, m, Some(cache))?;
     let device_spec = node.config.node.device.parse::<DeviceSpec>()?;
     let device = device_spec.device()?;
     let ckpt = dir.join("checkpoint.bin");
@@ -106,6 +110,7 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         experiment = %m.id,
         train_slices = data.train.len(),
         validation_slices = data.validation.len(),
+        slices_on_disk = data.train.is_on_disk(),
         params = layout.num_params(),
         "experiment started"
     );
@@ -450,6 +455,13 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         last_exchange,
         true,
     );
+    // The slice cache is a normalized copy of the site's images: none is kept past its use.
+    drop(data);
+    match std::fs::remove_dir_all(dir.join("slices")) {
+        Ok(()) => tracing::info!(experiment = %m.id, "removed the slice cache"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(experiment = %m.id, "could not remove the slice cache: {e}"),
+    }
     tracing::info!(experiment = %m.id, val_dice = last.1, "experiment finished; model exported");
     Ok(())
 }

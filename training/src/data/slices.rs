@@ -2,10 +2,19 @@
 //! (percentile clip, then z-score), slicing along an axis, resizing to the manifest's input
 //! size, and thinning out slices without foreground.
 
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
 use medmesh_protocol::manifest::Intensity;
 
+use super::msd::DatasetReader;
 use super::{Case, DataError};
 use crate::rng::Rng;
+use medmesh_imaging::io_error;
 
 /// How volumes become training slices.
 #[derive(Debug, Clone)]
@@ -39,7 +48,8 @@ impl SliceOptions {
 }
 
 /// 2D slices ready for batching: images `[n, channels, height, width]` and labels
-/// `[n, height, width]`, row-major, with the case each slice came from.
+/// `[n, height, width]`, row-major, with the case each slice came from. The pixels live in
+/// memory, or in a slice cache on disk ([`stream_site_split`]) read a slice at a time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SliceSet {
     /// Channels per image.
@@ -48,17 +58,88 @@ pub struct SliceSet {
     pub height: usize,
     /// Width.
     pub width: usize,
-    /// Pixel values, slice after slice.
-    pub images: Vec<f32>,
-    /// Class per pixel, slice after slice.
-    pub labels: Vec<u8>,
+    pixels: Pixels,
     /// Index into `case_names` for each slice.
     pub case_of: Vec<usize>,
     /// Names of the cases.
     pub case_names: Vec<String>,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+enum Pixels {
+    Memory { images: Vec<f32>, labels: Vec<u8> },
+    Disk(Arc<DiskPixels>),
+}
+
+impl Default for Pixels {
+    fn default() -> Self {
+        Pixels::Memory {
+            images: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+}
+
+/// A slice cache: `images.f32` (little-endian) and `labels.u8`, slice after slice.
+#[derive(Debug)]
+struct DiskPixels {
+    dir: PathBuf,
+    images: File,
+    labels: File,
+}
+
+impl PartialEq for DiskPixels {
+    fn eq(&self, other: &Self) -> bool {
+        self.dir == other.dir
+    }
+}
+
+impl DiskPixels {
+    /// `len` bytes of `file` from `offset`.
+    fn read(&self, file: &File, name: &str, offset: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        // The cache is this process's own file, written just before; a failing read is a
+        // failing disk, which training cannot go on without.
+        file.read_exact_at(&mut bytes, offset).unwrap_or_else(|e| {
+            panic!(
+                "reading the slice cache {}: {e}",
+                self.dir.join(name).display()
+            )
+        });
+        bytes
+    }
+}
+
 impl SliceSet {
+    /// A set of in-memory slices.
+    pub fn from_memory(
+        [channels, height, width]: [usize; 3],
+        images: Vec<f32>,
+        labels: Vec<u8>,
+        case_of: Vec<usize>,
+        case_names: Vec<String>,
+    ) -> Self {
+        assert_eq!(images.len(), case_of.len() * channels * height * width);
+        assert_eq!(labels.len(), case_of.len() * height * width);
+        Self {
+            channels,
+            height,
+            width,
+            pixels: Pixels::Memory { images, labels },
+            case_of,
+            case_names,
+        }
+    }
+
+    fn empty_like(&self) -> Self {
+        Self {
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+            ..Default::default()
+        }
+    }
+
     /// Number of slices.
     pub fn len(&self) -> usize {
         self.case_of.len()
@@ -69,54 +150,85 @@ impl SliceSet {
         self.case_of.is_empty()
     }
 
+    /// Whether the pixels are read from a slice cache on disk.
+    pub fn is_on_disk(&self) -> bool {
+        matches!(self.pixels, Pixels::Disk(_))
+    }
+
     /// Pixels of one slice's image.
-    pub fn image(&self, i: usize) -> &[f32] {
+    pub fn image(&self, i: usize) -> Cow<'_, [f32]> {
+        self.images_between(i, i + 1)
+    }
+
+    /// Pixels of the images of slices `start..end`, one after the other.
+    pub fn images_between(&self, start: usize, end: usize) -> Cow<'_, [f32]> {
         let n = self.channels * self.height * self.width;
-        &self.images[i * n..(i + 1) * n]
+        match &self.pixels {
+            Pixels::Memory { images, .. } => Cow::Borrowed(&images[start * n..end * n]),
+            Pixels::Disk(disk) => {
+                let offset = (start * n * 4) as u64;
+                let bytes = disk.read(&disk.images, "images.f32", offset, (end - start) * n * 4);
+                Cow::Owned(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )
+            }
+        }
     }
 
     /// Pixels of one slice's label.
-    pub fn label(&self, i: usize) -> &[u8] {
+    pub fn label(&self, i: usize) -> Cow<'_, [u8]> {
         let n = self.height * self.width;
-        &self.labels[i * n..(i + 1) * n]
+        match &self.pixels {
+            Pixels::Memory { labels, .. } => Cow::Borrowed(&labels[i * n..(i + 1) * n]),
+            Pixels::Disk(disk) => {
+                Cow::Owned(disk.read(&disk.labels, "labels.u8", (i * n) as u64, n))
+            }
+        }
     }
 
-    /// The slices of the given cases, in order (for train/validation splits by case).
+    /// Appends one slice (in-memory sets only).
+    fn push(&mut self, image: &[f32], label: &[u8], case: usize) {
+        match &mut self.pixels {
+            Pixels::Memory { images, labels } => {
+                images.extend_from_slice(image);
+                labels.extend_from_slice(label);
+            }
+            Pixels::Disk(_) => unreachable!("slices are appended to in-memory sets only"),
+        }
+        self.case_of.push(case);
+    }
+
+    /// The slices of the given cases, in order (for train/validation splits by case), in
+    /// memory.
     pub fn subset(&self, cases: &[usize]) -> SliceSet {
         let mut out = SliceSet {
-            channels: self.channels,
-            height: self.height,
-            width: self.width,
             case_names: cases.iter().map(|&c| self.case_names[c].clone()).collect(),
-            ..Default::default()
+            ..self.empty_like()
         };
         for (new_index, &case) in cases.iter().enumerate() {
             for i in (0..self.len()).filter(|&i| self.case_of[i] == case) {
-                out.images.extend_from_slice(self.image(i));
-                out.labels.extend_from_slice(self.label(i));
-                out.case_of.push(new_index);
+                out.push(&self.image(i), &self.label(i), new_index);
             }
         }
         out
     }
 
-    /// Several sets in one (the pooled baseline's union of every site's training cases).
-    /// Case names are prefixed with the set's index so they stay distinct.
+    /// Several sets in one, in memory (the pooled baseline's union of every site's training
+    /// cases). Case names are prefixed with the set's index so they stay distinct.
     pub fn concat(sets: &[&SliceSet]) -> SliceSet {
-        let first = sets.first().copied().cloned().unwrap_or_default();
-        let mut out = SliceSet {
-            channels: first.channels,
-            height: first.height,
-            width: first.width,
-            ..Default::default()
-        };
+        let mut out = sets
+            .first()
+            .map_or_else(SliceSet::default, |s| s.empty_like());
         for (k, set) in sets.iter().enumerate() {
             let offset = out.case_names.len();
             out.case_names
                 .extend(set.case_names.iter().map(|c| format!("{k}/{c}")));
-            out.images.extend_from_slice(&set.images);
-            out.labels.extend_from_slice(&set.labels);
-            out.case_of.extend(set.case_of.iter().map(|c| c + offset));
+            for i in 0..set.len() {
+                out.push(&set.image(i), &set.label(i), set.case_of[i] + offset);
+            }
         }
         out
     }
@@ -124,30 +236,42 @@ impl SliceSet {
     /// Splits cases (not slices, so no case is on both sides) into training and validation,
     /// with `fraction` of the cases (at least one, if there are two or more) for validation.
     pub fn split(&self, fraction: f64, seed: u64) -> (SliceSet, SliceSet) {
-        let mut cases: Vec<usize> = (0..self.case_names.len()).collect();
-        Rng::derive(seed, 0x5EED_5711).shuffle(&mut cases);
-        let n_val = ((cases.len() as f64 * fraction).round() as usize)
-            .clamp(usize::from(cases.len() > 1), cases.len().saturating_sub(1));
-        let (val, train) = cases.split_at(n_val);
-        let (mut train, mut val) = (train.to_vec(), val.to_vec());
-        train.sort_unstable();
-        val.sort_unstable();
+        let (train, val) = split_cases(self.case_names.len(), fraction, seed);
         (self.subset(&train), self.subset(&val))
     }
 }
 
+/// Which of `n` cases train and which validate (both ascending): `fraction` of them, at least
+/// one if there are two or more, for validation, drawn with `seed`.
+pub fn split_cases(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut cases: Vec<usize> = (0..n).collect();
+    Rng::derive(seed, 0x5EED_5711).shuffle(&mut cases);
+    let n_val =
+        ((n as f64 * fraction).round() as usize).clamp(usize::from(n > 1), n.saturating_sub(1));
+    let (val, train) = cases.split_at(n_val);
+    let (mut train, mut val) = (train.to_vec(), val.to_vec());
+    train.sort_unstable();
+    val.sort_unstable();
+    (train, val)
+}
+
+/// The slicing options `manifest` asks for.
+fn options_for(manifest: &medmesh_protocol::Manifest) -> SliceOptions {
+    let [h, w] = manifest.task.input_size;
+    let mut opts = SliceOptions::new([h as usize, w as usize], manifest.training.seed);
+    opts.axis = manifest.task.plane.axis();
+    opts.intensity = manifest.task.intensity;
+    opts
+}
+
 /// A site's slices for `manifest`: `cases` sliced to its input size and split into
-/// (training, validation) by whole cases. Node, baselines and simulator all call this, so
-/// they train and score on the same slices.
+/// (training, validation) by whole cases. Node, baselines and simulator all call this (or
+/// [`stream_site_split`], which gives the same slices), so they train and score alike.
 pub fn site_split(
     cases: &[Case],
     manifest: &medmesh_protocol::Manifest,
 ) -> Result<(SliceSet, SliceSet), DataError> {
-    let [h, w] = manifest.task.input_size;
-    let seed = manifest.training.seed;
-    let mut opts = SliceOptions::new([h as usize, w as usize], seed);
-    opts.axis = manifest.task.plane.axis();
-    opts.intensity = manifest.task.intensity;
+    let opts = options_for(manifest);
     let slices = match manifest.task.target_spacing {
         Some(to) => {
             let resampled = cases
@@ -158,58 +282,202 @@ pub fn site_split(
         }
         None => slice_cases(cases, &opts)?,
     };
-    Ok(slices.split(manifest.evaluation.validation_fraction, seed))
+    Ok(slices.split(
+        manifest.evaluation.validation_fraction,
+        manifest.training.seed,
+    ))
+}
+
+/// [`site_split`] for a dataset larger than memory: cases are read, resampled and sliced one
+/// at a time into a slice cache under `cache` (`train/` and `validation/`, each
+/// `images.f32` + `labels.u8`), so memory holds one case, not the dataset. A set whose cache
+/// fits in `memory_budget` bytes is then read into memory; a larger one stays on disk and is
+/// read a slice at a time. The slices equal [`site_split`]'s.
+pub fn stream_site_split(
+    reader: &DatasetReader,
+    manifest: &medmesh_protocol::Manifest,
+    cache: &Path,
+    memory_budget: u64,
+) -> Result<(SliceSet, SliceSet), DataError> {
+    let opts = options_for(manifest);
+    let (train, val) = split_cases(
+        reader.len(),
+        manifest.evaluation.validation_fraction,
+        manifest.training.seed,
+    );
+    let mut writers = [
+        CacheWriter::create(&cache.join("train"), &opts)?,
+        CacheWriter::create(&cache.join("validation"), &opts)?,
+    ];
+    let mut rng = Rng::derive(opts.seed, SLICE_STREAM);
+    for i in 0..reader.len() {
+        let mut case = reader.read(i)?;
+        if let Some(to) = manifest.task.target_spacing {
+            case = case.resampled(to)?;
+        }
+        let (side, index) = match train.binary_search(&i) {
+            Ok(k) => (0, k),
+            Err(_) => (1, val.binary_search(&i).unwrap_or_else(|_| unreachable!())),
+        };
+        let writer = &mut writers[side];
+        writer.set.case_names.push(case.name.clone());
+        let mut failed = None;
+        slice_case(&case, &opts, &mut rng, |image, label| {
+            if failed.is_none() {
+                failed = writer.append(image, label, index).err();
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+    let [train, val] = writers;
+    Ok((train.finish(memory_budget)?, val.finish(memory_budget)?))
+}
+
+/// The stream the slicer draws which empty slices to keep from.
+const SLICE_STREAM: u64 = 0x0051_1CE5;
+
+/// Writes slices to a cache directory.
+struct CacheWriter {
+    dir: PathBuf,
+    images: BufWriter<File>,
+    labels: BufWriter<File>,
+    set: SliceSet,
+}
+
+impl CacheWriter {
+    fn create(dir: &Path, opts: &SliceOptions) -> Result<Self, DataError> {
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let open = |name: &str| {
+            let path = dir.join(name);
+            File::create(&path)
+                .map(BufWriter::new)
+                .map_err(io_error(&path))
+        };
+        Ok(Self {
+            dir: dir.to_owned(),
+            images: open("images.f32")?,
+            labels: open("labels.u8")?,
+            set: SliceSet {
+                channels: 0,
+                height: opts.size[0],
+                width: opts.size[1],
+                ..Default::default()
+            },
+        })
+    }
+
+    fn append(&mut self, image: &[f32], label: &[u8], case: usize) -> Result<(), DataError> {
+        self.set.channels = image.len() / label.len().max(1);
+        let bytes: Vec<u8> = image.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.images
+            .write_all(&bytes)
+            .map_err(io_error(self.dir.join("images.f32")))?;
+        self.labels
+            .write_all(label)
+            .map_err(io_error(self.dir.join("labels.u8")))?;
+        self.set.case_of.push(case);
+        Ok(())
+    }
+
+    fn finish(self, memory_budget: u64) -> Result<SliceSet, DataError> {
+        let Self {
+            dir,
+            images,
+            labels,
+            mut set,
+        } = self;
+        for (w, name) in [(images, "images.f32"), (labels, "labels.u8")] {
+            w.into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .map_err(io_error(dir.join(name)))?;
+        }
+        let open = |name: &str| {
+            let path = dir.join(name);
+            File::open(&path).map_err(io_error(&path))
+        };
+        set.channels = set.channels.max(1);
+        let disk = DiskPixels {
+            images: open("images.f32")?,
+            labels: open("labels.u8")?,
+            dir,
+        };
+        let bytes = (set.len() * set.height * set.width * (4 * set.channels + 1)) as u64;
+        set.pixels = Pixels::Disk(Arc::new(disk));
+        if bytes <= memory_budget {
+            let images = set.images_between(0, set.len()).into_owned();
+            let labels = (0..set.len())
+                .flat_map(|i| set.label(i).into_owned())
+                .collect();
+            set.pixels = Pixels::Memory { images, labels };
+        }
+        Ok(set)
+    }
 }
 
 /// Normalizes, slices and resizes `cases`.
 pub fn slice_cases(cases: &[Case], opts: &SliceOptions) -> Result<SliceSet, DataError> {
-    let channels = cases.first().map_or(1, |c| c.image.channels);
-    let [height, width] = opts.size;
     let mut set = SliceSet {
-        channels,
-        height,
-        width,
+        channels: cases.first().map_or(1, |c| c.image.channels),
+        height: opts.size[0],
+        width: opts.size[1],
         case_names: cases.iter().map(|c| c.name.clone()).collect(),
         ..Default::default()
     };
-    let mut rng = Rng::derive(opts.seed, 0x0051_1CE5);
+    let mut rng = Rng::derive(opts.seed, SLICE_STREAM);
     for (case_index, case) in cases.iter().enumerate() {
-        let normalized = normalize(case, opts);
-        let dims = case.image.dims;
-        let (rows_axis, cols_axis) = match opts.axis {
-            0 => (2, 1),
-            1 => (2, 0),
-            _ => (1, 0),
-        };
-        let (rows, cols) = (dims[rows_axis], dims[cols_axis]);
-        let index = |r: usize, c: usize, s: usize| {
-            let mut p = [0usize; 3];
-            p[rows_axis] = r;
-            p[cols_axis] = c;
-            p[opts.axis.min(2)] = s;
-            p[0] + dims[0] * (p[1] + dims[1] * p[2])
-        };
-        for s in 0..dims[opts.axis.min(2)] {
-            let label: Vec<u8> = (0..rows * cols)
-                .map(|i| case.label.data[index(i / cols, i % cols, s)])
-                .collect();
-            if label.iter().all(|&l| l == 0) && rng.uniform() >= opts.keep_empty {
-                continue;
-            }
-            set.labels
-                .extend(resize_nearest(&label, rows, cols, height, width));
-            for ch in 0..channels {
-                let plane = &normalized[ch * case.image.voxels()..(ch + 1) * case.image.voxels()];
-                let img: Vec<f32> = (0..rows * cols)
-                    .map(|i| plane[index(i / cols, i % cols, s)])
-                    .collect();
-                set.images
-                    .extend(resize_bilinear(&img, rows, cols, height, width));
-            }
-            set.case_of.push(case_index);
-        }
+        slice_case(case, opts, &mut rng, |image, label| {
+            set.push(image, label, case_index);
+        });
     }
     Ok(set)
+}
+
+/// Normalizes one case and hands each kept slice, resized, to `emit` as (image planes,
+/// label). `rng` decides which slices without foreground to keep; it runs on across cases.
+fn slice_case(
+    case: &Case,
+    opts: &SliceOptions,
+    rng: &mut Rng,
+    mut emit: impl FnMut(&[f32], &[u8]),
+) {
+    let channels = case.image.channels;
+    let [height, width] = opts.size;
+    let normalized = normalize(case, opts);
+    let dims = case.image.dims;
+    let (rows_axis, cols_axis) = match opts.axis {
+        0 => (2, 1),
+        1 => (2, 0),
+        _ => (1, 0),
+    };
+    let (rows, cols) = (dims[rows_axis], dims[cols_axis]);
+    let index = |r: usize, c: usize, s: usize| {
+        let mut p = [0usize; 3];
+        p[rows_axis] = r;
+        p[cols_axis] = c;
+        p[opts.axis.min(2)] = s;
+        p[0] + dims[0] * (p[1] + dims[1] * p[2])
+    };
+    let mut image = Vec::with_capacity(channels * height * width);
+    for s in 0..dims[opts.axis.min(2)] {
+        let label: Vec<u8> = (0..rows * cols)
+            .map(|i| case.label.data[index(i / cols, i % cols, s)])
+            .collect();
+        if label.iter().all(|&l| l == 0) && rng.uniform() >= opts.keep_empty {
+            continue;
+        }
+        image.clear();
+        for ch in 0..channels {
+            let plane = &normalized[ch * case.image.voxels()..(ch + 1) * case.image.voxels()];
+            let img: Vec<f32> = (0..rows * cols)
+                .map(|i| plane[index(i / cols, i % cols, s)])
+                .collect();
+            image.extend(resize_bilinear(&img, rows, cols, height, width));
+        }
+        emit(&image, &resize_nearest(&label, rows, cols, height, width));
+    }
 }
 
 /// Per channel: clip to the percentiles, then subtract the mean and divide by the standard
@@ -351,7 +619,8 @@ mod tests {
         assert_eq!(set.len(), 2);
         assert_eq!(set.image(0).len(), 256);
         assert!(set.label(0).iter().all(|&l| l == 1));
-        let mean = set.images.iter().sum::<f32>() / set.images.len() as f32;
+        let images = set.images_between(0, set.len());
+        let mean = images.iter().sum::<f32>() / images.len() as f32;
         assert!(mean.abs() < 0.5, "z-scored: {mean}");
         opts.keep_empty = 1.0;
         assert_eq!(slice_cases(&cases, &opts).unwrap().len(), 16);
@@ -382,6 +651,54 @@ mod tests {
         opts.intensity = Intensity::default();
         let z = slice_cases(&[a, b], &opts).unwrap();
         assert!((z.image(0)[0] - z.image(8)[0]).abs() < 1e-3);
+    }
+
+    /// Streaming through the slice cache gives exactly the in-memory slices, on disk when
+    /// they exceed the budget and in memory when they fit; and a model trains from disk.
+    #[test]
+    fn streamed_slices_equal_in_memory_ones_on_disk_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: Vec<Case> = (0..5)
+            .map(|i| {
+                let mut c = cube(&format!("c{i}"), 8);
+                c.image.spacing = [1.0, 1.0, 2.0];
+                c
+            })
+            .collect();
+        let data = dir.path().join("site");
+        super::super::msd::write_dataset(&data, "t", "t", &["bg", "fg"], &cases).unwrap();
+        let mut m = medmesh_protocol::Manifest::parse(include_str!(
+            "../../../examples/synthetic-quickstart.toml"
+        ))
+        .unwrap();
+        m.task.input_size = [16, 16];
+        m.task.target_spacing = Some([1.0, 1.0, 1.0]);
+        m.evaluation.validation_fraction = 0.4;
+        let loaded = super::super::msd::read_dataset(&data, 1, 2).unwrap();
+        let (train, validation) = site_split(&loaded, &m).unwrap();
+        let reader = DatasetReader::open(&data, 1, 2).unwrap();
+        let same = |a: &SliceSet, b: &SliceSet| {
+            assert_eq!(
+                (a.len(), &a.case_of, &a.case_names),
+                (b.len(), &b.case_of, &b.case_names)
+            );
+            assert_eq!(a.images_between(0, a.len()), b.images_between(0, b.len()));
+            for i in 0..a.len() {
+                assert_eq!(a.label(i), b.label(i));
+            }
+        };
+        let (t, v) = stream_site_split(&reader, &m, &dir.path().join("cache"), 0).unwrap();
+        assert!(t.is_on_disk() && v.is_on_disk());
+        assert!(train.len() > 5 && !validation.is_empty());
+        same(&t, &train);
+        same(&v, &validation);
+        let (t, v) = stream_site_split(&reader, &m, &dir.path().join("cache2"), 1 << 30).unwrap();
+        assert!(!t.is_on_disk() && !v.is_on_disk());
+        same(&t, &train);
+        same(&v, &validation);
+        let (t, _) = stream_site_split(&reader, &m, &dir.path().join("cache3"), 0).unwrap();
+        let mut trainer = crate::Trainer::new(&m, burn::tensor::Device::flex());
+        assert!(trainer.train_round(&t, |_| {}).mean_loss.is_finite());
     }
 
     #[test]
