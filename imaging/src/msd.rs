@@ -211,9 +211,9 @@ fn decode_with_header(
     Ok((shape, data, kept))
 }
 
-/// A volume as read: its shape (x, y, z first, then channels), x-fastest data, and voxel
-/// spacing in millimetres.
-type Read = (Vec<usize>, Vec<f32>, [f64; 3]);
+/// A volume as read: its shape (x, y, z first, then channels), x-fastest data, and its
+/// voxel-to-RAS affine (millimetres) after reorientation.
+type Read = (Vec<usize>, Vec<f32>, Affine);
 
 /// Reads a NIfTI file and brings it to RAS (shape and spacing as reoriented).
 fn read_ras(path: &Path) -> Result<Read, DataError> {
@@ -227,9 +227,9 @@ fn read_ras(path: &Path) -> Result<Read, DataError> {
     let turn = Reorientation::to_ras(&affine).map_err(geometry)?;
     let dims = [0, 1, 2].map(|a| shape.get(a).copied().unwrap_or(1));
     let channels = shape.iter().skip(3).product::<usize>().max(1);
-    let spacing = turn.affine(&affine, dims).spacing();
+    let placed = turn.affine(&affine, dims);
     if turn.is_identity() {
-        return Ok((shape, data, spacing));
+        return Ok((shape, data, placed));
     }
     let data = turn.apply(&data, dims, channels);
     let mut shape = shape;
@@ -238,7 +238,7 @@ fn read_ras(path: &Path) -> Result<Read, DataError> {
             *s = d;
         }
     }
-    Ok((shape, data, spacing))
+    Ok((shape, data, placed))
 }
 
 /// Walks the extension chain between the header and the voxel data: each extension must
@@ -312,7 +312,8 @@ fn declared_bytes(header: &nifti::NiftiHeader) -> Option<usize> {
 
 /// Reads an image volume (3D, or 4D with channels) and brings it to RAS.
 pub fn read_image(path: &Path) -> Result<Volume, DataError> {
-    let (shape, data, spacing) = read_ras(path)?;
+    let (shape, data, placed) = read_ras(path)?;
+    let spacing = placed.spacing();
     let (dims, channels) = match shape.as_slice() {
         [x, y, z] => ([*x, *y, *z], 1),
         [x, y, z, c] => ([*x, *y, *z], *c),
@@ -340,15 +341,13 @@ pub fn read_image(path: &Path) -> Result<Volume, DataError> {
 
 /// Reads a label volume, brought to RAS, its values checked against `classes`.
 pub fn read_label(path: &Path, classes: usize) -> Result<LabelVolume, DataError> {
-    read_label_spaced(path, classes).map(|(label, _)| label)
+    read_label_placed(path, classes).map(|(label, _)| label)
 }
 
-/// [`read_label`], with the voxel spacing (millimetres, in RAS order) its file states.
-pub fn read_label_spaced(
-    path: &Path,
-    classes: usize,
-) -> Result<(LabelVolume, [f64; 3]), DataError> {
-    let (shape, data, spacing) = read_ras(path)?;
+/// [`read_label`], with where its file places it: the voxel-to-RAS affine (millimetres)
+/// after reorientation.
+pub fn read_label_placed(path: &Path, classes: usize) -> Result<(LabelVolume, Affine), DataError> {
+    let (shape, data, placed) = read_ras(path)?;
     let dims = match shape.as_slice() {
         [x, y, z] => [*x, *y, *z],
         [x, y] => [*x, *y, 1],
@@ -374,7 +373,7 @@ pub fn read_label_spaced(
             }
         })
         .collect::<Result<Vec<u8>, _>>()?;
-    Ok((LabelVolume { dims, data: labels }, spacing))
+    Ok((LabelVolume { dims, data: labels }, placed))
 }
 
 /// Writes cases as an MSD-layout dataset of MRI images in `dir` (created if needed).

@@ -200,6 +200,15 @@ fn a_third_party_dicom_series_imports_with_its_geometry() {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 cases of MRI"), "{text}");
+    // dcm2niix placed the label where medmesh places the series, to within 0.01 mm.
+    let corners: f64 = text
+        .split("corners within ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    println!("label corners within {corners} mm of the series'");
+    assert!(corners < 0.01, "{text}");
     // The DICOM Modality (MR) reaches dataset.json, where the experiment plan reads it.
     let meta = msd::read_meta(&site).unwrap();
     assert_eq!(meta.modality.values().collect::<Vec<_>>(), ["MRI"]);
@@ -296,10 +305,28 @@ fn a_series_with_a_missing_slice_or_no_label_is_refused_by_name() {
             data: vec![0; n],
         },
     };
-    msd::write_dataset(&other, "x", "x", &["background", "brain"], &[case]).unwrap();
+    msd::write_dataset(
+        &other,
+        "x",
+        "x",
+        &["background", "brain"],
+        std::slice::from_ref(&case),
+    )
+    .unwrap();
     std::fs::copy(other.join("labelsTr/x.nii.gz"), dir.join("label.nii.gz")).unwrap();
     let err = import(&dir);
     assert!(err.contains("does not belong to this series"), "{err}");
+    // The series' grid and spacing, in another place: medmesh's own writer puts the first
+    // voxel at 0, where the series' first voxel is tens of millimetres away.
+    let mut placed = case.clone();
+    placed.image.spacing = [STEP, DC, DR];
+    msd::write_dataset(&other, "x", "x", &["background", "brain"], &[placed]).unwrap();
+    std::fs::copy(other.join("labelsTr/x.nii.gz"), dir.join("label.nii.gz")).unwrap();
+    let err = import(&dir);
+    assert!(
+        err.contains("does not belong to this series") && err.contains("apart"),
+        "{err}"
+    );
     // A slice in the middle of the stack goes missing.
     std::fs::remove_file(dir.join(format!("IM{:04}", (5 * 7) % SLICES))).unwrap();
     let err = import(&dir);

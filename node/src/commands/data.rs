@@ -131,25 +131,38 @@ pub fn import(a: &ImportArgs) -> Result<()> {
                     s.dir.display()
                 )
             })?;
-        let (label, spacing) = msd::read_label_spaced(&label_path, a.labels.len())?;
-        let same_spacing = spacing
+        let (label, placed) = msd::read_label_placed(&label_path, a.labels.len())?;
+        // The label must cover the series' grid in the patient: same voxels, and its first
+        // and last voxel within half a voxel of the series' (origin, spacing and direction).
+        let far = s.volume.dims.map(|d| (d.max(1) - 1) as f64);
+        let tolerance = 0.5
+            * s.volume
+                .spacing
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+        let misplaced = [[0.0; 3], far]
             .iter()
-            .zip(s.volume.spacing)
-            .all(|(l, v)| (l - v).abs() <= 1e-3 * v.max(1.0));
+            .map(|&ijk| distance(placed.apply(ijk), s.affine.apply(ijk)))
+            .fold(0.0, f64::max);
         anyhow::ensure!(
-            label.dims == s.volume.dims && same_spacing,
-            "{}: the label's grid is {:?} voxels of {:.3?} mm in RAS, series {}'s is {:?} of \
-             {:.3?} mm: it does not belong to this series",
+            label.dims == s.volume.dims && misplaced <= tolerance,
+            "{}: the label's grid is {:?} voxels of {:.3?} mm from {:.1?} mm (RAS), series {}'s \
+             is {:?} of {:.3?} mm from {:.1?} mm ({misplaced:.1} mm apart at a corner): it \
+             does not belong to this series",
             label_path.display(),
             label.dims,
-            spacing,
+            placed.spacing(),
+            placed.apply([0.0; 3]),
             s.uid,
             s.volume.dims,
-            s.volume.spacing
+            s.volume.spacing,
+            s.affine.apply([0.0; 3]),
         );
         let name = format!("case-{:03}", k + 1);
         println!(
-            "{name}: series {} ({}), {:?} voxels, spacing {:.3?} mm, label {}",
+            "{name}: series {} ({}), {:?} voxels, spacing {:.3?} mm, label {} (corners within \
+             {misplaced:.3} mm)",
             s.uid,
             s.description.as_deref().unwrap_or("no description"),
             s.volume.dims,
@@ -168,6 +181,14 @@ pub fn import(a: &ImportArgs) -> Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     println!("{}: {} cases of {modality}", a.out.display(), cases.len());
     Ok(())
+}
+
+fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The modality every series shares, as `dataset.json` names it ("MR" becomes "MRI").
