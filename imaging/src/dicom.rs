@@ -10,7 +10,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, open_file};
+use dicom_object::file::ReadPreamble;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 
 use crate::Volume;
@@ -155,12 +156,40 @@ fn has_preamble(path: &Path) -> Result<bool, DicomError> {
     Ok(&head[128..] == b"DICM")
 }
 
+/// The largest single DICOM file read (one slice of one series).
+pub const MAX_FILE_BYTES: u64 = 512 << 20;
+
 fn read_slice(path: &Path) -> Result<Slice, DicomError> {
+    let io = |source| DicomError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let len = fs::metadata(path).map_err(io)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(DicomError::File {
+            path: path.to_owned(),
+            reason: format!("{len} bytes, over the {MAX_FILE_BYTES} a slice may have"),
+        });
+    }
+    slice_from_bytes(&fs::read(path).map_err(io)?, path)
+}
+
+/// Decodes one DICOM file's bytes (preamble included) as a slice of a volume and returns its
+/// rows and columns, or says why it is not one. What `read_series` does to each file, for the
+/// fuzzer and for tests of hostile input.
+pub fn decode_slice(bytes: &[u8], path: &Path) -> Result<[usize; 2], DicomError> {
+    slice_from_bytes(bytes, path).map(|s| [s.rows, s.columns])
+}
+
+fn slice_from_bytes(bytes: &[u8], path: &Path) -> Result<Slice, DicomError> {
     let fail = |reason: String| DicomError::File {
         path: path.to_owned(),
         reason,
     };
-    let obj = open_file(path).map_err(|e| fail(e.to_string()))?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(bytes)
+        .map_err(|e| fail(e.to_string()))?;
     let text = |tag, name: &str| -> Result<String, DicomError> {
         obj.element(tag)
             .map_err(|_| fail(format!("no {name}")))?
@@ -224,6 +253,7 @@ fn decode(obj: &DefaultDicomObject) -> Result<(Vec<f32>, usize, usize), String> 
         .transfer_syntax()
         .trim_end_matches('\0')
         .to_owned();
+    check_pixel_module(obj)?;
     let data = obj
         .decode_pixel_data()
         .map_err(|e| format!("pixel data (transfer syntax {ts}): {e}"))?;
@@ -241,6 +271,54 @@ fn decode(obj: &DefaultDicomObject) -> Result<(Vec<f32>, usize, usize), String> 
     }
     let pixels: Vec<f32> = data.to_vec().map_err(|e| format!("pixel data: {e}"))?;
     Ok((pixels, data.rows() as usize, data.columns() as usize))
+}
+
+/// The Image Pixel module's numbers, checked before dicom-pixeldata sees them: it asserts
+/// (panics) on some impossible values rather than returning an error.
+fn check_pixel_module(obj: &DefaultDicomObject) -> Result<(), String> {
+    let number = |tag, name: &str| -> Result<u32, String> {
+        obj.element(tag)
+            .map_err(|_| format!("no {name}"))?
+            .to_int::<u32>()
+            .map_err(|e| format!("{name}: {e}"))
+    };
+    let allocated = number(tags::BITS_ALLOCATED, "BitsAllocated")?;
+    let stored = number(tags::BITS_STORED, "BitsStored")?;
+    if ![8, 16, 32].contains(&allocated) || stored == 0 || stored > allocated {
+        return Err(format!(
+            "BitsAllocated {allocated} with BitsStored {stored}: not a grey-level image of 8, \
+             16 or 32 bits"
+        ));
+    }
+    if let Ok(high) = number(tags::HIGH_BIT, "HighBit")
+        && high >= allocated
+    {
+        return Err(format!(
+            "HighBit {high} is outside BitsAllocated {allocated}"
+        ));
+    }
+    let (rows, columns) = (
+        number(tags::ROWS, "Rows")?,
+        number(tags::COLUMNS, "Columns")?,
+    );
+    if rows == 0 || columns == 0 {
+        return Err(format!("{rows} rows by {columns} columns"));
+    }
+    // Native pixel data must hold the image it declares; checked before decoding, so that a
+    // small file cannot make the decoder allocate for 65535 x 65535 pixels.
+    let needed = u64::from(rows) * u64::from(columns) * u64::from(allocated / 8);
+    let pixels = obj
+        .element(tags::PIXEL_DATA)
+        .map_err(|_| "no PixelData".to_owned())?;
+    if let Some(len) = pixels.header().len.get()
+        && u64::from(len) < needed
+    {
+        return Err(format!(
+            "PixelData holds {len} bytes, {rows} x {columns} pixels of {allocated} bits need \
+             {needed}"
+        ));
+    }
+    Ok(())
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {

@@ -343,3 +343,92 @@ fn a_series_with_a_missing_slice_or_no_label_is_refused_by_name() {
     let err = import(&empty);
     assert!(err.contains("no DICOM image found"), "{err}");
 }
+
+/// Hostile files: a gdcm-made slice with bits flipped anywhere, garbage in its pixel data,
+/// and cut short at random lengths, 600 variants from a fixed seed. Each is decoded or
+/// refused with an error naming the file; none panics. (The `dicom` cargo-fuzz target does
+/// the same without bounds: fuzz/README.md.) Not here: a length field set near 4 GiB, which
+/// dicom-parser answers by reserving and zeroing that much before it finds the file short.
+#[test]
+fn mangled_dicom_files_are_refused_without_panicking() {
+    const VARIANTS: usize = 600;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("dicom");
+    let scratch = work.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    write_series(
+        &dir,
+        &scratch,
+        "1.2.826.0.1.3680043.2.1125.11",
+        true,
+        |k, j, i| (k * j + i) as u16,
+    );
+    let original = std::fs::read(dir.join("IM0000")).unwrap();
+    let path = Path::new("mangled.dcm");
+    assert_eq!(
+        medmesh_training::data::dicom::decode_slice(&original, path).unwrap(),
+        [ROWS, COLUMNS]
+    );
+    // BitsStored 0, which dicom-pixeldata would assert on (a panic the first run of this
+    // test found): the tag (0028,0101), implicit VR little endian, a 2-byte value.
+    let tag = [0x28, 0x00, 0x01, 0x01, 0x02, 0x00, 0x00, 0x00];
+    let at = original
+        .windows(8)
+        .position(|w| w == tag)
+        .expect("BitsStored in the file")
+        + 8;
+    let mut zero_bits = original.clone();
+    zero_bits[at..at + 2].fill(0);
+    let err = medmesh_training::data::dicom::decode_slice(&zero_bits, path).unwrap_err();
+    assert!(err.to_string().contains("BitsStored 0"), "{err}");
+
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let (mut decoded, mut refused) = (0, 0);
+    let mut slowest = (std::time::Duration::ZERO, 0);
+    for variant in 0..VARIANTS {
+        let mut bytes = original.clone();
+        match variant % 3 {
+            0 => {
+                for _ in 0..1 + next(8) {
+                    let at = next(bytes.len());
+                    bytes[at] ^= 1 << next(8);
+                }
+            }
+            1 => {
+                // Garbage in the pixel data (the file's last ROWS x COLUMNS x 2 bytes).
+                let pixels = bytes.len() - ROWS * COLUMNS * 2;
+                let at = pixels + next(ROWS * COLUMNS * 2 - 4);
+                bytes[at..at + 4].fill(0xFF);
+            }
+            _ => bytes.truncate(next(bytes.len())),
+        }
+        let t0 = std::time::Instant::now();
+        let outcome = std::panic::catch_unwind(|| {
+            medmesh_training::data::dicom::decode_slice(&bytes, path).map(|_| ())
+        });
+        slowest = slowest.max((t0.elapsed(), variant));
+        match outcome {
+            Ok(Ok(())) => decoded += 1,
+            Ok(Err(e)) => {
+                assert!(e.to_string().contains("mangled.dcm"), "{e}");
+                refused += 1;
+            }
+            Err(_) => panic!("variant {variant} panicked"),
+        }
+    }
+    println!(
+        "{decoded} variants decoded, {refused} refused with an error; slowest: variant {} \
+         in {:?}",
+        slowest.1, slowest.0
+    );
+    assert!(
+        refused > VARIANTS / 4,
+        "the variants must reach the decoder's checks"
+    );
+}
