@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use dicom_dictionary_std::tags;
 use dicom_object::file::ReadPreamble;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_object::{DefaultDicomObject, OpenFileOptions, Tag};
 use dicom_pixeldata::PixelDecoder;
+use dicom_pixeldata::{ConvertOptions, ModalityLutOption};
 
 use crate::Volume;
 use crate::geometry::{Affine, GeometryError, Reorientation};
@@ -198,12 +199,10 @@ fn slice_from_bytes(bytes: &[u8], path: &Path) -> Result<Slice, DicomError> {
             .map_err(|e| fail(format!("{name}: {e}")))
     };
     let floats = |tag, name: &str, n: usize| -> Result<Vec<f64>, DicomError> {
-        let v = obj
-            .element(tag)
-            .map_err(|_| fail(format!("no {name}: not a slice of a volume")))?
-            .to_multi_float64()
-            .map_err(|e| fail(format!("{name}: {e}")))?;
-        if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+        let v = decimals(&obj, tag, name)
+            .map_err(fail)?
+            .ok_or_else(|| fail(format!("no {name}: not a slice of a volume")))?;
+        if v.len() != n {
             return Err(fail(format!("{name} must be {n} finite numbers, is {v:?}")));
         }
         Ok(v)
@@ -269,8 +268,53 @@ fn decode(obj: &DefaultDicomObject) -> Result<(Vec<f32>, usize, usize), String> 
             data.samples_per_pixel()
         ));
     }
-    let pixels: Vec<f32> = data.to_vec().map_err(|e| format!("pixel data: {e}"))?;
+    // The stored values, rescaled here: dicom-pixeldata reads a RescaleSlope whose VR a tool
+    // lost (UN) as its raw bytes, so "2" would become 50.
+    let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+    let stored: Vec<f32> = data
+        .to_vec_with_options(&raw)
+        .map_err(|e| format!("pixel data: {e}"))?;
+    let (slope, intercept) = rescale(obj)?;
+    let pixels = stored
+        .iter()
+        .map(|v| (f64::from(*v) * slope + intercept) as f32)
+        .collect();
     Ok((pixels, data.rows() as usize, data.columns() as usize))
+}
+
+/// Decimal strings (DS) of `tag`, read from the value's bytes: a file rewritten by a tool
+/// that lost the VR (so the element reads as UN) still says "10\-20\30". `None` when absent.
+fn decimals(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<Option<Vec<f64>>, String> {
+    let Ok(element) = obj.element(tag) else {
+        return Ok(None);
+    };
+    let bytes = element.to_bytes().map_err(|e| format!("{name}: {e}"))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let values = text
+        .trim_end_matches(['\0', ' '])
+        .split('\\')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<Result<Vec<f64>, _>>()
+        .map_err(|e| format!("{name} {text:?}: {e}"))?;
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(format!("{name} {text:?} is not finite"));
+    }
+    Ok(Some(values))
+}
+
+/// RescaleSlope and RescaleIntercept (the Modality LUT), 1 and 0 when absent.
+fn rescale(obj: &DefaultDicomObject) -> Result<(f64, f64), String> {
+    let one = |tag, name, default| -> Result<f64, String> {
+        match decimals(obj, tag, name)? {
+            None => Ok(default),
+            Some(v) if v.len() == 1 => Ok(v[0]),
+            Some(v) => Err(format!("{name} has {} values", v.len())),
+        }
+    };
+    Ok((
+        one(tags::RESCALE_SLOPE, "RescaleSlope", 1.0)?,
+        one(tags::RESCALE_INTERCEPT, "RescaleIntercept", 0.0)?,
+    ))
 }
 
 /// The Image Pixel module's numbers, checked before dicom-pixeldata sees them: it asserts

@@ -260,6 +260,50 @@ fn a_third_party_dicom_series_imports_with_its_geometry() {
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-3, "dcm2niix differs by up to {worst}");
     assert!(label.data.contains(&1) && label.data.contains(&0));
+
+    // The same series recompressed by gdcmconv: RLE Lossless and Deflated Explicit VR import
+    // to the very same volume; JPEG (no decoder in this build) is refused, naming its
+    // transfer syntax.
+    for (flag, name) in [
+        ("--rle", "rle"),
+        ("--deflated", "deflated"),
+        ("--jpeg", "jpeg"),
+    ] {
+        let dir = work.path().join(format!("{name}/series"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(&series_dir).unwrap() {
+            let file = entry.unwrap().path();
+            let target = dir.join(file.file_name().unwrap());
+            if file.extension().is_some_and(|e| e == "gz" || e == "json") {
+                std::fs::copy(&file, &target).unwrap();
+            } else {
+                tool(
+                    "gdcmconv",
+                    &[flag, file.to_str().unwrap(), target.to_str().unwrap()],
+                );
+            }
+        }
+        let site = work.path().join(format!("site-{name}"));
+        let out = Command::new(BIN)
+            .args(["data", "import", "--dicom"])
+            .arg(&dir)
+            .arg("--out")
+            .arg(&site)
+            .args(["--labels", "background,brain"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if name == "jpeg" {
+            assert!(
+                !out.status.success() && err.contains("transfer syntax 1.2.840.10008.1.2.4"),
+                "{err}"
+            );
+            continue;
+        }
+        assert!(out.status.success(), "{name}: {err}");
+        let again = read_image(&site.join("imagesTr/case-001.nii.gz")).unwrap();
+        assert_eq!(again, ours, "{name}");
+    }
 }
 
 #[test]
