@@ -577,7 +577,6 @@ fn percentile_sorted(v: &[f64], pct: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use medmesh_crypto::Member;
 
     fn stats_of(values: &[f64]) -> IntensityStats {
         let n = values.len() as f64;
@@ -757,19 +756,7 @@ mod tests {
 
     #[test]
     fn only_active_nodes_sign_fingerprints_and_tampering_shows() {
-        let node = Identity::from_seed(&[1; 32]);
-        let researcher = Identity::from_seed(&[2; 32]);
-        let mut roster = Roster::genesis("demo", vec![researcher.public_key()], 1);
-        roster.upsert_member(Member {
-            public_key: node.public_key(),
-            role: Role::Node,
-            site: "a".into(),
-        });
-        roster.upsert_member(Member {
-            public_key: researcher.public_key(),
-            role: Role::Researcher,
-            site: "lab".into(),
-        });
+        let (node, researcher, roster) = crate::test_support::node_and_researcher();
         let f = tiny("ct");
         let signed = SignedFingerprint::sign(f.clone(), &node);
         assert_eq!(signed.verify(&roster).unwrap().node, node.public_key());

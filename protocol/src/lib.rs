@@ -51,3 +51,28 @@ pub use messages::{
 };
 pub use progress::{ProgressRecord, SignedProgress};
 pub use provenance::{Provenance, ProvenanceError, SignedProvenance};
+
+/// What several modules' tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use medmesh_crypto::{Identity, Member, Role, Roster};
+
+    /// Consortium "demo": an active node (site "a", seed 1) and a researcher (site "lab",
+    /// seed 2, also the roster's steward). Returns (node, researcher, roster).
+    pub fn node_and_researcher() -> (Identity, Identity, Roster) {
+        let node = Identity::from_seed(&[1; 32]);
+        let researcher = Identity::from_seed(&[2; 32]);
+        let mut roster = Roster::genesis("demo", vec![researcher.public_key()], 1);
+        for (key, role, site) in [
+            (node.public_key(), Role::Node, "a"),
+            (researcher.public_key(), Role::Researcher, "lab"),
+        ] {
+            roster.upsert_member(Member {
+                public_key: key,
+                role,
+                site: site.into(),
+            });
+        }
+        (node, researcher, roster)
+    }
+}

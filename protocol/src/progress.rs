@@ -139,23 +139,10 @@ fn canonical(record: &ProgressRecord) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use medmesh_crypto::Member;
 
     #[test]
     fn only_active_nodes_report() {
-        let node = Identity::from_seed(&[1; 32]);
-        let researcher = Identity::from_seed(&[2; 32]);
-        let mut roster = Roster::genesis("demo", vec![researcher.public_key()], 1);
-        roster.upsert_member(Member {
-            public_key: node.public_key(),
-            role: Role::Node,
-            site: "a".into(),
-        });
-        roster.upsert_member(Member {
-            public_key: researcher.public_key(),
-            role: Role::Researcher,
-            site: "lab".into(),
-        });
+        let (node, researcher, roster) = crate::test_support::node_and_researcher();
         let record = ProgressRecord {
             experiment_id: "e".into(),
             manifest_digest: [0; 32],
