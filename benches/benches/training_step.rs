@@ -3,11 +3,17 @@
 //! compiled in is measured in the same run; `benches/reference/unet_step.py` runs the
 //! identical step in PyTorch on the same machine for the cross-framework ratio.
 //!
+//! The 3D UNet (`model.dims = 3`) takes the same step on the same number of voxels: batch 2
+//! of 16 x 64 x 64 patches (random crops with foreground oversampling and mirroring, as in
+//! training), so its ratio to the 2D step is the cost of the third dimension
+//! (`unet_step.py --dims 3` for PyTorch's).
+//!
 //! `cargo bench -p medmesh-benches --bench training_step [--features ndarray-backend,cpu-jit,cuda,wgpu]`
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use medmesh_protocol::manifest::{Normalization, Optimizer};
 use medmesh_training::data::slices::SliceSet;
+use medmesh_training::data::volumes::{VolumeCase, VolumeSet};
 use medmesh_training::model::UNetConfig;
 use medmesh_training::{DeviceSpec, TrainSettings, Trainer};
 
@@ -23,8 +29,35 @@ fn batch() -> SliceSet {
     SliceSet::from_memory([1, h, w], images, labels, vec![0; n], vec!["bench".into()])
 }
 
+/// One volume of 24 x 80 x 80 voxels (a little larger than a patch, so crops move).
+fn volumes() -> VolumeSet {
+    let (d, h, w) = (24, 80, 80);
+    let n = d * h * w;
+    let image = medmesh_benches::weights(n, 3)
+        .iter()
+        .map(|v| v * 20.0)
+        .collect();
+    let label = (0..n)
+        .map(|i| u8::from((i % w) > w / 2 && (i / w) % h > h / 3))
+        .collect();
+    VolumeSet {
+        channels: 1,
+        patch: [16, 64, 64],
+        cases: vec![VolumeCase::new("bench", [d, h, w], image, label)],
+    }
+}
+
+const DEVICES: [DeviceSpec; 5] = [
+    DeviceSpec::Flex,
+    DeviceSpec::NdArray,
+    DeviceSpec::CpuJit,
+    DeviceSpec::Cuda(0),
+    DeviceSpec::Wgpu,
+];
+
 fn training_step(c: &mut Criterion) {
     let config = UNetConfig {
+        dims: 2,
         in_channels: 1,
         classes: 2,
         depth: 4,
@@ -47,18 +80,34 @@ fn training_step(c: &mut Criterion) {
     let data = batch();
     let mut group = c.benchmark_group("unet_train_step_b8_128px_base16_depth4");
     group.sample_size(10);
-    for spec in [
-        DeviceSpec::Flex,
-        DeviceSpec::NdArray,
-        DeviceSpec::CpuJit,
-        DeviceSpec::Cuda(0),
-        DeviceSpec::Wgpu,
-    ] {
+    for spec in DEVICES {
         let Ok(device) = spec.device() else { continue };
         let mut trainer = Trainer::with(config, settings.clone(), device);
         trainer.train_round(&data, |_| {}); // warm up (allocations, kernel compilation)
         group.bench_function(spec.to_string(), |b| {
             b.iter(|| trainer.train_round(&data, |_| {}))
+        });
+    }
+    group.finish();
+
+    let volumes = volumes();
+    let config = UNetConfig { dims: 3, ..config };
+    let settings = TrainSettings {
+        batch_size: 2,
+        ..settings
+    };
+    let mut group = c.benchmark_group("unet3d_train_step_b2_16x64x64_base16_depth4");
+    group.sample_size(10);
+    for spec in DEVICES {
+        // ndarray's 3D convolutions are too slow to be worth minutes of a bench run.
+        if spec == DeviceSpec::NdArray {
+            continue;
+        }
+        let Ok(device) = spec.device() else { continue };
+        let mut trainer = Trainer::with(config, settings.clone(), device);
+        trainer.train_round(&volumes, |_| {});
+        group.bench_function(spec.to_string(), |b| {
+            b.iter(|| trainer.train_round(&volumes, |_| {}))
         });
     }
     group.finish();

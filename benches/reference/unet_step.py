@@ -6,7 +6,10 @@ with stride 2 below the top level, 2x2 stride-2 transposed conv up, skip concate
 `cargo bench -p medmesh-benches --bench training_step`: batch 8, 128x128, 1 channel,
 2 classes, base 16, depth 4.
 
-Run where torch is installed (not in CI):  python3 benches/reference/unet_step.py [--device cuda]
+With --dims 3, the 3D UNet of `model.dims = 3` (3x3x3 convolutions, 2x2x2 transposed ones) on
+the bench's 3D input: batch 2 of 16x64x64, the same number of voxels.
+
+Run where torch is installed (not in CI):  python3 benches/reference/unet_step.py [--device cuda] [--dims 3]
 Prints the median step time in milliseconds over --steps timed steps.
 """
 
@@ -19,13 +22,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The layer kinds, 2D unless --dims 3 switches them.
+Conv, Norm, Up = nn.Conv2d, nn.BatchNorm2d, nn.ConvTranspose2d
+
+
 class DoubleConv(nn.Module):
     def __init__(self, cin, cout, stride=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(cout)
+        self.conv1 = Conv(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = Norm(cout)
+        self.conv2 = Conv(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = Norm(cout)
 
     def forward(self, x):
         x = F.relu(self.norm1(self.conv1(x)))
@@ -35,7 +42,7 @@ class DoubleConv(nn.Module):
 class UpBlock(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2)
+        self.up = Up(cin, cout, 2, stride=2)
         self.conv = DoubleConv(2 * cout, cout)
 
 
@@ -48,7 +55,7 @@ class UNet(nn.Module):
             for i in range(depth)
         )
         self.decoder = nn.ModuleList(UpBlock(width[i + 1], width[i]) for i in reversed(range(depth - 1)))
-        self.head = nn.Conv2d(width[0], classes, 1)
+        self.head = Conv(width[0], classes, 1)
 
     def forward(self, x):
         skips = []
@@ -63,11 +70,12 @@ class UNet(nn.Module):
 
 def dice_ce_loss(logits, onehot):
     log_p = F.log_softmax(logits, dim=1)
-    b, k, h, w = logits.shape
-    ce = -(log_p * onehot).sum() / (b * h * w)
+    pixels = logits.numel() // logits.shape[1]
+    ce = -(log_p * onehot).sum() / pixels
     p = log_p.exp()
-    inter = (p * onehot).sum(dim=(0, 2, 3))
-    total = p.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    others = tuple(d for d in range(logits.dim()) if d != 1)
+    inter = (p * onehot).sum(dim=others)
+    total = p.sum(dim=others) + onehot.sum(dim=others)
     dice = (2 * inter + 1) / (total + 1)
     return ce + 1 - dice[1:].mean()
 
@@ -76,14 +84,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dims", type=int, default=2, choices=[2, 3])
     args = parser.parse_args()
+    global Conv, Norm, Up
+    if args.dims == 3:
+        Conv, Norm, Up = nn.Conv3d, nn.BatchNorm3d, nn.ConvTranspose3d
     torch.manual_seed(1)
     device = torch.device(args.device)
     model = UNet().to(device)
     optim = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-5)
-    x = torch.randn(8, 1, 128, 128, device=device)
-    labels = (torch.rand(8, 128, 128, device=device) > 0.7).long()
-    onehot = F.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    shape = (8, 128, 128) if args.dims == 2 else (2, 16, 64, 64)
+    x = torch.randn(shape[0], 1, *shape[1:], device=device)
+    labels = (torch.rand(*shape, device=device) > 0.7).long()
+    onehot = F.one_hot(labels, 2).movedim(-1, 1).float()
 
     def step():
         optim.zero_grad(set_to_none=True)
@@ -100,7 +113,7 @@ def main():
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    print(f"torch {torch.__version__} {args.device} threads={torch.get_num_threads()}: "
+    print(f"torch {torch.__version__} {args.device} {args.dims}D threads={torch.get_num_threads()}: "
           f"median step {statistics.median(times) * 1000:.1f} ms over {args.steps} steps")
 
 

@@ -168,3 +168,111 @@ fn prepare_train_evaluate() {
     );
     assert!(!ok && err.contains("unknown preset"), "{err}");
 }
+
+/// `model.dims = 3` through the binary: train-local on volumes, evaluate whole volumes with the
+/// manifest, and clear refusals where a 3D model cannot go.
+#[test]
+fn a_3d_model_trains_evaluates_and_refuses_what_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ok, _, err) = medmesh(
+        d,
+        &[
+            "data",
+            "prepare",
+            "--task",
+            "synthetic",
+            "--sites",
+            "1",
+            "--out",
+            "data",
+            "--preset",
+            "iid",
+            "--cases",
+            "6",
+            "--size",
+            "40",
+            "--slices",
+            "20",
+        ],
+    );
+    assert!(ok, "{err}");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("lesions-3d.toml"))
+        .unwrap()
+        .replace("rounds = 8", "rounds = 1")
+        .replace("local_steps = 10", "local_steps = 3");
+    std::fs::write(d.join("m3.toml"), text).unwrap();
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train-local",
+            "--data",
+            "data/site-1",
+            "--manifest",
+            "m3.toml",
+            "--out",
+            "m3.safetensors",
+        ];
+        args.extend_from_slice(extra);
+        medmesh(d, &args)
+    };
+    let (ok, out, err) = train(&[]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["rounds"], 1);
+    assert_eq!(
+        summary["train_samples"], 5,
+        "one patch per training case: {summary}"
+    );
+    assert_eq!(summary["validation_cases"], 1);
+
+    let evaluate = |extra: &[&str]| {
+        let mut args = vec![
+            "evaluate",
+            "--model",
+            "m3.safetensors",
+            "--data",
+            "data/site-1",
+        ];
+        args.extend_from_slice(extra);
+        medmesh(d, &args)
+    };
+    let (ok, out, err) = evaluate(&["--manifest", "m3.toml"]);
+    assert!(ok, "{err}");
+    let eval: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        eval["cases"].as_array().unwrap().len(),
+        6,
+        "whole volumes: {eval}"
+    );
+    let (ok, _, err) = evaluate(&[]);
+    assert!(
+        !ok && err.contains("is a 3D model; pass --manifest"),
+        "{err}"
+    );
+    let two_d = examples.join("synthetic-quickstart.toml");
+    let (ok, _, err) = evaluate(&["--manifest", two_d.to_str().unwrap()]);
+    assert!(!ok && err.contains("model.dims = 2"), "{err}");
+
+    // Volumes stay in memory: a budget they exceed is refused by name.
+    let (ok, _, err) = train(&["--cache", "cache", "--memory-mib", "0"]);
+    assert!(!ok && err.contains("node.data_memory_mib"), "{err}");
+    // A folder that is no MSD dataset holds no volumes.
+    std::fs::create_dir(d.join("flat")).unwrap();
+    let (ok, _, err) = medmesh(
+        d,
+        &[
+            "train-local",
+            "--data",
+            "flat",
+            "--manifest",
+            "m3.toml",
+            "--out",
+            "x",
+        ],
+    );
+    assert!(
+        !ok && err.contains("model.dims = 3 trains on volumes"),
+        "{err}"
+    );
+}

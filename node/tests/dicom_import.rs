@@ -50,6 +50,92 @@ fn tool(name: &str, args: &[&str]) {
     );
 }
 
+/// ImagePositionPatient of slice `k`.
+fn position(k: usize) -> [f64; 3] {
+    std::array::from_fn(|a| ORIGIN[a] + k as f64 * STEP * NORMAL[a])
+}
+
+/// A DICOM SEG of the test's grid: each frame's position and segment number, and its mask.
+#[derive(Clone)]
+struct Seg {
+    series: &'static str,
+    frames: Vec<([f64; 3], u16)>,
+    masks: Vec<Vec<u8>>,
+}
+
+impl Seg {
+    /// Writes it with pydicom (Debian's python3-pydicom; `tests/support/make_seg.py`).
+    fn write(&self, path: &Path, scratch: &Path) {
+        let numbers: std::collections::BTreeSet<u16> = self.frames.iter().map(|f| f.1).collect();
+        let segments: Vec<(u16, String)> = numbers
+            .into_iter()
+            .map(|n| {
+                (
+                    n,
+                    if n == 1 {
+                        "brain".into()
+                    } else {
+                        format!("segment {n}")
+                    },
+                )
+            })
+            .collect();
+        let spec = serde_json::json!({
+            "series": self.series,
+            "study": "1.2.826.0.1.3680043.2.1125.7.8",
+            "frame_of_reference": "1.2.826.0.1.3680043.2.1125.7.9",
+            "rows": ROWS,
+            "columns": COLUMNS,
+            "orientation": [0, 1, 0, 0, 0, -1],
+            "pixel_spacing": [DR, DC],
+            "thickness": STEP,
+            "segments": segments,
+            "frames": self.frames.iter().enumerate().map(|(f, (p, n))| serde_json::json!({
+                "position": p, "segment": n, "offset": f * ROWS * COLUMNS,
+            })).collect::<Vec<_>>(),
+        });
+        let (spec_path, mask_path) = (scratch.join("seg.json"), scratch.join("seg.u8"));
+        std::fs::write(&spec_path, spec.to_string()).unwrap();
+        std::fs::write(&mask_path, self.masks.concat()).unwrap();
+        pydicom("make_seg.py", &[&spec_path, &mask_path, path]);
+    }
+}
+
+/// Runs `tests/support/SCRIPT` with Debian's python3 and pydicom.
+fn pydicom(script: &str, args: &[&Path]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script);
+    let out = Command::new("/usr/bin/python3")
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("python3 with pydicom (Debian python3-pydicom; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{script} (needs Debian's python3-pydicom): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `medmesh data import` of `dicom` into `site`: success, and everything it printed.
+fn import(dicom: &Path, site: &Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["data", "import", "--dicom"])
+        .arg(dicom)
+        .arg("--out")
+        .arg(site)
+        .args(["--labels", "background,brain"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// The template value (raw, before rescale) of DICOM voxel (slice k, row j, column i).
 fn sample(t: &(Vec<usize>, Vec<f32>), k: usize, j: usize, i: usize) -> u16 {
     let (dims, data) = t;
@@ -185,20 +271,8 @@ fn a_third_party_dicom_series_imports_with_its_geometry() {
     );
 
     let site = work.path().join("site");
-    let out = Command::new(BIN)
-        .args(["data", "import", "--dicom"])
-        .arg(work.path().join("dicom"))
-        .arg("--out")
-        .arg(&site)
-        .args(["--labels", "background,brain"])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = import(&work.path().join("dicom"), &site);
+    assert!(ok, "{text}");
     assert!(text.contains("1 cases of MRI"), "{text}");
     // dcm2niix placed the label where medmesh places the series, to within 0.01 mm.
     let corners: f64 = text
@@ -284,26 +358,134 @@ fn a_third_party_dicom_series_imports_with_its_geometry() {
             }
         }
         let site = work.path().join(format!("site-{name}"));
-        let out = Command::new(BIN)
-            .args(["data", "import", "--dicom"])
-            .arg(&dir)
-            .arg("--out")
-            .arg(&site)
-            .args(["--labels", "background,brain"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (ok, err) = import(&dir, &site);
         if name == "jpeg" {
             assert!(
-                !out.status.success() && err.contains("transfer syntax 1.2.840.10008.1.2.4"),
+                !ok && err.contains("transfer syntax 1.2.840.10008.1.2.4"),
                 "{err}"
             );
             continue;
         }
-        assert!(out.status.success(), "{name}: {err}");
+        assert!(ok, "{name}: {err}");
         let again = read_image(&site.join("imagesTr/case-001.nii.gz")).unwrap();
         assert_eq!(again, ours, "{name}");
     }
+
+    // The same label as a DICOM SEG beside the same image files (written by pydicom: one
+    // BINARY frame per slice, frames shuffled): medmesh places each frame by its
+    // ImagePositionPatient and gets dcm2niix's label back, voxel for voxel.
+    let seg_dir = work.path().join("seg/patient-1/series-1");
+    std::fs::create_dir_all(&seg_dir).unwrap();
+    for entry in std::fs::read_dir(&series_dir).unwrap() {
+        let file = entry.unwrap().path();
+        if file
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("IM")
+        {
+            std::fs::copy(&file, seg_dir.join(file.file_name().unwrap())).unwrap();
+        }
+    }
+    let frames: Vec<usize> = (0..SLICES).map(|k| (k * 5) % SLICES).collect();
+    let seg = Seg {
+        series: image_uid,
+        frames: frames.iter().map(|&k| (position(k), 1)).collect(),
+        masks: frames
+            .iter()
+            .map(|&k| {
+                (0..ROWS * COLUMNS)
+                    .map(|p| u8::from(sample(&brain, k, p / COLUMNS, p % COLUMNS) > 0))
+                    .collect()
+            })
+            .collect(),
+    };
+    seg.write(&seg_dir.join("SEG0001"), &scratch);
+    let seg_site = work.path().join("site-seg");
+    let (ok, text) = import(&work.path().join("seg"), &seg_site);
+    assert!(ok, "{text}");
+    assert!(text.contains("segments: 1 brain"), "{text}");
+    let from_seg = read_label(&seg_site.join("labelsTr/case-001.nii.gz"), 2).unwrap();
+    assert_eq!(from_seg, label, "the SEG's label equals dcm2niix's");
+    // A SEG leaves out the slices its segments do not reach: those stay background.
+    let mut partial = seg.clone();
+    let kept: Vec<usize> = (0..frames.len()).filter(|&f| frames[f] < 6).collect();
+    partial.frames = kept.iter().map(|&f| seg.frames[f]).collect();
+    partial.masks = kept.iter().map(|&f| seg.masks[f].clone()).collect();
+    partial.write(&seg_dir.join("SEG0001"), &scratch);
+    let (ok, text) = import(&work.path().join("seg"), &seg_site);
+    assert!(ok, "{text}");
+    let from_partial = read_label(&seg_site.join("labelsTr/case-001.nii.gz"), 2).unwrap();
+    for (v, (&got, &full)) in from_partial.data.iter().zip(&label.data).enumerate() {
+        // RAS x is the slice index (see above).
+        let want = if v % SLICES < 6 { full } else { 0 };
+        assert_eq!(got, want, "voxel {v}");
+    }
+    seg.write(&seg_dir.join("SEG0001"), &scratch);
+
+    // Refused by name: a frame between two slices, a segment beyond --labels, a SEG of a
+    // series that is not there, and a series labelled twice.
+    let refuse = |seg: &Seg, also_nifti: bool, want: &str| {
+        let dir = work.path().join("refused/series");
+        let _ = std::fs::remove_dir_all(work.path().join("refused"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(&seg_dir).unwrap() {
+            let file = entry.unwrap().path();
+            if file.file_name().unwrap() != "SEG0001" {
+                std::fs::copy(&file, dir.join(file.file_name().unwrap())).unwrap();
+            }
+        }
+        if also_nifti {
+            std::fs::copy(series_dir.join("label.nii.gz"), dir.join("label.nii.gz")).unwrap();
+        }
+        seg.write(&dir.join("SEG0001"), &scratch);
+        let (ok, text) = import(&work.path().join("refused"), &work.path().join("site-x"));
+        assert!(!ok && text.contains(want), "{want}: {text}");
+    };
+    let mut between = seg.clone();
+    between.frames[0].0[0] -= STEP / 2.0 * NORMAL[0];
+    refuse(&between, false, "on no slice of its series");
+    let mut beyond = seg.clone();
+    beyond.frames[0].1 = 2;
+    refuse(&beyond, false, "segment 2 (\"segment 2\") has no class");
+    let elsewhere = Seg {
+        series: "1.2.826.0.1.3680043.2.1125.7.404",
+        ..seg.clone()
+    };
+    refuse(
+        &elsewhere,
+        false,
+        "references series 1.2.826.0.1.3680043.2.1125.7.404",
+    );
+    refuse(&seg, true, "labelled twice");
+
+    // The same slices as one multi-frame Enhanced MR image (pydicom's: positions in per-frame
+    // functional groups, orientation, spacing and rescale in the shared ones; frames in
+    // file-name order, not slice order): the same volume, voxel for voxel.
+    let multiframe = work.path().join("multiframe/series");
+    std::fs::create_dir_all(&multiframe).unwrap();
+    std::fs::copy(
+        series_dir.join("label.nii.gz"),
+        multiframe.join("label.nii.gz"),
+    )
+    .unwrap();
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&series_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("IM"))
+        .collect();
+    files.sort();
+    let mut args = vec![multiframe.join("MF0001")];
+    args.extend(files);
+    pydicom(
+        "make_multiframe.py",
+        &args.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+    );
+    let multiframe_site = work.path().join("site-multiframe");
+    let (ok, text) = import(&work.path().join("multiframe"), &multiframe_site);
+    assert!(ok, "{text}");
+    let again = read_image(&multiframe_site.join("imagesTr/case-001.nii.gz")).unwrap();
+    assert_eq!(again, ours, "a multi-frame file imports as its slices do");
 }
 
 #[test]
@@ -331,7 +513,7 @@ fn a_series_with_a_missing_slice_or_no_label_is_refused_by_name() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let err = import(&dir);
-    assert!(err.contains("no label.nii.gz"), "{err}");
+    assert!(err.contains("no label: neither a DICOM SEG"), "{err}");
     // A label with the series' size but another spacing: not this series' label.
     let other = work.path().join("other");
     let dims = [SLICES, COLUMNS, ROWS];
@@ -426,6 +608,49 @@ fn mangled_dicom_files_are_refused_without_panicking() {
     let err = medmesh_training::data::dicom::decode_slice(&zero_bits, path).unwrap_err();
     assert!(err.to_string().contains("BitsStored 0"), "{err}");
 
+    let (_, refused) = mangle(&original, VARIANTS, ROWS * COLUMNS * 2);
+    assert!(
+        refused > VARIANTS / 4,
+        "the variants must reach the decoder's checks"
+    );
+
+    // A DICOM SEG (pydicom's), mangled the same ways: its functional groups, segment
+    // sequence and one-bit pixels, hostile.
+    let frames = 4;
+    let seg = Seg {
+        series: "1.2.826.0.1.3680043.2.1125.11",
+        frames: (0..frames).map(|k| (position(k), 1)).collect(),
+        masks: (0..frames)
+            .map(|k| {
+                (0..ROWS * COLUMNS)
+                    .map(|p| u8::from((p + k) % 3 == 0))
+                    .collect()
+            })
+            .collect(),
+    };
+    let seg_path = scratch.join("SEG");
+    seg.write(&seg_path, &scratch);
+    let original = std::fs::read(&seg_path).unwrap();
+    assert_eq!(
+        medmesh_training::data::dicom::decode_slice(&original, path).unwrap(),
+        [ROWS, COLUMNS]
+    );
+    let (_, refused) = mangle(
+        &original,
+        VARIANTS / 2,
+        (frames * ROWS * COLUMNS).div_ceil(8),
+    );
+    assert!(
+        refused > VARIANTS / 8,
+        "the SEG variants must reach the checks"
+    );
+}
+
+/// Decodes `variants` mangled copies of `original` (bits flipped anywhere, garbage in its
+/// last `pixel_bytes`, cut short), from a fixed seed: each must decode or be refused with an
+/// error naming the file, never panic. Returns (decoded, refused).
+fn mangle(original: &[u8], variants: usize, pixel_bytes: usize) -> (usize, usize) {
+    let path = Path::new("mangled.dcm");
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move |n: usize| {
         state ^= state << 13;
@@ -435,8 +660,8 @@ fn mangled_dicom_files_are_refused_without_panicking() {
     };
     let (mut decoded, mut refused) = (0, 0);
     let mut slowest = (std::time::Duration::ZERO, 0);
-    for variant in 0..VARIANTS {
-        let mut bytes = original.clone();
+    for variant in 0..variants {
+        let mut bytes = original.to_vec();
         match variant % 3 {
             0 => {
                 for _ in 0..1 + next(8) {
@@ -445,9 +670,9 @@ fn mangled_dicom_files_are_refused_without_panicking() {
                 }
             }
             1 => {
-                // Garbage in the pixel data (the file's last ROWS x COLUMNS x 2 bytes).
-                let pixels = bytes.len() - ROWS * COLUMNS * 2;
-                let at = pixels + next(ROWS * COLUMNS * 2 - 4);
+                // Garbage in the pixel data (the file's last `pixel_bytes`).
+                let pixels = bytes.len() - pixel_bytes;
+                let at = pixels + next(pixel_bytes - 4);
                 bytes[at..at + 4].fill(0xFF);
             }
             _ => bytes.truncate(next(bytes.len())),
@@ -471,8 +696,5 @@ fn mangled_dicom_files_are_refused_without_panicking() {
          in {:?}",
         slowest.1, slowest.0
     );
-    assert!(
-        refused > VARIANTS / 4,
-        "the variants must reach the decoder's checks"
-    );
+    (decoded, refused)
 }

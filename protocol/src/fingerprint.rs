@@ -43,6 +43,8 @@ pub const MAX_CHANNELS: usize = 16;
 pub const MAX_NAME_LEN: usize = 64;
 /// The largest input side a plan proposes (the model trains on slices resized to it).
 pub const MAX_PLANNED_SIDE: u32 = 256;
+/// The largest 3D patch depth a plan proposes.
+pub const MAX_PLANNED_DEPTH: u32 = 128;
 
 /// What one site shares about one of its datasets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,6 +265,8 @@ pub struct Plan {
     pub intensity: Intensity,
     /// `task.input_size`.
     pub input_size: [u32; 2],
+    /// `task.input_depth`, for a 3D model (`model.dims = 3`).
+    pub input_depth: Option<u32>,
     /// Pooled foreground statistics of channel 0: voxels, mean, std, 0.5th and 99.5th
     /// percentiles.
     pub foreground: PooledIntensity,
@@ -291,6 +295,7 @@ impl Plan {
         manifest.task.target_spacing = Some(self.target_spacing);
         manifest.task.intensity = self.intensity;
         manifest.task.input_size = self.input_size;
+        manifest.task.input_depth = self.input_depth;
     }
 }
 
@@ -387,6 +392,20 @@ pub fn plan(manifest: &Manifest, fingerprints: &[&Fingerprint]) -> Result<Plan, 
         input_size[1]
     ));
 
+    let normal_axis = manifest.task.plane.axis();
+    let input_depth = (manifest.model.dims == 3).then(|| {
+        let rounded = (median_shape[normal_axis] / f64::from(divisor))
+            .round()
+            .max(1.0) as u32;
+        let depth = (rounded * divisor).clamp(8u32.next_multiple_of(divisor), MAX_PLANNED_DEPTH);
+        reasons.push(format!(
+            "input depth (3D): the median extent across the plane is {:.0} voxels; rounded to a \
+             multiple of {divisor} within 8 to {MAX_PLANNED_DEPTH}: {depth}",
+            median_shape[normal_axis]
+        ));
+        depth
+    });
+
     // Normalization: CT when every site says channel 0 is CT.
     let channel0: Vec<&IntensityStats> = fingerprints.iter().map(|f| &f.foreground[0]).collect();
     let foreground = pool(&channel0);
@@ -438,6 +457,7 @@ pub fn plan(manifest: &Manifest, fingerprints: &[&Fingerprint]) -> Result<Plan, 
         median_shape,
         intensity,
         input_size,
+        input_depth,
         foreground,
         reasons,
     })
@@ -740,6 +760,16 @@ mod tests {
         // 256 voxels of 0.5 mm at 0.5 mm: capped at 256.
         assert_eq!(p.input_size, [256, 256]);
         assert!(p.reasons[0].contains("anisotropic"), "{:?}", p.reasons);
+        assert_eq!(p.input_depth, None, "a 2D model has no patch depth");
+
+        // A 3D model: the median z extent, 30 slices of 8 and 9 mm at 4.9 mm (49.0 and 55.1
+        // voxels, median 52.0), is already a multiple of 4 (depth 3).
+        let mut m3 = manifest();
+        m3.model.dims = 3;
+        let p = plan(&m3, &[&f]).unwrap();
+        assert_eq!(p.input_depth, Some(52));
+        p.apply(&mut m3);
+        m3.validate().unwrap();
     }
 
     #[test]

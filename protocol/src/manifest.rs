@@ -75,8 +75,13 @@ impl Default for ExportPolicy {
 pub struct Task {
     /// Dataset name; each node's config maps it to local paths.
     pub dataset: String,
-    /// Input height and width in pixels.
+    /// Input height and width in pixels: of a 2D slice, or in-plane of a 3D patch.
     pub input_size: [u32; 2],
+    /// `model.dims = 3` only (and required there): the 3D patch's extent in voxels across
+    /// the slices of `plane`, i.e. along the plane's normal. A patch is `input_depth` planes
+    /// of `input_size`.
+    #[serde(default)]
+    pub input_depth: Option<u32>,
     /// Image channels.
     pub channels: u32,
     /// Classes including background.
@@ -86,8 +91,9 @@ pub struct Task {
     /// nearest neighbour. Absent: volumes keep their own spacing.
     #[serde(default)]
     pub target_spacing: Option<[f64; 3]>,
-    /// The anatomical plane 2D training slices lie in. Volumes are read in RAS orientation,
-    /// so this names the same plane at every site whatever their scanners stored.
+    /// The anatomical plane 2D training slices lie in (for a 3D model: the plane of
+    /// `input_size`, whose normal `input_depth` runs along). Volumes are read in RAS
+    /// orientation, so this names the same plane at every site whatever their scanners stored.
     #[serde(default)]
     pub plane: Plane,
     /// How image intensities are normalized before training. Default: each case z-scored
@@ -175,12 +181,22 @@ pub enum Normalization {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
+    /// 2 (a 2D UNet on slices, the default) or 3 (a 3D UNet on patches of
+    /// `task.input_depth` x `task.input_size` voxels).
+    #[serde(default = "ModelSpec::default_dims")]
+    pub dims: u32,
     /// Resolution levels, 3 to 5.
     pub depth: u32,
     /// Channels at the first level, 8 to 64 (doubling per level).
     pub base_channels: u32,
     /// Normalization layers.
     pub normalization: Normalization,
+}
+
+impl ModelSpec {
+    fn default_dims() -> u32 {
+        2
+    }
 }
 
 /// Optimizers.
@@ -682,6 +698,26 @@ impl Manifest {
                 );
             }
         }
+        match (self.model.dims, t.input_depth) {
+            (2, None) => {}
+            (2, Some(_)) => bad(
+                "task.input_depth",
+                "is the depth of a 3D patch; set model.dims = 3 or remove it".into(),
+            ),
+            (3, None) => bad(
+                "task.input_depth",
+                "model.dims = 3 needs the patch depth across the plane's slices".into(),
+            ),
+            (3, Some(d)) if !(8..=512).contains(&d) => {
+                bad("task.input_depth", format!("{d} must be 8 to 512"))
+            }
+            (3, Some(d)) if d % divisor != 0 => bad(
+                "task.input_depth",
+                format!("{d} must be divisible by {divisor} for a depth-{levels} UNet"),
+            ),
+            (3, Some(_)) => {}
+            (dims, _) => bad("model.dims", format!("{dims} must be 2 or 3")),
+        }
         if !(1..=16).contains(&t.channels) {
             bad("task.channels", format!("{} must be 1 to 16", t.channels));
         }
@@ -1146,6 +1182,7 @@ mod tests {
     const BRAIN: &str = include_str!("../../examples/brain-extraction.toml");
     const ROBUST: &str = include_str!("../../examples/robust-median.json");
     const SKEWED: &str = include_str!("../../examples/synthetic-skewed.toml");
+    const THREE_D: &str = include_str!("../../examples/lesions-3d.toml");
 
     fn id(n: u8) -> Identity {
         Identity::from_seed(&[n; 32])
@@ -1170,7 +1207,7 @@ mod tests {
 
     #[test]
     fn shipped_examples_are_valid() {
-        for text in [QUICKSTART, BRAIN, ROBUST, SKEWED] {
+        for text in [QUICKSTART, BRAIN, ROBUST, SKEWED, THREE_D] {
             let m = Manifest::parse(text).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(Manifest::from_toml(&m.to_toml()).unwrap(), m);
         }
@@ -1203,6 +1240,30 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
+    }
+
+    /// `model.dims` and `task.input_depth` come together: a 3D model needs a patch depth the
+    /// UNet divides, a 2D one refuses it, and nothing but 2 or 3 is a dimension.
+    #[test]
+    fn a_3d_model_takes_exactly_a_patch_depth() {
+        let mut m = Manifest::parse(QUICKSTART).unwrap();
+        assert_eq!((m.model.dims, m.task.input_depth), (2, None));
+        let fields = |m: &Manifest| match m.validate() {
+            Ok(()) => Vec::new(),
+            Err(ManifestError::Invalid(e)) => e.into_iter().map(|e| e.field).collect(),
+            Err(e) => panic!("{e}"),
+        };
+        m.task.input_depth = Some(16);
+        assert_eq!(fields(&m), ["task.input_depth"]);
+        m.model.dims = 3;
+        assert_eq!(fields(&m), Vec::<String>::new());
+        assert_eq!(Manifest::from_toml(&m.to_toml()).unwrap(), m);
+        m.task.input_depth = Some(18);
+        assert_eq!(fields(&m), ["task.input_depth"]);
+        m.task.input_depth = None;
+        assert_eq!(fields(&m), ["task.input_depth"]);
+        m.model.dims = 4;
+        assert_eq!(fields(&m), ["model.dims"]);
     }
 
     /// `task.intensity`: CT needs all its numbers, z-score takes none, and TOML round-trips.

@@ -9,10 +9,10 @@ use medmesh_protocol::round::{Overlay, Phase, RoundRules};
 use medmesh_training::baselines;
 use medmesh_training::data::brain::BrainTemplate;
 use medmesh_training::data::generate_site_cases;
-use medmesh_training::data::slices::{SliceSet, site_split};
 use medmesh_training::data::synthetic::Preset;
 use medmesh_training::params::Selection;
 use medmesh_training::rng::Rng;
+use medmesh_training::samples::{SiteSet, site_split};
 use medmesh_training::{DeviceSpec, Trainer};
 use serde::Serialize;
 
@@ -191,8 +191,8 @@ pub fn learning_manifest(s: &Scenario) -> Result<Manifest, SimError> {
 
 struct LearningSite {
     trainer: Trainer,
-    train: SliceSet,
-    validation: SliceSet,
+    train: SiteSet,
+    validation: SiteSet,
 }
 
 fn learning_sites(s: &Scenario, preset: &str, m: &Manifest) -> Result<Vec<LearningSite>, SimError> {

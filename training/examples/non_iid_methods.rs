@@ -11,8 +11,8 @@ use burn::tensor::Device;
 use medmesh_protocol::Manifest;
 use medmesh_training::baselines::{self, Site};
 use medmesh_training::data::generate_site_cases;
-use medmesh_training::data::slices::site_split;
 use medmesh_training::data::synthetic::Preset;
+use medmesh_training::samples::site_split;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -21,8 +21,9 @@ use medmesh_training::augment::MEASURED;
 use medmesh_training::baselines::{self, Site};
 use medmesh_training::data::brain::{self, BrainTemplate, Pose, UNSEEN_SCANNER};
 use medmesh_training::data::generate_site_cases;
-use medmesh_training::data::slices::{SliceOptions, site_split, slice_cases};
+use medmesh_training::data::slices::{SliceOptions, slice_cases};
 use medmesh_training::data::synthetic::{Noise, Preset, Scanner};
+use medmesh_training::samples::site_split;
 
 fn main() {
     let arg = |i: usize, default: f64| {

@@ -4,7 +4,10 @@
 //! image only. nnU-Net's order: spatial, noise, blur, brightness, shift, gamma.
 //!
 //! A slice is `channels` planes of `height x width` f32 (row-major) and a label plane of the
-//! same size. Spatial transforms resample the image bilinearly and the label by nearest
+//! same size. A 3D patch is a stack of `depth` such planes per channel (and `depth` label
+//! planes): spatial transforms and blur act in the plane, the same for every plane of the
+//! stack (rotation about the plane's normal, as nnU-Net augments anisotropic data), and gamma
+//! keeps each channel's statistics over the whole stack. Spatial transforms resample the image bilinearly and the label by nearest
 //! neighbour about the slice's centre; what comes from outside the slice is each channel's
 //! minimum (air, in a normalized scan) and background.
 
@@ -31,12 +34,14 @@ pub const MEASURED: Augmentation = Augmentation {
 
 /// One slice's pixels, borrowed for augmentation.
 pub struct Slice<'a> {
-    /// Channel planes, row-major.
+    /// Channel planes (`depth` per channel), row-major.
     pub image: &'a mut [f32],
-    /// Class per pixel.
+    /// Class per pixel (`depth` planes).
     pub label: &'a mut [u8],
     /// Channels.
     pub channels: usize,
+    /// Planes per channel: 1 for a 2D slice.
+    pub depth: usize,
     /// Rows.
     pub height: usize,
     /// Columns.
@@ -97,7 +102,7 @@ pub fn augment(spec: &Augmentation, slice: &mut Slice<'_>, rng: &mut Rng) {
         && hit(rng)
     {
         let g = rng.range(lo, hi);
-        for channel in slice.image.chunks_mut(plane) {
+        for channel in slice.image.chunks_mut(plane * slice.depth.max(1)) {
             gamma(channel, g);
         }
     }
@@ -143,15 +148,17 @@ fn warp(slice: &mut Slice<'_>, angle: f64, zoom: f64, field: Option<&Vec<(f32, f
             *out = bilinear(&src, h, w, sy, sx).unwrap_or(fill);
         }
     }
-    let src = slice.label.to_vec();
-    for (out, &(sy, sx)) in slice.label.iter_mut().zip(&source) {
-        let (r, c) = (sy.round(), sx.round());
-        let inside = r >= 0.0 && c >= 0.0 && r <= (h - 1) as f64 && c <= (w - 1) as f64;
-        *out = if inside {
-            src[r as usize * w + c as usize]
-        } else {
-            0
-        };
+    for label in slice.label.chunks_mut(plane) {
+        let src = label.to_vec();
+        for (out, &(sy, sx)) in label.iter_mut().zip(&source) {
+            let (r, c) = (sy.round(), sx.round());
+            let inside = r >= 0.0 && c >= 0.0 && r <= (h - 1) as f64 && c <= (w - 1) as f64;
+            *out = if inside {
+                src[r as usize * w + c as usize]
+            } else {
+                0
+            };
+        }
     }
 }
 
@@ -271,6 +278,7 @@ mod tests {
             image: &mut image,
             label: &mut label,
             channels: 1,
+            depth: 1,
             height: 16,
             width: 16,
         };
@@ -280,6 +288,38 @@ mod tests {
 
     fn run(spec: &Augmentation, seed: u64) -> (Vec<f32>, Vec<u8>) {
         on_square(|slice| augment(spec, slice, &mut Rng::new(seed)))
+    }
+
+    /// A 3D patch's planes all take the transform a single slice takes with the same draws.
+    #[test]
+    fn a_stack_of_planes_moves_as_one() {
+        let spec = only(|a| {
+            a.rotate_degrees = Some(30.0);
+            a.scale = Some([0.8, 1.2]);
+            a.elastic = Some([2.0, 3.0]);
+            a.gamma = Some([0.7, 1.5]);
+        });
+        let (single_image, single_label) = run(&spec, 11);
+        let (image, label) = square();
+        let (mut image, mut label) = (image.repeat(3), label.repeat(3));
+        let mut stack = Slice {
+            image: &mut image,
+            label: &mut label,
+            channels: 1,
+            depth: 3,
+            height: 16,
+            width: 16,
+        };
+        augment(&spec, &mut stack, &mut Rng::new(11));
+        for plane in 0..3 {
+            assert_eq!(label[plane * 256..(plane + 1) * 256], single_label[..]);
+            for (a, b) in image[plane * 256..(plane + 1) * 256]
+                .iter()
+                .zip(&single_image)
+            {
+                assert!((a - b).abs() < 1e-5, "plane {plane}: {a} vs {b}");
+            }
+        }
     }
 
     /// A rotation by exactly 90 degrees (the range's ends, [90, 90]) moves the square to the

@@ -17,21 +17,21 @@ use burn::tensor::Device;
 use medmesh_protocol::Manifest;
 use medmesh_protocol::averaging::weighted_mean;
 
-use crate::data::slices::SliceSet;
 use crate::params::Selection;
+use crate::samples::{SiteSet, TrainingSet};
 use crate::{TrainSettings, Trainer};
 
-/// One site's slices.
+/// One site's data (slices, or volumes for a 3D model).
 #[derive(Debug, Clone)]
 pub struct Site {
     /// What the site trains on.
-    pub train: SliceSet,
+    pub train: SiteSet,
     /// What it scores on.
-    pub validation: SliceSet,
+    pub validation: SiteSet,
 }
 
 /// The manifest's metric of `trainer` on `data`.
-pub fn score(m: &Manifest, trainer: &Trainer, data: &SliceSet) -> f64 {
+pub fn score(m: &Manifest, trainer: &Trainer, data: &(impl TrainingSet + ?Sized)) -> f64 {
     trainer.evaluate(data).score(m.evaluation.metric)
 }
 
@@ -47,7 +47,7 @@ pub fn local_only(m: &Manifest, site: &Site, device: &Device) -> (f64, f64) {
 
 /// The pooled model's score on each site's validation slices.
 pub fn pooled(m: &Manifest, sites: &[Site], device: &Device) -> Vec<f64> {
-    let union = SliceSet::concat(&sites.iter().map(|s| &s.train).collect::<Vec<_>>());
+    let union = SiteSet::concat(&sites.iter().map(|s| &s.train).collect::<Vec<_>>());
     let probe = Trainer::new(m, device.clone());
     let steps: usize = sites
         .iter()
@@ -125,7 +125,10 @@ mod tests {
         let (train, validation) = slice_cases(&cases, &SliceOptions::new([32, 32], 3))
             .unwrap()
             .split(0.25, 3);
-        Site { train, validation }
+        Site {
+            train: train.into(),
+            validation: validation.into(),
+        }
     }
 
     fn manifest() -> Manifest {
@@ -140,11 +143,13 @@ mod tests {
     fn pooled_takes_as_many_steps_as_all_sites_together() {
         let sites = [site(0), site(1)];
         let m = manifest();
-        let union = SliceSet::concat(&[&sites[0].train, &sites[1].train]);
-        assert_eq!(union.len(), sites[0].train.len() + sites[1].train.len());
+        let slices = |s: &SiteSet| s.slices().unwrap().clone();
+        let union = slices(&SiteSet::concat(&[&sites[0].train, &sites[1].train]));
+        let (a, b) = (slices(&sites[0].train), slices(&sites[1].train));
+        assert_eq!(union.len(), a.len() + b.len());
         assert_eq!(
             union.case_names.len(),
-            sites[0].train.case_names.len() + sites[1].train.case_names.len()
+            a.case_names.len() + b.case_names.len()
         );
         let scores = pooled(&m, &sites, &Device::flex());
         assert_eq!(scores.len(), 2);

@@ -60,6 +60,7 @@ pub fn save(
     }
     let mut metadata: HashMap<String, String> = [
         ("format", "medmesh-unet-v1".to_owned()),
+        ("dims", config.dims.to_string()),
         ("in_channels", config.in_channels.to_string()),
         ("classes", config.classes.to_string()),
         ("depth", config.depth.to_string()),
@@ -114,6 +115,13 @@ pub fn load(path: &Path, device: &Device) -> Result<(UNet, UNetConfig), ExportEr
             .map_err(|_| bad(format!("metadata `{k}` is not a number")))
     };
     let config = UNetConfig {
+        // Files from before 3D models carry no `dims`: they are 2D (and their kernel shapes
+        // are checked against a 2D network below).
+        dims: if meta.contains_key("dims") {
+            num("dims")?
+        } else {
+            2
+        },
         in_channels: num("in_channels")?,
         classes: num("classes")?,
         depth: num("depth")?,
@@ -124,7 +132,8 @@ pub fn load(path: &Path, device: &Device) -> Result<(UNet, UNetConfig), ExportEr
             other => return Err(bad(format!("unknown normalization {other:?}"))),
         },
     };
-    if !(3..=5).contains(&config.depth)
+    if !(2..=3).contains(&config.dims)
+        || !(3..=5).contains(&config.depth)
         || !(1..=64).contains(&config.base_channels)
         || config.classes < 2
     {

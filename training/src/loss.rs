@@ -7,33 +7,30 @@ use burn::tensor::activation::log_softmax;
 const SMOOTH: f64 = 1.0;
 
 /// `cross_entropy + (1 - mean foreground soft Dice)` for logits and one-hot targets, both
-/// `[batch, classes, height, width]`. Dice is pooled over the batch and all pixels.
-pub fn dice_ce_loss(logits: Tensor<4>, targets: Tensor<4>) -> Tensor<1> {
-    let [batch, classes, height, width] = logits.dims();
+/// `[batch, classes, height, width]` (or `[batch, classes, depth, height, width]`). Dice is
+/// pooled over the batch and all pixels.
+pub fn dice_ce_loss<const D: usize>(logits: Tensor<D>, targets: Tensor<D>) -> Tensor<1> {
+    let shape = logits.dims();
+    let classes = shape[1];
+    let pixels = (shape.iter().product::<usize>() / classes) as f64;
     let log_p = log_softmax(logits, 1);
-    let pixels = (batch * height * width) as f64;
     let cross_entropy = (log_p.clone() * targets.clone())
         .sum()
         .neg()
         .div_scalar(pixels);
     let p = log_p.exp();
-    let intersection = (p.clone() * targets.clone()).sum_dims(&[0, 2, 3]);
-    let total = p.sum_dims(&[0, 2, 3]) + targets.sum_dims(&[0, 2, 3]);
+    // Per class: sums over every axis but the class axis.
+    let others: Vec<usize> = (0..D).filter(|&d| d != 1).collect();
+    let intersection = (p.clone() * targets.clone()).sum_dims(&others);
+    let total = p.sum_dims(&others) + targets.sum_dims(&others);
     let dice = intersection.mul_scalar(2.0).add_scalar(SMOOTH) / total.add_scalar(SMOOTH);
-    let foreground = dice.slice([0..1, 1..classes, 0..1, 0..1]).mean();
+    let foreground = dice.flatten::<1>(0, D - 1).narrow(0, 1, classes - 1).mean();
     cross_entropy + foreground.neg().add_scalar(1.0)
 }
 
-/// One-hot encodes class indices `[batch * height * width]` into `[batch, classes, h, w]`
-/// float data (host side, before upload).
-pub fn one_hot(
-    labels: &[u8],
-    batch: usize,
-    classes: usize,
-    height: usize,
-    width: usize,
-) -> Vec<f32> {
-    let plane = height * width;
+/// One-hot encodes class indices `[batch * pixels]` into `[batch, classes, pixels]` float
+/// data (host side, before upload), `pixels` being `height * width` (times depth in 3D).
+pub fn one_hot(labels: &[u8], batch: usize, classes: usize, plane: usize) -> Vec<f32> {
     let mut out = vec![0f32; batch * classes * plane];
     for (i, &l) in labels.iter().enumerate() {
         let (b, p) = (i / plane, i % plane);
@@ -51,7 +48,7 @@ mod tests {
         let device = Device::flex();
         let labels: Vec<u8> = (0..32).map(|i| u8::from(i % 4 == 0)).collect();
         let targets = Tensor::<4>::from_data(
-            TensorData::new(one_hot(&labels, 2, 2, 4, 4), [2, 2, 4, 4]),
+            TensorData::new(one_hot(&labels, 2, 2, 16), [2, 2, 4, 4]),
             &device,
         );
         let good = targets.clone().mul_scalar(20.0);

@@ -217,6 +217,7 @@ mod tests {
 
     fn config(norm: Normalization) -> UNetConfig {
         UNetConfig {
+            dims: 2,
             in_channels: 1,
             classes: 2,
             depth: 3,

@@ -10,12 +10,10 @@ use burn::tensor::Bytes;
 use medmesh_protocol::manifest::{Augmentation, Manifest, Metric, Optimizer};
 use serde::Serialize;
 
-use crate::data::slices::SliceSet;
-use crate::loss::{dice_ce_loss, one_hot};
-use crate::metrics::Scores;
 use crate::model::{UNet, UNetConfig, init};
 use crate::params::{self, ParamsError, Selection};
 use crate::rng::Rng;
+use crate::samples::TrainingSet;
 
 /// Training hyper-parameters, from the manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -227,8 +225,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// Optimizer steps one round of local training takes on `slices` training slices: the
-    /// manifest's steps, or its epochs in batches.
+    /// Optimizer steps one round of local training takes on `slices` training samples
+    /// (slices, or cases for a 3D model): the manifest's steps, or its epochs in batches.
     pub fn steps_per_round(&self, slices: usize) -> usize {
         let batch = self.settings.batch_size.min(slices.max(1));
         match (self.settings.local_steps, self.settings.local_epochs) {
@@ -240,7 +238,11 @@ impl Trainer {
 
     /// One round of local training on `data`: the manifest's epochs or steps, with FedProx's
     /// proximal term toward the weights the round started from when the manifest sets mu.
-    pub fn train_round(&mut self, data: &SliceSet, on_step: impl FnMut(StepInfo)) -> RoundStats {
+    pub fn train_round(
+        &mut self,
+        data: &(impl TrainingSet + ?Sized),
+        on_step: impl FnMut(StepInfo),
+    ) -> RoundStats {
         let steps = self.steps_per_round(data.len());
         let lr = self.settings.learning_rate_at(self.round);
         let stats = self.train_steps(data, steps, lr, self.settings.proximal_mu, on_step);
@@ -250,14 +252,14 @@ impl Trainer {
 
     /// Personalization: `steps` steps of plain local fine-tuning at the end of the schedule's
     /// learning rate, after the federated rounds. The round count does not move.
-    pub fn fine_tune(&mut self, data: &SliceSet, steps: usize) -> RoundStats {
+    pub fn fine_tune(&mut self, data: &(impl TrainingSet + ?Sized), steps: usize) -> RoundStats {
         let lr = self.settings.learning_rate_at(self.settings.rounds as u64);
         self.train_steps(data, steps, lr, None, |_| {})
     }
 
     fn train_steps(
         &mut self,
-        data: &SliceSet,
+        data: &(impl TrainingSet + ?Sized),
         steps: usize,
         lr: f64,
         proximal_mu: Option<f64>,
@@ -292,9 +294,14 @@ impl Trainer {
                 }
                 indices.extend(order.pop());
             }
-            let (images, targets) = self.batch(data, &indices, &train_device, true);
-            let logits = self.model.forward(images);
-            let mut loss = dice_ce_loss(logits, targets);
+            let batch = data.batch(
+                &indices,
+                self.settings.augmentation.as_ref(),
+                self.config.classes,
+                &mut self.rng,
+                &train_device,
+            );
+            let mut loss = batch.loss(&self.model);
             // The reported loss is the segmentation loss alone.
             let loss_value: f64 = loss.clone().into_scalar::<f32>().into();
             if let Some((mu, anchor)) = &anchor {
@@ -316,60 +323,9 @@ impl Trainer {
         }
     }
 
-    /// Builds a batch: images `[b, c, h, w]` and one-hot targets, with random flips and the
-    /// manifest's augmentation when `augment` is set.
-    fn batch(
-        &mut self,
-        data: &SliceSet,
-        indices: &[usize],
-        device: &Device,
-        augment: bool,
-    ) -> (Tensor<4>, Tensor<4>) {
-        let (c, h, w) = (data.channels, data.height, data.width);
-        let classes = self.config.classes;
-        let mut images = Vec::with_capacity(indices.len() * c * h * w);
-        let mut labels = Vec::with_capacity(indices.len() * h * w);
-        for &i in indices {
-            let flip = augment && self.rng.uniform() < 0.5;
-            let (img, lab) = (data.image(i), data.label(i));
-            let (image_start, label_start) = (images.len(), labels.len());
-            if flip {
-                for plane in img.chunks(h * w) {
-                    images.extend(plane.chunks(w).flat_map(|row| row.iter().rev()));
-                }
-                labels.extend(lab.chunks(w).flat_map(|row| row.iter().rev()));
-            } else {
-                images.extend_from_slice(&img);
-                labels.extend_from_slice(&lab);
-            }
-            if let Some(spec) = self.settings.augmentation.as_ref().filter(|_| augment) {
-                let mut slice = crate::augment::Slice {
-                    image: &mut images[image_start..],
-                    label: &mut labels[label_start..],
-                    channels: c,
-                    height: h,
-                    width: w,
-                };
-                crate::augment::augment(spec, &mut slice, &mut self.rng);
-            }
-        }
-        let b = indices.len();
-        let images = Tensor::<4>::from_data(TensorData::new(images, [b, c, h, w]), device);
-        let targets = Tensor::<4>::from_data(
-            TensorData::new(one_hot(&labels, b, classes, h, w), [b, classes, h, w]),
-            device,
-        );
-        (images, targets)
-    }
-
-    /// Predicted label maps for every slice of `data`, in order.
-    pub fn predict(&self, data: &SliceSet) -> Vec<u8> {
-        predict(&self.model.valid(), data, &self.device)
-    }
-
     /// Validation scores on `data`, per case and mean.
-    pub fn evaluate(&self, data: &SliceSet) -> Evaluation {
-        evaluate(&self.model.valid(), data, &self.device, self.config.classes)
+    pub fn evaluate(&self, data: &(impl TrainingSet + ?Sized)) -> Evaluation {
+        data.evaluate(&self.model.valid(), &self.device, self.config.classes)
     }
 
     /// Serializes model record and optimizer state (with ParamIds, so they stay matched).
@@ -436,67 +392,20 @@ fn proximal_term(model: &UNet, anchor: &[Tensor<1>]) -> Tensor<1> {
         .unwrap_or_else(|| unreachable!("a UNet has parameters"))
 }
 
-/// Predicted label maps of `model` (in validation mode) for every slice of `data`.
-pub fn predict(model: &UNet, data: &SliceSet, device: &Device) -> Vec<u8> {
-    let (c, h, w) = (data.channels, data.height, data.width);
-    let mut out = Vec::with_capacity(data.len() * h * w);
-    for start in (0..data.len()).step_by(16) {
-        let end = (start + 16).min(data.len());
-        let images = data.images_between(start, end).into_owned();
-        let x = Tensor::<4>::from_data(TensorData::new(images, [end - start, c, h, w]), device);
-        let pred = model.forward(x).argmax(1).into_data();
-        out.extend(pred.iter::<i64>().map(|v| v as u8));
-    }
-    out
-}
-
-/// Per-case and mean validation scores of `model` on `data`.
-pub fn evaluate(model: &UNet, data: &SliceSet, device: &Device, classes: usize) -> Evaluation {
-    let pred = predict(model, data, device);
-    let plane = data.height * data.width;
-    let cases: Vec<CaseScore> = (0..data.case_names.len())
-        .filter_map(|case| {
-            let slices: Vec<usize> = (0..data.len())
-                .filter(|&i| data.case_of[i] == case)
-                .collect();
-            if slices.is_empty() {
-                return None;
-            }
-            let p: Vec<u8> = slices
-                .iter()
-                .flat_map(|&i| pred[i * plane..(i + 1) * plane].iter().copied())
-                .collect();
-            let t: Vec<u8> = slices
-                .iter()
-                .flat_map(|&i| data.label(i).into_owned())
-                .collect();
-            let s = Scores::of(&p, &t, classes);
-            let dims = [data.width, data.height, slices.len()];
-            let per_class: Option<Vec<f64>> = (1..classes as u8)
-                .map(|c| crate::metrics::hd95(&p, &t, dims, c))
-                .collect();
-            let hd95 = per_class.map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64);
-            Some(CaseScore {
-                case: data.case_names[case].clone(),
-                dice: s.mean_dice(),
-                iou: s.mean_iou(),
-                dice_per_class: s.dice,
-                hd95,
-            })
-        })
-        .collect();
-    let n = cases.len().max(1) as f64;
-    Evaluation {
-        mean_dice: cases.iter().map(|c| c.dice).sum::<f64>() / n,
-        mean_iou: cases.iter().map(|c| c.iou).sum::<f64>() / n,
-        cases,
-    }
+/// Per-case and mean validation scores of `model` (in validation mode) on `data`.
+pub fn evaluate(
+    model: &UNet,
+    data: &(impl TrainingSet + ?Sized),
+    device: &Device,
+    classes: usize,
+) -> Evaluation {
+    data.evaluate(model, device, classes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::slices::{SliceOptions, slice_cases};
+    use crate::data::slices::{SliceOptions, SliceSet, slice_cases};
     use crate::data::synthetic::{Preset, generate_site, site_profile};
 
     fn setup() -> (Manifest, SliceSet) {

@@ -2,7 +2,7 @@
 //! folder of DICOM series as a site dataset; `medmesh data fingerprint`: a site's signed
 //! dataset statistics.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use medmesh_protocol::fingerprint::SignedFingerprint;
@@ -10,7 +10,7 @@ use medmesh_training::data::brain::BrainTemplate;
 use medmesh_training::data::generate_site_cases;
 use medmesh_training::data::msd::{self, write_dataset, write_dataset_of};
 use medmesh_training::data::synthetic::Preset;
-use medmesh_training::data::{Case, dicom};
+use medmesh_training::data::{Case, LabelVolume, dicom};
 
 use crate::cli::TaskArg;
 use crate::config::NodeConfig;
@@ -93,14 +93,18 @@ pub fn prepare(p: &PrepareArgs) -> Result<()> {
 /// Options of `medmesh data import`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ImportArgs {
-    /// A folder of DICOM series (searched recursively; one file per slice). Each series'
-    /// label is a NIfTI named `label.nii.gz` (or `label.nii`) in the folder of its files.
+    /// A folder of DICOM series (searched recursively; a file per slice, or multi-frame
+    /// files whose frames are the slices). Each series'
+    /// label is a DICOM SEG that references it (anywhere under the folder; segment numbers
+    /// become classes), or a NIfTI named `label.nii.gz` (or `label.nii`) in the folder of its
+    /// files.
     #[arg(long)]
     pub dicom: PathBuf,
     /// The site dataset to write (MSD layout: dataset.json, imagesTr/, labelsTr/).
     #[arg(long)]
     pub out: PathBuf,
-    /// Label names, background first; a label voxel must be below their number.
+    /// Label names, background first; a label voxel (a SEG's segment number) must be below
+    /// their number.
     #[arg(long, value_delimiter = ',', default_value = "background,foreground")]
     pub labels: Vec<String>,
     /// The dataset's name in dataset.json.
@@ -119,55 +123,59 @@ pub fn import(a: &ImportArgs) -> Result<()> {
         .with_context(|| format!("reading DICOM under {}", a.dicom.display()))?;
     let modality = series_modality(&series)?;
     let mut cases = Vec::with_capacity(series.len());
-    for (k, s) in series.into_iter().enumerate() {
-        let label_path = ["label.nii.gz", "label.nii"]
+    for (k, mut s) in series.into_iter().enumerate() {
+        let nifti = ["label.nii.gz", "label.nii"]
             .iter()
             .map(|n| s.dir.join(n))
-            .find(|p| p.is_file())
-            .with_context(|| {
-                format!(
-                    "series {} in {}: no label.nii.gz beside its files (DICOM SEG is not read)",
-                    s.uid,
-                    s.dir.display()
-                )
-            })?;
-        let (label, placed) = msd::read_label_placed(&label_path, a.labels.len())?;
-        // The label must cover the series' grid in the patient: same voxels, and its first
-        // and last voxel within half a voxel of the series' (origin, spacing and direction).
-        let far = s.volume.dims.map(|d| (d.max(1) - 1) as f64);
-        let tolerance = 0.5
-            * s.volume
-                .spacing
-                .iter()
-                .copied()
-                .fold(f64::INFINITY, f64::min);
-        let misplaced = [[0.0; 3], far]
-            .iter()
-            .map(|&ijk| distance(placed.apply(ijk), s.affine.apply(ijk)))
-            .fold(0.0, f64::max);
-        anyhow::ensure!(
-            label.dims == s.volume.dims && misplaced <= tolerance,
-            "{}: the label's grid is {:?} voxels of {:.3?} mm from {:.1?} mm (RAS), series {}'s \
-             is {:?} of {:.3?} mm from {:.1?} mm ({misplaced:.1} mm apart at a corner): it \
-             does not belong to this series",
-            label_path.display(),
-            label.dims,
-            placed.spacing(),
-            placed.apply([0.0; 3]),
-            s.uid,
-            s.volume.dims,
-            s.volume.spacing,
-            s.affine.apply([0.0; 3]),
-        );
+            .find(|p| p.is_file());
+        let (label, source) = match (s.segmentation.take(), nifti) {
+            (Some(seg), Some(nifti)) => anyhow::bail!(
+                "series {}: labelled twice, by the DICOM SEG {} and by {}; keep one",
+                s.uid,
+                seg.path.display(),
+                nifti.display()
+            ),
+            (Some(seg), None) => {
+                let classes = a.labels.len();
+                if let Some((n, name)) = seg
+                    .segments
+                    .iter()
+                    .find(|(n, _)| usize::from(*n) >= classes)
+                {
+                    anyhow::bail!(
+                        "{}: segment {n} ({name:?}) has no class: --labels names {classes} \
+                         (background and {}), and segment numbers become classes",
+                        seg.path.display(),
+                        a.labels[1..].join(", ")
+                    );
+                }
+                let names: Vec<String> = seg
+                    .segments
+                    .iter()
+                    .map(|(n, l)| format!("{n} {l}"))
+                    .collect();
+                let source = format!(
+                    "DICOM SEG {} (segments: {})",
+                    seg.path.display(),
+                    names.join(", ")
+                );
+                (seg.label, source)
+            }
+            (None, Some(label_path)) => nifti_label(&s, &label_path, a.labels.len())?,
+            (None, None) => anyhow::bail!(
+                "series {} in {}: no label: neither a DICOM SEG referencing it nor a \
+                 label.nii.gz beside its files",
+                s.uid,
+                s.dir.display()
+            ),
+        };
         let name = format!("case-{:03}", k + 1);
         println!(
-            "{name}: series {} ({}), {:?} voxels, spacing {:.3?} mm, label {} (corners within \
-             {misplaced:.3} mm)",
+            "{name}: series {} ({}), {:?} voxels, spacing {:.3?} mm, label {source}",
             s.uid,
             s.description.as_deref().unwrap_or("no description"),
             s.volume.dims,
             s.volume.spacing,
-            label_path.display()
         );
         cases.push(Case {
             name,
@@ -181,6 +189,48 @@ pub fn import(a: &ImportArgs) -> Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     println!("{}: {} cases of {modality}", a.out.display(), cases.len());
     Ok(())
+}
+
+/// The label NIfTI beside a series, checked to lie where the series lies; with a description
+/// of where it came from.
+fn nifti_label(
+    s: &dicom::Series,
+    label_path: &Path,
+    classes: usize,
+) -> Result<(LabelVolume, String)> {
+    let (label, placed) = msd::read_label_placed(label_path, classes)?;
+    // The label must cover the series' grid in the patient: same voxels, and its first
+    // and last voxel within half a voxel of the series' (origin, spacing and direction).
+    let far = s.volume.dims.map(|d| (d.max(1) - 1) as f64);
+    let tolerance = 0.5
+        * s.volume
+            .spacing
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+    let misplaced = [[0.0; 3], far]
+        .iter()
+        .map(|&ijk| distance(placed.apply(ijk), s.affine.apply(ijk)))
+        .fold(0.0, f64::max);
+    anyhow::ensure!(
+        label.dims == s.volume.dims && misplaced <= tolerance,
+        "{}: the label's grid is {:?} voxels of {:.3?} mm from {:.1?} mm (RAS), series {}'s \
+         is {:?} of {:.3?} mm from {:.1?} mm ({misplaced:.1} mm apart at a corner): it \
+         does not belong to this series",
+        label_path.display(),
+        label.dims,
+        placed.spacing(),
+        placed.apply([0.0; 3]),
+        s.uid,
+        s.volume.dims,
+        s.volume.spacing,
+        s.affine.apply([0.0; 3]),
+    );
+    let source = format!(
+        "{} (corners within {misplaced:.3} mm)",
+        label_path.display()
+    );
+    Ok((label, source))
 }
 
 fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {

@@ -265,7 +265,8 @@ pub fn run(o: &DemoOptions) -> Result<()> {
             seed: 1,
             cases: 10,
             size: h.max(w) as usize,
-            slices: 8,
+            // A 3D model's patches span `input_depth` slices.
+            slices: manifest.task.input_depth.map_or(8, |d| d as usize),
         })?;
     } else {
         println!("2/5 using the site folders in {}", data_root.display());

@@ -150,13 +150,19 @@ fn print_summary(m: &Manifest) {
         "experiment {} ({:?}) in consortium {}",
         m.id, m.title, m.consortium
     );
+    let input = match m.task.input_depth {
+        Some(d) => format!(
+            "{d}x{}x{} patches",
+            m.task.input_size[0], m.task.input_size[1]
+        ),
+        None => format!("{}x{} slices", m.task.input_size[0], m.task.input_size[1]),
+    };
     println!(
-        "  task {} {}x{}x{} -> {} classes; UNet depth {} base {}",
+        "  task {} {} channel(s), {input} -> {} classes; {}D UNet depth {} base {}",
         m.task.dataset,
         m.task.channels,
-        m.task.input_size[0],
-        m.task.input_size[1],
         m.task.classes,
+        m.model.dims,
         m.model.depth,
         m.model.base_channels
     );

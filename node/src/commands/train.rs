@@ -10,6 +10,7 @@ use medmesh_protocol::Manifest;
 use medmesh_protocol::stop::{StopRule, StopState};
 use medmesh_training::data::load_dir;
 use medmesh_training::data::slices::{SliceOptions, slice_cases};
+use medmesh_training::data::volumes::VolumeSet;
 use medmesh_training::model::UNetConfig;
 use medmesh_training::{DeviceSpec, TrainSettings, Trainer, checkpoint, export, trainer};
 use serde_json::json;
@@ -40,8 +41,8 @@ pub fn train_local(
     let (train_set, val_set) = (site.train, site.validation);
     tracing::info!(
         cases = site.cases,
-        train_slices = train_set.len(),
-        val_slices = val_set.len(),
+        train_samples = train_set.len(),
+        validation_cases = val_set.cases(),
         from_disk = train_set.is_on_disk(),
         device = device_name,
         "data loaded"
@@ -115,8 +116,9 @@ pub fn train_local(
         "metric": metric.as_str(),
         "metric_initial": initial,
         "metric_final": last,
-        "train_slices": train_set.len(),
-        "validation_cases": val_set.case_names.len(),
+        // Slices, or cases for a 3D model: the samples of an epoch.
+        "train_samples": train_set.len(),
+        "validation_cases": val_set.cases(),
     });
     println!("{summary}");
     Ok(())
@@ -131,9 +133,36 @@ pub fn evaluate(
 ) -> Result<()> {
     let device = device(device_name)?;
     let (model, config) = export::load(model_path, &device)?;
+    if config.dims == 3 {
+        // A 3D model scores whole volumes patch by patch: the manifest gives patch, plane,
+        // spacing and normalization.
+        let m = load_manifest(manifest.with_context(|| {
+            format!(
+                "{} is a 3D model; pass --manifest for its patch size and plane",
+                model_path.display()
+            )
+        })?)?;
+        anyhow::ensure!(
+            m.model.dims == 3,
+            "{} is a 3D model and the manifest says model.dims = {}",
+            model_path.display(),
+            m.model.dims
+        );
+        let cases = load_dir(data, config.in_channels, config.classes)?;
+        let volumes = VolumeSet::from_cases(&cases, &m)?;
+        let eval = trainer::evaluate(&model, &volumes, &device, config.classes);
+        println!("{}", serde_json::to_string(&eval)?);
+        return Ok(());
+    }
     let size = match manifest {
         Some(p) => {
             let m = load_manifest(p)?;
+            anyhow::ensure!(
+                m.model.dims == 2,
+                "{} is a 2D model and the manifest says model.dims = {}",
+                model_path.display(),
+                m.model.dims
+            );
             [m.task.input_size[0] as usize, m.task.input_size[1] as usize]
         }
         None => recorded_size(model_path)?,

@@ -108,8 +108,9 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let sample_weight = rules.site_mass(data.train.len());
     tracing::info!(
         experiment = %m.id,
-        train_slices = data.train.len(),
-        validation_slices = data.validation.len(),
+        dims = m.model.dims,
+        train_samples = data.train.len(),
+        validation_cases = data.validation.cases(),
         slices_on_disk = data.train.is_on_disk(),
         params = layout.num_params(),
         "experiment started"

@@ -5,12 +5,14 @@
 //! * [`synthetic`]: seeded, non-IID multi-site data with scanner and annotator effects.
 //! * [`brain`]: semi-real brain extraction cases built from a public T1 template.
 //! * [`slices`]: volumes to normalized, resized 2D training slices.
+//! * [`volumes`]: whole normalized volumes and random 3D patches, for a 3D UNet.
 //! * [`fingerprint`]: a site's dataset statistics for the federated experiment plan.
 
 pub mod brain;
 pub mod fingerprint;
 pub mod slices;
 pub mod synthetic;
+pub mod volumes;
 
 pub use medmesh_imaging::{Case, DataError, LabelVolume, Volume, dicom, load_dir, msd, png_pairs};
 

@@ -256,7 +256,7 @@ pub fn split_cases(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize
 }
 
 /// The slicing options `manifest` asks for.
-fn options_for(manifest: &medmesh_protocol::Manifest) -> SliceOptions {
+pub(crate) fn options_for(manifest: &medmesh_protocol::Manifest) -> SliceOptions {
     let [h, w] = manifest.task.input_size;
     let mut opts = SliceOptions::new([h as usize, w as usize], manifest.training.seed);
     opts.axis = manifest.task.plane.axis();
@@ -484,7 +484,7 @@ fn slice_case(
 /// deviation, so scanners with different intensity scales land in the same range. With
 /// CT's scheme, every case gets the manifest's fixed clip and scale instead, so Hounsfield
 /// units keep their meaning across cases and sites.
-fn normalize(case: &Case, opts: &SliceOptions) -> Vec<f32> {
+pub(crate) fn normalize(case: &Case, opts: &SliceOptions) -> Vec<f32> {
     if let Some(([lo, hi], mean, std)) = opts.intensity.ct() {
         return case
             .image

@@ -29,7 +29,7 @@ impl ModuleMapper for SeededInit {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let is_kernel = D == 4;
+        let is_kernel = D == 4 || D == 5;
         let is_bias = D == 1 && self.last == "bias";
         if !is_kernel && !is_bias {
             return param;
