@@ -85,8 +85,9 @@ pub enum Command {
         /// Where to write the trained model.
         #[arg(long)]
         out: PathBuf,
-        /// Compute device: flex (CPU), cpu, cuda:N, wgpu.
-        #[arg(long, default_value = "flex")]
+        /// Compute device: auto (the first of cuda:0, wgpu and flex that this build has and
+        /// that works here), flex (CPU), cpu, cuda:N, wgpu.
+        #[arg(long, default_value = "auto")]
         device: String,
         /// Checkpoint file: resumed from if present, rewritten after every round.
         #[arg(long)]
@@ -110,8 +111,8 @@ pub enum Command {
         /// Manifest giving the input size (defaults to the size recorded in the model).
         #[arg(long)]
         manifest: Option<PathBuf>,
-        /// Compute device.
-        #[arg(long, default_value = "flex")]
+        /// Compute device (as for train-local).
+        #[arg(long, default_value = "auto")]
         device: String,
     },
     /// Check, sign, verify, submit and follow experiments.

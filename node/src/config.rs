@@ -23,7 +23,7 @@ network_key = "swarm.key"      # the consortium's pre-shared key (medmesh networ
 roster = "roster.toml"         # the consortium roster this node was installed with
 # roster_digest = "..."        # optional: pin the installed roster's digest (medmesh roster show)
 state_dir = "state"            # manifests, checkpoints, exported models
-device = "flex"                # flex (CPU), cuda:0, wgpu
+device = "auto"                # auto: CUDA, then wgpu, then flex, the first that works; or one of them
 data_memory_mib = 1024         # slices kept in memory; beyond, read from state_dir per batch
 
 [network]
@@ -113,7 +113,7 @@ fn default_data_memory() -> u64 {
 }
 
 fn default_device() -> String {
-    "flex".into()
+    "auto".into()
 }
 
 /// `[network]`.
@@ -646,7 +646,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
             (
-                EXAMPLE.replace("device = \"flex\"", "device = \"tpu\""),
+                EXAMPLE.replace("device = \"auto\"", "device = \"tpu\""),
                 "node.device",
             ),
             (

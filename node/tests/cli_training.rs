@@ -276,3 +276,72 @@ fn a_3d_model_trains_evaluates_and_refuses_what_it_cannot_read() {
         "{err}"
     );
 }
+
+/// `medmesh run` tries its compute device before it joins the mesh: a device this build
+/// lacks is refused at start, naming it and the cargo feature that has it; `auto` starts and
+/// logs the device it chose.
+#[test]
+fn run_tries_its_device_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = medmesh_node::local::LocalConsortium::create(dir.path(), 1, 47950).unwrap();
+    c.prepare_data(2, 16, 2).unwrap();
+    let config = c.node_dir(0).join("node.toml");
+    let start = |device: &str, log: &Path| {
+        let file = std::fs::File::create(log).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_medmesh"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("MEDMESH_NODE__DEVICE", device)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap()
+    };
+    // Waits up to a minute for the node to exit, or for `line` in its log.
+    let wait = |child: &mut std::process::Child, log: &Path, line: &str| {
+        for _ in 0..600 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status.success());
+            }
+            if std::fs::read_to_string(log).unwrap().contains(line) {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!(
+            "neither exited nor logged {line:?}: {}",
+            std::fs::read_to_string(log).unwrap()
+        );
+    };
+
+    let log = dir.path().join("cuda.log");
+    let mut node = start("cuda:0", &log);
+    let exited = wait(&mut node, &log, "starting node");
+    let text = std::fs::read_to_string(&log).unwrap();
+    if cfg!(feature = "cuda") {
+        let _ = node.kill();
+    } else {
+        assert_eq!(exited, Some(false), "refused at start: {text}");
+        assert!(
+            text.contains("node.device = \"cuda:0\"") && text.contains("--features cuda"),
+            "{text}"
+        );
+        assert!(!text.contains("starting node"), "it never joined: {text}");
+    }
+
+    let log = dir.path().join("auto.log");
+    let mut node = start("auto", &log);
+    let exited = wait(&mut node, &log, "starting node");
+    let _ = node.kill();
+    let _ = node.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(exited, None, "auto starts: {text}");
+    let chosen = text
+        .lines()
+        .find(|l| l.contains("compute device"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(chosen.contains("configured=auto"), "{chosen}");
+    if !cfg!(any(feature = "cuda", feature = "wgpu")) {
+        assert!(chosen.contains("device=flex"), "{chosen}");
+    }
+}

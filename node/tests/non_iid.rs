@@ -1,7 +1,7 @@
 //! Methods for sites that differ, in real `medmesh run` processes: FedBN (normalization layers
 //! never leave a site, checked on the wire), FedProx (the proximal term in every node's local
-//! training) and personalization (each site fine-tunes the consensus model and reports both
-//! scores).
+//! training), personalization (each site fine-tunes the consensus model and reports both
+//! scores) and SWA (each site averages its last rounds' models before the final reduce).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -40,6 +40,7 @@ fn fedbn_fedprox_and_personalization_work_in_real_nodes() {
     m.averaging.keep_normalization_local = true;
     m.training.proximal_mu = Some(0.5);
     m.training.personalize_steps = Some(4);
+    m.training.swa_rounds = Some(2);
     m.validate().unwrap();
 
     let c = LocalConsortium::create(dir.path(), n, 51300).unwrap();
@@ -98,6 +99,20 @@ fn fedbn_fedprox_and_personalization_work_in_real_nodes() {
             find(&c.node_dir(i), "labels.u8").is_none(),
             "slice cache left behind"
         );
+    }
+
+    // SWA: each node folded its last two training rounds' models into the average it kept
+    // beside its checkpoint (the shared weights: FedBN's selection), and took it before the
+    // reduce, after which the models agree (above).
+    for i in 0..n {
+        let progress: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(find(&c.node_dir(i), "progress.json").unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(progress["swa_count"], 2, "{progress}");
+        assert_eq!(progress["swa_applied"], true, "{progress}");
+        let mean = std::fs::read(find(&c.node_dir(i), "swa.f32").unwrap()).unwrap();
+        assert_eq!(mean.len() as u64, 4 * shared.num_params());
     }
 
     // FedProx: every node trained with the proximal term.

@@ -37,6 +37,7 @@ pub mod robust;
 pub mod round;
 pub mod secagg;
 pub mod stop;
+pub mod swa;
 
 pub use encoding::WeightEncoding;
 pub use envelope::{

@@ -241,6 +241,12 @@ pub struct Training {
     /// federated rounds. The site reports both the consensus model's score and this one's.
     #[serde(default)]
     pub personalize_steps: Option<u32>,
+    /// Stochastic weight averaging: a site's model after each of the last `swa_rounds`
+    /// training rounds (after the round's exchange) is averaged, and the average goes into
+    /// the final reduce instead of the last round's model (all rounds if it exceeds them).
+    /// The pooled and local-only baselines average their last rounds the same way.
+    #[serde(default)]
+    pub swa_rounds: Option<u32>,
     /// nnU-Net-style augmentation of training slices, beyond the random horizontal flips
     /// that always apply. Absent: flips only.
     #[serde(default)]
@@ -829,6 +835,11 @@ impl Manifest {
         {
             bad("training.proximal_mu", format!("{mu} must be in (0, 100]"));
         }
+        if let Some(k) = tr.swa_rounds
+            && !(1..=100_000).contains(&k)
+        {
+            bad("training.swa_rounds", format!("{k} must be 1 to 100000"));
+        }
         if let Some(s) = tr.personalize_steps
             && !(1..=100_000).contains(&s)
         {
@@ -1224,6 +1235,7 @@ mod tests {
         m.averaging.min_peers = 2;
         m.privacy.noise_multiplier = Some(1.0);
         m.averaging.max_sample_weight = Some(0);
+        m.training.swa_rounds = Some(0);
         let Err(ManifestError::Invalid(errors)) = m.validate() else {
             panic!("accepted")
         };
@@ -1237,6 +1249,7 @@ mod tests {
             "averaging.min_peers",
             "privacy.noise_multiplier",
             "averaging.max_sample_weight",
+            "training.swa_rounds",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }

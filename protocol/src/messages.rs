@@ -20,8 +20,9 @@ use crate::progress::SignedProgress;
 
 /// The wire protocol version this build speaks. 3: manifests carry `training.proximal_mu`
 /// and `training.personalize_steps`, progress records `personalized_metric`. 4: manifests
-/// carry `averaging.max_sample_weight` and `export.researchers`.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// carry `averaging.max_sample_weight` and `export.researchers`. 7: manifests carry
+/// `model.dims`, `task.input_depth` and `training.swa_rounds`.
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Largest encoded frame: a 1 MiB payload chunk plus generous room for its header.
 pub const MAX_MESSAGE_BYTES: usize = (1 << 20) + (64 << 10);

@@ -6,6 +6,7 @@ use medmesh_protocol::averaging::metropolis_hastings_weights;
 use medmesh_protocol::manifest::{Aggregation, Scheme};
 use medmesh_protocol::robust::check_update;
 use medmesh_protocol::round::{Overlay, Phase, RoundRules};
+use medmesh_protocol::swa::{self, TailMean};
 use medmesh_training::baselines;
 use medmesh_training::data::brain::BrainTemplate;
 use medmesh_training::data::generate_site_cases;
@@ -183,6 +184,7 @@ pub fn learning_manifest(s: &Scenario) -> Result<Manifest, SimError> {
     m.training.local_epochs = None;
     m.training.local_steps = Some(l.local_steps);
     m.training.seed = s.seed;
+    m.training.swa_rounds = l.swa_rounds;
     m.averaging.rounds = s.rounds;
     m.validate()
         .map_err(|e| SimError::Training(e.to_string()))?;
@@ -364,6 +366,11 @@ pub fn run_variant(
     let mut rows = Vec::with_capacity(rounds as usize);
     let honest: Vec<usize> = (0..n).filter(|&i| !byzantine[i]).collect();
     let mut final_dice = Vec::new();
+    // SWA (`training.swa_rounds`): each site's mean over the last training rounds, taken by
+    // the node's functions (`medmesh_protocol::swa`) over the same rounds.
+    let swa_rounds = learning.as_ref().and_then(|(_, m)| m.training.swa_rounds);
+    let mut tails = vec![TailMean::default(); n];
+    let mut swa_applied = false;
 
     for round in 1..=rounds {
         let round_u32 = u32::try_from(round).unwrap_or(u32::MAX);
@@ -379,6 +386,15 @@ pub fn run_variant(
         let trains = rules
             .as_ref()
             .is_none_or(|r| r.phase(round) == Phase::Train);
+        // Training is over: each site's average of its last rounds goes into the reduce.
+        if !trains && !swa_applied {
+            for (i, tail) in tails.iter().enumerate() {
+                if let Some(mean) = tail.get() {
+                    arena.row_mut(i).copy_from_slice(mean);
+                }
+            }
+            swa_applied = true;
+        }
         if trains && let Some((ls, _)) = &mut learning {
             for i in honest.iter().copied().filter(|&i| online[i]) {
                 let site = &mut ls[i];
@@ -421,6 +437,23 @@ pub fn run_variant(
             accept: accept.as_ref().map(|f| f as &crate::mixing::Accept<'_>),
         };
         let transfers = exchange(&step, &mut arena, &mut mass)?;
+        let training_rounds = rules
+            .as_ref()
+            .map_or(u64::from(s.rounds), |r| r.training_rounds);
+        if trains && swa_rounds.is_some_and(|k| swa::in_window(round, training_rounds, k)) {
+            for &i in honest.iter().filter(|&&i| online[i]) {
+                tails[i].add(arena.row(i));
+            }
+            // Without a reduce phase (FedAvg, local-only), the average is the end model.
+            if rules.is_none() && round == training_rounds {
+                for (i, tail) in tails.iter().enumerate() {
+                    if let Some(mean) = tail.get() {
+                        arena.row_mut(i).copy_from_slice(mean);
+                    }
+                }
+                swa_applied = true;
+            }
+        }
         let mut next_clock = clock.clone();
         match method {
             Method::Fedavg => {

@@ -424,6 +424,9 @@ pub struct LearningSettings {
     /// The site (1-based) the unseen-site baseline leaves out of a FedAvg federation and
     /// scores; 0 skips it. The pooled baseline always runs.
     pub held_out: usize,
+    /// The manifest's `training.swa_rounds`: each site averages its models over the last
+    /// rounds, as nodes do.
+    pub swa_rounds: Option<u32>,
 }
 
 impl Default for LearningSettings {
@@ -441,6 +444,7 @@ impl Default for LearningSettings {
             learning_rate: 0.003,
             target_dice: 0.8,
             held_out: 1,
+            swa_rounds: None,
         }
     }
 }

@@ -59,6 +59,32 @@ fn a_shipped_learning_scenario_runs_end_to_end() {
     assert_eq!(online, ["6", "4", "5", "5", "5", "5", "5"], "{csv}");
     let last_error: f64 = rows.last().unwrap()[2].parse().unwrap();
     assert_eq!(last_error, 0.0, "{csv}");
+
+    // SWA (`learning.swa_rounds`): each site takes the mean of its last two training rounds'
+    // models into the reduce, as nodes do: the reduce starts from other models (its
+    // consensus errors differ), and still ends with one model for all.
+    s.learning.swa_rounds = Some(2);
+    let swa_dir = tempfile::tempdir().unwrap();
+    medmesh_sim::run_to_dir(&s, swa_dir.path(), true, &mut |_, _| {}).unwrap();
+    let swa_csv =
+        std::fs::read_to_string(swa_dir.path().join("pairwise-gossip_feature-shift.csv")).unwrap();
+    let errors = |csv: &str| -> Vec<f64> {
+        csv.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+            .collect()
+    };
+    let (plain, averaged) = (errors(&csv), errors(&swa_csv));
+    assert_eq!(
+        plain[..3],
+        averaged[..3],
+        "the training rounds are the same"
+    );
+    assert_ne!(
+        plain[3], averaged[3],
+        "the reduce starts from the averages: {swa_csv}"
+    );
+    assert_eq!(averaged.last(), Some(&0.0), "{swa_csv}");
 }
 
 fn small_consensus(topology: &str) -> Scenario {

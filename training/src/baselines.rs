@@ -16,6 +16,7 @@
 use burn::tensor::Device;
 use medmesh_protocol::Manifest;
 use medmesh_protocol::averaging::weighted_mean;
+use medmesh_protocol::swa::TailMean;
 
 use crate::params::Selection;
 use crate::samples::{SiteSet, TrainingSet};
@@ -35,13 +36,30 @@ pub fn score(m: &Manifest, trainer: &Trainer, data: &(impl TrainingSet + ?Sized)
     trainer.evaluate(data).score(m.evaluation.metric)
 }
 
+/// Trains `t` on `data` for the manifest's rounds, averaging the last `swa_rounds` of them
+/// as the federation does.
+fn train_rounds(m: &Manifest, t: &mut Trainer, data: &SiteSet) {
+    let rounds = u64::from(m.averaging.rounds);
+    let mut tail = TailMean::default();
+    for round in 1..=rounds {
+        t.train_round(data, |_| {});
+        t.fold_into(
+            &mut tail,
+            round,
+            rounds,
+            m.training.swa_rounds,
+            Selection::All,
+        );
+    }
+    t.adopt_mean(&tail, Selection::All)
+        .unwrap_or_else(|e| unreachable!("a mean of this model's own weights fits it: {e}"));
+}
+
 /// The initial model's score and the score after training alone for the manifest's rounds.
 pub fn local_only(m: &Manifest, site: &Site, device: &Device) -> (f64, f64) {
     let mut t = Trainer::new(m, device.clone());
     let initial = score(m, &t, &site.validation);
-    for _ in 0..m.averaging.rounds {
-        t.train_round(&site.train, |_| {});
-    }
+    train_rounds(m, &mut t, &site.train);
     (initial, score(m, &t, &site.validation))
 }
 
@@ -57,9 +75,7 @@ pub fn pooled(m: &Manifest, sites: &[Site], device: &Device) -> Vec<f64> {
     settings.local_steps = Some(steps.max(1));
     settings.local_epochs = None;
     let mut t = Trainer::with(*probe.config(), settings, device.clone());
-    for _ in 0..m.averaging.rounds {
-        t.train_round(&union, |_| {});
-    }
+    train_rounds(m, &mut t, &union);
     sites.iter().map(|s| score(m, &t, &s.validation)).collect()
 }
 
@@ -72,11 +88,20 @@ pub fn federated_average(m: &Manifest, sites: &[&Site], device: &Device) -> Vec<
         .map(|_| Trainer::new(m, device.clone()))
         .collect();
     let weights: Vec<f64> = sites.iter().map(|s| s.train.len() as f64).collect();
-    for _ in 0..m.averaging.rounds {
+    let rounds = u64::from(m.averaging.rounds);
+    let mut tails = vec![TailMean::default(); sites.len()];
+    for round in 1..=rounds {
         for (t, s) in trainers.iter_mut().zip(sites) {
             t.train_round(&s.train, |_| {});
         }
         average(&mut trainers, &weights, selection);
+        for (t, tail) in trainers.iter().zip(&mut tails) {
+            t.fold_into(tail, round, rounds, m.training.swa_rounds, selection);
+        }
+    }
+    for (t, tail) in trainers.iter_mut().zip(&tails) {
+        t.adopt_mean(tail, selection)
+            .unwrap_or_else(|e| unreachable!("a mean of this model's own weights fits it: {e}"));
     }
     trainers
 }

@@ -8,6 +8,7 @@ use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::tensor::Bytes;
 use medmesh_protocol::manifest::{Augmentation, Manifest, Metric, Optimizer};
+use medmesh_protocol::swa::{self, TailMean};
 use serde::Serialize;
 
 use crate::model::{UNet, UNetConfig, init};
@@ -223,6 +224,32 @@ impl Trainer {
         // overwrite the loaded ones at the next training step. Clones share storage: cheap.
         self.model = params::load_flat(self.model(), values, selection)?;
         Ok(())
+    }
+
+    /// SWA (`training.swa_rounds`): folds this model's `selection` into `tail` when training
+    /// round `round` is one of the last `swa_rounds` of `training_rounds`. Returns whether it
+    /// did.
+    pub fn fold_into(
+        &self,
+        tail: &mut TailMean,
+        round: u64,
+        training_rounds: u64,
+        swa_rounds: Option<u32>,
+        selection: Selection,
+    ) -> bool {
+        let fold = swa_rounds.is_some_and(|k| swa::in_window(round, training_rounds, k));
+        if fold {
+            tail.add(&self.weights(selection));
+        }
+        fold
+    }
+
+    /// SWA's end: the model's `selection` becomes `tail`'s mean, if it has one.
+    pub fn adopt_mean(&mut self, tail: &TailMean, selection: Selection) -> Result<(), ParamsError> {
+        match tail.get() {
+            Some(mean) => self.set_weights(mean, selection),
+            None => Ok(()),
+        }
     }
 
     /// Optimizer steps one round of local training takes on `slices` training samples

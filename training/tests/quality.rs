@@ -18,6 +18,17 @@ const BRAIN_ROUNDS: u32 = 6;
 const THREE_D_ROUNDS: u32 = 6;
 const THREE_D_STEPS: u32 = 10;
 
+/// The training device: flex, or `MEDMESH_TEST_DEVICE` (`benches/gpu.sh` sets `cuda:0`).
+fn test_device() -> Device {
+    match std::env::var("MEDMESH_TEST_DEVICE") {
+        Ok(name) => name
+            .parse::<medmesh_training::DeviceSpec>()
+            .and_then(|d| d.device())
+            .unwrap_or_else(|e| panic!("MEDMESH_TEST_DEVICE={name}: {e}")),
+        Err(_) => Device::flex(),
+    }
+}
+
 fn manifest(rounds: u32) -> Manifest {
     let mut m = Manifest::parse(include_str!("../../examples/synthetic-quickstart.toml")).unwrap();
     m.averaging.rounds = rounds;
@@ -71,7 +82,7 @@ fn brain_site_alone_reaches_dice_090() {
         .unwrap()
         .split(0.2, 5);
     let m = manifest(6);
-    let mut trainer = Trainer::new(&m, Device::flex());
+    let mut trainer = Trainer::new(&m, test_device());
     let t0 = std::time::Instant::now();
     train(&mut trainer, &train_set, 6);
     let eval = trainer.evaluate(&val);
@@ -354,7 +365,7 @@ fn a_3d_unet_on_patches_segments_synthetic_lesions() {
     let cases = generate_site(&profile, 40, 20, 11, 0);
     let (train_set, val) = site_split(&cases, &m).unwrap();
     assert_eq!((train_set.len(), val.cases()), (10, 2));
-    let mut trainer = Trainer::new(&m, Device::flex());
+    let mut trainer = Trainer::new(&m, test_device());
     let t0 = std::time::Instant::now();
     let before = trainer.evaluate(&val).mean_dice;
     for r in 0..THREE_D_ROUNDS {

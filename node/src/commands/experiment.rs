@@ -177,6 +177,11 @@ fn print_summary(m: &Manifest) {
     if let Some(mu) = m.training.proximal_mu {
         methods.push(format!("FedProx (mu {mu})"));
     }
+    if let Some(k) = m.training.swa_rounds {
+        methods.push(format!(
+            "SWA (each site's models averaged over the last {k} rounds)"
+        ));
+    }
     if let Some(steps) = m.training.personalize_steps {
         methods.push(format!("personalization ({steps} local fine-tuning steps)"));
     }

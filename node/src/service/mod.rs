@@ -27,6 +27,7 @@ use anyhow::{Context, Result};
 use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{Identity, PublicKey, Role, TrustedRoster};
 use medmesh_protocol::{Request, SignedManifest, UpdateEnvelope};
+use medmesh_training::DeviceSpec;
 use tokio::sync::Semaphore;
 
 pub use registry::{Registered, Registry, SERVED_ROUNDS, Served};
@@ -185,7 +186,16 @@ pub async fn run(config: NodeConfig) -> Result<()> {
 }
 
 /// [`run`] with `hooks`.
-pub async fn run_with(config: NodeConfig, hooks: Hooks) -> Result<()> {
+pub async fn run_with(mut config: NodeConfig, hooks: Hooks) -> Result<()> {
+    // The compute device, tried now: a node that could not train must not join the mesh.
+    // From here on `node.device` names the device chosen (for `auto`) and proven to work.
+    let configured = config.node.device.clone();
+    let (device, _) = configured
+        .parse::<DeviceSpec>()
+        .and_then(DeviceSpec::resolve)
+        .with_context(|| format!("node.device = {configured:?}"))?;
+    tracing::info!(configured = %configured, device = %device, "compute device");
+    config.node.device = device.to_string();
     let identity = keystore::load_identity(&config.node.identity)?;
     let network_key = keystore::load_network_key(&config.node.network_key)?;
     let pin = config

@@ -19,6 +19,7 @@ use medmesh_protocol::progress::MAX_FAILURE_LEN;
 use medmesh_protocol::robust::check_update;
 use medmesh_protocol::round::{Overlay, Phase, RoundRules, Shape};
 use medmesh_protocol::stop::StopRule;
+use medmesh_protocol::swa::TailMean;
 use medmesh_protocol::{
     Announcement, ExchangeState, Manifest, ParamLayout, ProgressRecord, Provenance, Request,
     Response, SignedManifest, SignedProgress, SignedProvenance, UpdateAnswer, UpdateEnvelope,
@@ -103,6 +104,10 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     let selection = Selection::for_manifest(m.averaging.keep_normalization_local);
     let layout = params::layout(&trainer.model(), selection);
     let mut state = RunnerState::load(&dir)?;
+    // SWA: the mean of this site's models over the last `training.swa_rounds` rounds, kept
+    // beside the checkpoint so that a restart goes on averaging where it stopped.
+    let swa_path = dir.join("swa.f32");
+    let mut tail = load_tail(&swa_path, state.swa_count, layout.num_params());
     let me = node.identity.public_key();
     let mut rules = RoundRules::from_manifest(m);
     let sample_weight = rules.site_mass(data.train.len());
@@ -211,6 +216,13 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
             .context("this node is no longer an active node member of the roster")?;
         let graph = rules.graph(round, Overlay::Complete(members.len()));
         let trains = rules.phase(round) == Phase::Train;
+        // Training is over: the weight average of the last rounds goes into the reduce.
+        if !trains && !state.swa_applied {
+            trainer
+                .adopt_mean(&tail, selection)
+                .context("taking the average of the last rounds")?;
+            state.swa_applied = true;
+        }
 
         // 0. Connect to this round's neighbours (closing what no round needs) while training.
         let neighbours: Vec<PeerId> = graph
@@ -376,6 +388,20 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         }
         done = round;
         trainer.set_round(round.min(rules.training_rounds));
+        if trains
+            && trainer.fold_into(
+                &mut tail,
+                round,
+                rules.training_rounds,
+                m.training.swa_rounds,
+                selection,
+            )
+        {
+            let bytes: Vec<u8> = tail.mean.iter().flat_map(|v| v.to_le_bytes()).collect();
+            atomic_file::write(&swa_path, &bytes, 0o600)
+                .with_context(|| format!("writing {}", swa_path.display()))?;
+            state.swa_count = tail.count;
+        }
 
         // 4. Evaluate, check the stop rules, checkpoint, tell.
         let scores = trainer.evaluate(&data.validation);
@@ -434,6 +460,16 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
         }
     }
 
+    // A consortium of one has no reduce rounds: its average is taken here.
+    if !state.swa_applied && tail.get().is_some() {
+        trainer
+            .adopt_mean(&tail, selection)
+            .context("taking the average of the last rounds")?;
+        state.swa_applied = true;
+        let scores = trainer.evaluate(&data.validation);
+        last = (last.0, scores.mean_dice as f32);
+        last_metric = scores.score(metric) as f32;
+    }
     export_results(
         node,
         m,
@@ -465,6 +501,31 @@ pub fn run(node: &Arc<Node>, signed: &SignedManifest) -> Result<()> {
     }
     tracing::info!(experiment = %m.id, val_dice = last.1, "experiment finished; model exported");
     Ok(())
+}
+
+/// The SWA mean saved at `path` after `count` rounds, if it is there and fits the layout;
+/// otherwise an empty one (averaging restarts, which still gives an average).
+fn load_tail(path: &Path, count: u32, params: u64) -> TailMean {
+    if count == 0 {
+        return TailMean::default();
+    }
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() as u64 == params * 4 => TailMean::restored(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            count,
+        ),
+        Ok(bytes) => {
+            tracing::warn!(path = %path.display(), bytes = bytes.len(), "the average of the last rounds does not fit the model; averaging restarts");
+            TailMean::default()
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "the average of the last rounds is unreadable ({e}); averaging restarts");
+            TailMean::default()
+        }
+    }
 }
 
 /// Personalization: fine-tunes the consensus model (already exported) on this site's own

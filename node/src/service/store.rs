@@ -78,6 +78,13 @@ pub struct RunnerState {
     /// What this site's privacy releases have spent (with privacy noise on).
     #[serde(default)]
     pub privacy: Option<medmesh_protocol::provenance::PrivacySpent>,
+    /// Models folded into the weight average of the last rounds (`training.swa_rounds`),
+    /// whose mean is in `swa.f32` beside this file.
+    #[serde(default)]
+    pub swa_count: u32,
+    /// Whether the site's model became that average (at the end of training).
+    #[serde(default)]
+    pub swa_applied: bool,
 }
 
 impl RunnerState {
