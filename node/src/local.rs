@@ -63,12 +63,45 @@ impl LocalConsortium {
         dataset: &str,
         data: &Path,
     ) -> Result<Self> {
-        let network_key = NetworkKey::generate()?;
+        Self::create_with(dir, n, port, consortium, dataset, data, None)
+    }
+
+    /// [`LocalConsortium::create_for`] with keys derived from `seed` (for `medmesh demo`): the
+    /// roster orders sites by key and the round schedule pairs them by that order, so the
+    /// same seed gives the same pairs, and a demo run can be repeated exactly. Without a
+    /// seed, keys are random. Derived keys are public knowledge: for a demo on loopback only.
+    pub fn create_with(
+        dir: &Path,
+        n: usize,
+        port: u16,
+        consortium: &str,
+        dataset: &str,
+        data: &Path,
+        seed: Option<u64>,
+    ) -> Result<Self> {
+        let derived = |what: &str| -> Option<[u8; 32]> {
+            seed.map(|seed| {
+                let mut h = blake3::Hasher::new_derive_key("medmesh 2026-12 demo keys v1");
+                h.update(&seed.to_le_bytes());
+                h.update(consortium.as_bytes());
+                h.update(&[0]);
+                h.update(what.as_bytes());
+                *h.finalize().as_bytes()
+            })
+        };
+        let identity = |what: &str| match derived(what) {
+            Some(bytes) => Ok(Identity::from_seed(&bytes)),
+            None => Identity::generate(),
+        };
+        let network_key = match derived("network key") {
+            Some(bytes) => NetworkKey::from_bytes(bytes),
+            None => NetworkKey::generate()?,
+        };
         keystore::save_network_key(&dir.join("swarm.key"), &network_key, true)?;
-        let researcher = Identity::generate()?;
+        let researcher = identity("researcher")?;
         keystore::save_identity(&dir.join("researcher.key"), &researcher, true)?;
         let sites: Vec<Identity> = (0..n)
-            .map(|_| Identity::generate())
+            .map(|i| identity(&format!("site {i}")))
             .collect::<Result<_, _>>()?;
         let mut roster = Roster::genesis(consortium, vec![researcher.public_key()], 1);
         roster.upsert_member(Member {

@@ -23,6 +23,9 @@ use crate::keystore;
 use crate::local::{self, LocalConsortium, Nodes};
 use crate::metrics::parse_value;
 
+/// The seed the demo's node and researcher keys derive from.
+const DEMO_KEY_SEED: u64 = 1;
+
 /// Options of `medmesh demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
@@ -235,13 +238,16 @@ pub fn run(o: &DemoOptions) -> Result<()> {
         o.out.display()
     );
     let data_root = o.data.clone().unwrap_or_else(|| o.out.join("data"));
-    let consortium = LocalConsortium::create_for(
+    // Keys from a fixed seed: the same sites pair the same way every run, so a demo is
+    // repeatable (its training and data are seeded too).
+    let consortium = LocalConsortium::create_with(
         &o.out,
         n,
         o.port,
         &manifest.consortium,
         &manifest.task.dataset,
         &data_root,
+        Some(DEMO_KEY_SEED),
     )?;
 
     if o.data.is_none() {
