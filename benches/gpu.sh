@@ -6,8 +6,9 @@
 #   3. the brain quality test (and the 3D one) with the GPU as the training device;
 # then prints one table. Usage: benches/gpu.sh [cuda|wgpu]   (default cuda; device cuda:0)
 #
-# A cuda build needs network access once: burn 0.22's cubecl-cuda downloads an LLVM bundle
-# while building (benches/README.md).
+# The cuda build needs no network beyond crates.io (vendor/cubecl-cuda/PATCH.md); at run time it
+# needs the NVIDIA driver and NVRTC (libnvrtc.so, from the CUDA toolkit or PyPI's
+# nvidia-cuda-nvrtc with its lib/ on LD_LIBRARY_PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 feature=${1:-cuda}

@@ -15,7 +15,7 @@ use medmesh_protocol::manifest::{Normalization, Optimizer};
 use medmesh_training::data::slices::SliceSet;
 use medmesh_training::data::volumes::{VolumeCase, VolumeSet};
 use medmesh_training::model::UNetConfig;
-use medmesh_training::{DeviceSpec, TrainSettings, Trainer};
+use medmesh_training::{DeviceSpec, TrainSettings, Trainer, WgpuAdapter};
 
 fn batch() -> SliceSet {
     let (h, w, n) = (128, 128, 8);
@@ -52,7 +52,7 @@ const DEVICES: [DeviceSpec; 5] = [
     DeviceSpec::NdArray,
     DeviceSpec::CpuJit,
     DeviceSpec::Cuda(0),
-    DeviceSpec::Wgpu,
+    DeviceSpec::Wgpu(WgpuAdapter::Best),
 ];
 
 fn training_step(c: &mut Criterion) {

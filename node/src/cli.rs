@@ -85,8 +85,8 @@ pub enum Command {
         /// Where to write the trained model.
         #[arg(long)]
         out: PathBuf,
-        /// Compute device: auto (the first of cuda:0, wgpu and flex that this build has and
-        /// that works here), flex (CPU), cpu, cuda:N, wgpu.
+        /// Compute device: auto (the first of cuda:0, a wgpu GPU and flex that this build has and
+        /// that works here), flex (CPU), cpu, cuda:N, wgpu, wgpu:discrete, wgpu:integrated, wgpu:cpu.
         #[arg(long, default_value = "auto")]
         device: String,
         /// Checkpoint file: resumed from if present, rewritten after every round.

@@ -226,7 +226,7 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
     let dir = tempfile::tempdir().unwrap();
     // Sites 0-2 honest, 3 the attacker's node (in this process), 4 its raw client.
     let (honest, attacker, raw) = (3, 3, 4);
-    let c = LocalConsortium::create(dir.path(), 5, 49000).unwrap();
+    let c = LocalConsortium::create(dir.path(), 5, 19000).unwrap();
     c.prepare_data(8, 32, 4).unwrap();
     let mut nodes = Nodes(Vec::new());
     for i in 0..honest {
@@ -347,7 +347,7 @@ fn a_malicious_member_is_dropped_counted_and_logged_while_the_experiment_goes_on
 fn a_thousand_outsider_attempts_fail_while_the_nodes_train() {
     let dir = tempfile::tempdir().unwrap();
     let n = 2;
-    let (c, nodes, rt) = start_nodes(dir.path(), n, n, 49200);
+    let (c, nodes, rt) = start_nodes(dir.path(), n, n, 19200);
     let client = rt
         .block_on(Client::connect(
             &c.researcher,
@@ -426,7 +426,7 @@ fn a_flooding_member_is_rate_limited_and_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     // Site 3's key floods; it runs no node.
     let n = 2;
-    let (c, nodes, rt) = start_nodes(dir.path(), 3, n, 49800);
+    let (c, nodes, rt) = start_nodes(dir.path(), 3, n, 19800);
     let client = connect(&rt, &c, &c.researcher, 0);
     rt.block_on(client.submit(SignedManifest::sign(
         manifest("flood-test", 6),
@@ -553,7 +553,7 @@ fn ask_each_kind(
 fn each_request_is_checked_against_the_requesters_role() {
     let dir = tempfile::tempdir().unwrap();
     // Sites 1 and 2 run; site 3's key asks as a node member, beside the researcher.
-    let (c, nodes, rt) = start_nodes(dir.path(), 3, 2, 50700);
+    let (c, nodes, rt) = start_nodes(dir.path(), 3, 2, 20700);
     let researcher = connect(&rt, &c, &c.researcher, 0);
     let id = "roles-test";
     rt.block_on(researcher.submit(SignedManifest::sign(manifest(id, 2), &c.researcher)))

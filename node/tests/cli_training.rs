@@ -283,7 +283,7 @@ fn a_3d_model_trains_evaluates_and_refuses_what_it_cannot_read() {
 #[test]
 fn run_tries_its_device_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let c = medmesh_node::local::LocalConsortium::create(dir.path(), 1, 47950).unwrap();
+    let c = medmesh_node::local::LocalConsortium::create(dir.path(), 1, 17950).unwrap();
     c.prepare_data(2, 16, 2).unwrap();
     let config = c.node_dir(0).join("node.toml");
     let start = |device: &str, log: &Path| {
@@ -328,6 +328,24 @@ fn run_tries_its_device_at_start() {
         );
         assert!(!text.contains("starting node"), "it never joined: {text}");
     }
+
+    // The tests' binary has the wgpu backend (node's dev-dependency turns it on). A machine
+    // without a discrete GPU, as CI is, refuses `wgpu:discrete` at start and says why.
+    let log = dir.path().join("wgpu.log");
+    let mut node = start("wgpu:discrete", &log);
+    let exited = wait(&mut node, &log, "starting node");
+    let text = std::fs::read_to_string(&log).unwrap();
+    if exited.is_none() {
+        let _ = node.kill(); // a machine with a discrete GPU: it started
+    } else {
+        assert_eq!(exited, Some(false), "refused at start: {text}");
+        assert!(
+            text.contains("\"wgpu:discrete\"") && text.contains("does not work on this machine"),
+            "{text}"
+        );
+        assert!(!text.contains("starting node"), "it never joined: {text}");
+    }
+    let _ = node.wait();
 
     let log = dir.path().join("auto.log");
     let mut node = start("auto", &log);

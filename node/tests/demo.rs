@@ -38,7 +38,7 @@ fn demo_writes_a_complete_report() {
             "--held-out",
             "2",
             "--port",
-            "48300",
+            "18300",
             "--keep-running",
             "--out",
         ])
@@ -74,7 +74,7 @@ fn demo_writes_a_complete_report() {
         "{stdout}"
     );
     // The nodes stay up after the report: the dashboard the demo names answers.
-    let dashboard = "127.0.0.1:48400";
+    let dashboard = "127.0.0.1:18400";
     assert!(
         stdout.contains(&format!("dashboard: http://{dashboard}/")),
         "{stdout}"

@@ -43,7 +43,7 @@ fn every_example_checks_and_runs_as_a_short_demo() {
             "synthetic"
         };
         let out = dir.path().join(format!("demo-{k}"));
-        let port = (48500 + 20 * k).to_string();
+        let port = (18500 + 20 * k).to_string();
         let (ok, text) = medmesh(&[
             "demo",
             "--manifest",

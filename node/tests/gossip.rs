@@ -253,22 +253,22 @@ fn ends_in_agreement(scheme: Scheme, port: u16) {
 
 #[test]
 fn pairwise_gossip_ends_in_agreement() {
-    ends_in_agreement(Scheme::PairwiseGossip, 49700);
+    ends_in_agreement(Scheme::PairwiseGossip, 19700);
 }
 
 #[test]
 fn push_sum_ends_in_agreement() {
-    ends_in_agreement(Scheme::PushSum, 49720);
+    ends_in_agreement(Scheme::PushSum, 19720);
 }
 
 #[test]
 fn metropolis_hastings_ends_in_agreement() {
-    ends_in_agreement(Scheme::MetropolisHastings, 49740);
+    ends_in_agreement(Scheme::MetropolisHastings, 19740);
 }
 
 #[test]
 fn epidemic_ends_in_agreement() {
-    ends_in_agreement(Scheme::Epidemic, 49760);
+    ends_in_agreement(Scheme::Epidemic, 19760);
 }
 
 /// Random groups of three among six sites: every member pulls its two group mates a
@@ -280,7 +280,7 @@ fn group_average_ends_in_agreement() {
     m.averaging.group_size = Some(3);
     m.averaging.min_peers = 2;
     m.validate().unwrap();
-    let out = run_consortium(&m, sites, 50800);
+    let out = run_consortium(&m, sites, 20800);
     assert!(out.distance <= 0.01, "{}", out.distance);
     assert_eq!(out.trained, vec![u64::from(ROUNDS); sites]);
     for (i, (_, received)) in out.bytes.iter().enumerate() {
@@ -311,7 +311,7 @@ fn secure_aggregation_hides_uploads_and_survives_a_drop_out() {
     m.averaging.round_timeout_secs = 15;
     m.validate().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (c, mut nodes, rt, _, client) = start_experiment(dir.path(), &m, sites, 50820, |c| {
+    let (c, mut nodes, rt, _, client) = start_experiment(dir.path(), &m, sites, 20820, |c| {
         c.prepare_data(8, 32, 4).unwrap();
     });
     let status = || rt.block_on(client.status(Some(&m.id))).unwrap();
@@ -396,7 +396,7 @@ fn a_stop_rule_ends_training_at_every_site_after_the_same_round() {
     m.evaluation.metric = medmesh_protocol::manifest::Metric::Iou;
     m.stop.target_metric = Some(0.01);
     m.validate().unwrap();
-    let out = run_consortium(&m, sites, 49780);
+    let out = run_consortium(&m, sites, 19780);
     // The earliest announced end, which every site kept to.
     let end = out
         .last
@@ -424,7 +424,7 @@ fn a_stop_rule_ends_training_at_every_site_after_the_same_round() {
 #[test]
 #[ignore = "the README's traffic table; minutes: run with --ignored --nocapture"]
 fn traffic_table() {
-    let mut port = 49800;
+    let mut port = 19800;
     println!(
         "| scheme | sites | sent / node / round | received / node / round | connections / node after round 1: mean (most at once) |"
     );
@@ -570,7 +570,7 @@ learning_rate = 0.003
             .unwrap();
         }
     };
-    let Ran { c, nodes, .. } = run_experiment(dir.path(), &m, sites, 49900, write_data);
+    let Ran { c, nodes, .. } = run_experiment(dir.path(), &m, sites, 19900, write_data);
     drop(nodes);
     let keys = sorted_keys(&c);
 

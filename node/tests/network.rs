@@ -134,7 +134,7 @@ fn all_finished(n: usize) -> impl FnMut(&[medmesh_protocol::SignedProgress]) -> 
 fn three_nodes_find_each_other_train_and_agree() {
     let dir = tempfile::tempdir().unwrap();
     let n = 3;
-    let (c, nodes, rt) = start(dir.path(), n, 47300);
+    let (c, nodes, rt) = start(dir.path(), n, 17300);
     // The researcher's commands, as a researcher types them (from the consortium directory).
     let manifest_path = dir.path().join("experiment.toml");
     std::fs::write(&manifest_path, manifest(3).to_toml()).unwrap();
@@ -212,7 +212,7 @@ fn three_nodes_find_each_other_train_and_agree() {
 fn outsiders_and_bad_manifests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let n = 2;
-    let (c, nodes, rt) = start(dir.path(), n, 47600);
+    let (c, nodes, rt) = start(dir.path(), n, 17600);
 
     // Without the network key the handshake cannot complete.
     let wrong_key = NetworkKey::generate().unwrap();
@@ -280,7 +280,7 @@ fn outsiders_and_bad_manifests_are_refused() {
 fn a_killed_node_resumes_from_its_checkpoint_and_the_others_finish() {
     let dir = tempfile::tempdir().unwrap();
     let n = 3;
-    let (c, mut nodes, rt) = start(dir.path(), n, 47900);
+    let (c, mut nodes, rt) = start(dir.path(), n, 17900);
     let client = researcher(&c, &rt, 0);
     let rounds = 20;
     rt.block_on(client.submit(SignedManifest::sign(manifest(rounds), &c.researcher)))
@@ -336,7 +336,7 @@ fn a_killed_node_resumes_from_its_checkpoint_and_the_others_finish() {
 fn a_revoked_member_is_disconnected_once_the_roster_spreads() {
     let dir = tempfile::tempdir().unwrap();
     let n = 3;
-    let (c, nodes, rt) = start(dir.path(), n, 48600);
+    let (c, nodes, rt) = start(dir.path(), n, 18600);
     let client = researcher(&c, &rt, 0);
     let revoked = c.sites[2].public_key();
     let mut next = c.roster.clone();
@@ -383,7 +383,7 @@ fn a_revoked_member_is_disconnected_once_the_roster_spreads() {
 fn with_a_third_of_the_nodes_killed_the_rest_finish() {
     let dir = tempfile::tempdir().unwrap();
     let n = 6;
-    let (c, mut nodes, rt) = start(dir.path(), n, 48100);
+    let (c, mut nodes, rt) = start(dir.path(), n, 18100);
     let client = researcher(&c, &rt, 0);
     let rounds = 10;
     // Both neighbours of a round (two random matchings) must be reachable before a site
@@ -527,7 +527,7 @@ fn checkpoint_round(path: &Path, m: &Manifest) -> Result<u64, String> {
 #[test]
 fn a_full_disk_keeps_the_previous_checkpoint_and_the_node_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let (n, port, rounds) = (2, 49600, 10);
+    let (n, port, rounds) = (2, 19600, 10);
     let c = LocalConsortium::create(dir.path(), n, port).unwrap();
     c.prepare_data(8, 32, 4).unwrap();
     // Node 1's state lives on a small disk of its own.
@@ -637,7 +637,7 @@ fn last_sent_change(c: &LocalConsortium, rt: &tokio::runtime::Runtime, m: &Manif
 #[test]
 fn privacy_noise_is_on_what_leaves_a_site() {
     let dir = tempfile::tempdir().unwrap();
-    let (c, nodes, rt) = start(dir.path(), 2, 50500);
+    let (c, nodes, rt) = start(dir.path(), 2, 20500);
     let mut plain = manifest(4);
     plain.id = "plain".into();
     let mut private = manifest(4);
@@ -801,7 +801,7 @@ fn the_dashboard_shows_every_site_in_a_browser_and_bad_http_leaves_training_alon
     let dir = tempfile::tempdir().unwrap();
     let n = 3;
     let token = "a-test-token-of-forty-characters-long-00";
-    let (c, mut nodes, rt) = start_with(dir.path(), n, 51500, |c| {
+    let (c, mut nodes, rt) = start_with(dir.path(), n, 21500, |c| {
         // Site 3's first image is corrupt: its experiment fails at start, and says so.
         let images = c.site_data(2).join("imagesTr");
         let mut files: Vec<_> = std::fs::read_dir(&images)

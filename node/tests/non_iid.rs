@@ -43,7 +43,7 @@ fn fedbn_fedprox_and_personalization_work_in_real_nodes() {
     m.training.swa_rounds = Some(2);
     m.validate().unwrap();
 
-    let c = LocalConsortium::create(dir.path(), n, 51300).unwrap();
+    let c = LocalConsortium::create(dir.path(), n, 21300).unwrap();
     c.prepare_data(6, 32, 4).unwrap();
     let mut nodes = Nodes(Vec::new());
     for i in 0..n {

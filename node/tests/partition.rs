@@ -93,7 +93,7 @@ fn wait_connected(rt: &tokio::runtime::Runtime, c: &LocalConsortium, peers: f64)
 #[test]
 fn a_partition_that_heals_reaches_consensus() {
     let dir = tempfile::tempdir().unwrap();
-    let c = LocalConsortium::create(dir.path(), SITES, 50200).unwrap();
+    let c = LocalConsortium::create(dir.path(), SITES, 20200).unwrap();
     c.prepare_data(8, 32, 4).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cuts = Vec::new();

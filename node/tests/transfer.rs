@@ -117,7 +117,7 @@ const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_resumes_after_dropped_chunks() {
-    let got = fetch_with(48400, vec![(MIB, Fault::Drop), (3 * MIB, Fault::Drop)])
+    let got = fetch_with(18400, vec![(MIB, Fault::Drop), (3 * MIB, Fault::Drop)])
         .await
         .unwrap();
     let expected: Vec<f32> = (0..PARAMS).map(|i| (i as f32).sin()).collect();
@@ -126,7 +126,7 @@ async fn a_transfer_resumes_after_dropped_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_bit_fails_the_hash_check() {
-    let err = fetch_with(48401, vec![(2 * MIB, Fault::FlipBit)])
+    let err = fetch_with(18401, vec![(2 * MIB, Fault::FlipBit)])
         .await
         .unwrap_err();
     assert!(
@@ -143,7 +143,7 @@ async fn a_flipped_bit_fails_the_hash_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_chunk_is_refused() {
-    let err = fetch_with(48402, vec![(0, Fault::Truncate)])
+    let err = fetch_with(18402, vec![(0, Fault::Truncate)])
         .await
         .unwrap_err();
     assert!(

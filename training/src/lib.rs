@@ -29,5 +29,5 @@ pub mod samples;
 pub use medmesh_protocol::rng;
 pub mod trainer;
 
-pub use device::DeviceSpec;
+pub use device::{DeviceSpec, WgpuAdapter};
 pub use trainer::{Evaluation, RoundStats, TrainSettings, Trainer};

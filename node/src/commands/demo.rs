@@ -72,7 +72,8 @@ pub struct DemoOptions {
     #[arg(long, default_value = "medmesh-demo")]
     pub out: PathBuf,
     /// First TCP port; node i listens on port + i and serves its dashboard on port + 100 + i.
-    #[arg(long, default_value_t = 47100)]
+    /// Below Linux's ephemeral range (32768-60999), where outgoing connections take theirs.
+    #[arg(long, default_value_t = 17100)]
     pub port: u16,
     /// Keep the nodes (and their dashboards) running after the report, until Ctrl-C.
     #[arg(long)]

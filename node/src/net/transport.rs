@@ -310,7 +310,7 @@ mod tests {
         let key = NetworkKey::from_bytes([7; 32]);
         let other = NetworkKey::from_bytes([8; 32]);
         let (target, member, mut failed) =
-            relay_and_member(51700, &key, limits(1 << 20, Duration::from_secs(60))).await;
+            relay_and_member(21700, &key, limits(1 << 20, Duration::from_secs(60))).await;
         let hold = Duration::from_millis(500);
         let wrong = dial_through(3, &key, &other, target.clone(), member, hold).await;
         wrong.expect_err("a wrong circuit key must not connect through the relay");
@@ -335,7 +335,7 @@ mod tests {
         let key = NetworkKey::from_bytes([7; 32]);
         let hold = Duration::from_secs(15);
         let (target, member, _) =
-            relay_and_member(51701, &key, limits(1 << 20, Duration::from_secs(2))).await;
+            relay_and_member(21701, &key, limits(1 << 20, Duration::from_secs(2))).await;
         let lasted = dial_through(5, &key, &key, target, member, hold)
             .await
             .unwrap();
@@ -344,7 +344,7 @@ mod tests {
             "a 2 s circuit lasted {lasted:?}"
         );
         let (target, member, _) =
-            relay_and_member(51702, &key, limits(2048, Duration::from_secs(60))).await;
+            relay_and_member(21702, &key, limits(2048, Duration::from_secs(60))).await;
         let lasted = dial_through(6, &key, &key, target, member, hold)
             .await
             .unwrap();
