@@ -314,38 +314,40 @@ fn run_tries_its_device_at_start() {
         );
     };
 
-    let log = dir.path().join("cuda.log");
-    let mut node = start("cuda:0", &log);
-    let exited = wait(&mut node, &log, "starting node");
-    let text = std::fs::read_to_string(&log).unwrap();
-    if cfg!(feature = "cuda") {
-        let _ = node.kill();
+    // Starts the node on `device`. A build that has the device may start (the machine has the
+    // hardware); otherwise it must exit at start, saying all of `says`, and never join.
+    let refused = |device: &str, built: bool, says: &[&str]| {
+        let log = dir.path().join(format!("{device}.log"));
+        let mut node = start(device, &log);
+        let exited = wait(&mut node, &log, "starting node");
+        let text = std::fs::read_to_string(&log).unwrap();
+        if built && exited.is_none() {
+            let _ = node.kill();
+        } else {
+            assert_eq!(exited, Some(false), "refused at start: {text}");
+            assert!(says.iter().all(|s| text.contains(s)), "{text}");
+            assert!(!text.contains("starting node"), "it never joined: {text}");
+        }
+        let _ = node.wait();
+    };
+    // A build without CUDA names the feature; one with it, on a machine without a GPU, says so.
+    let missing = if cfg!(feature = "cuda") {
+        "does not work on this machine"
     } else {
-        assert_eq!(exited, Some(false), "refused at start: {text}");
-        assert!(
-            text.contains("node.device = \"cuda:0\"") && text.contains("--features cuda"),
-            "{text}"
-        );
-        assert!(!text.contains("starting node"), "it never joined: {text}");
-    }
-
+        "--features cuda"
+    };
+    refused(
+        "cuda:0",
+        cfg!(feature = "cuda"),
+        &["node.device = \"cuda:0\"", missing],
+    );
     // The tests' binary has the wgpu backend (node's dev-dependency turns it on). A machine
     // without a discrete GPU, as CI is, refuses `wgpu:discrete` at start and says why.
-    let log = dir.path().join("wgpu.log");
-    let mut node = start("wgpu:discrete", &log);
-    let exited = wait(&mut node, &log, "starting node");
-    let text = std::fs::read_to_string(&log).unwrap();
-    if exited.is_none() {
-        let _ = node.kill(); // a machine with a discrete GPU: it started
-    } else {
-        assert_eq!(exited, Some(false), "refused at start: {text}");
-        assert!(
-            text.contains("\"wgpu:discrete\"") && text.contains("does not work on this machine"),
-            "{text}"
-        );
-        assert!(!text.contains("starting node"), "it never joined: {text}");
-    }
-    let _ = node.wait();
+    refused(
+        "wgpu:discrete",
+        true,
+        &["\"wgpu:discrete\"", "does not work on this machine"],
+    );
 
     let log = dir.path().join("auto.log");
     let mut node = start("auto", &log);
