@@ -34,7 +34,14 @@ fn logs(c: &LocalConsortium, n: usize) -> String {
     (0..n)
         .map(|i| {
             let text = std::fs::read_to_string(c.node_dir(i).join("node.log")).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(25).collect();
+            // The round's story, not the connection chatter.
+            let keep = ["round", "update", "partner", "exchange", "WARN", "ERROR"];
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .filter(|l| keep.iter().any(|k| l.contains(k)))
+                .take(40)
+                .collect();
             format!(
                 "--- node {} ---\n{}\n",
                 i + 1,

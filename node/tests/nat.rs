@@ -32,7 +32,9 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_medmesh");
 const PORT: u16 = 4001;
-const ROUNDS: u32 = 10;
+/// Enough rounds (about half a second each) for a hole punch that needs another go (see
+/// `EventLoop::repunch`: a few seconds) to still carry most of a and b's transfers.
+const ROUNDS: u32 = 20;
 
 /// Runs `program args`, panicking with its output if it fails.
 fn run(program: &str, args: &[&str]) {

@@ -157,3 +157,42 @@ async fn a_short_chunk_is_refused() {
         "{err}"
     );
 }
+
+/// A node entering a round closes connections its round does not need, but not one carrying
+/// a request: a peer a round ahead may be asking for this node's next model right then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_change_keeps_a_connection_that_carries_a_request() {
+    let mut pair = loopback::connected_pair(18403).await.unwrap();
+    let client = pair.client.clone();
+    let server_peer = pair.server_peer;
+    let asked = tokio::spawn(async move {
+        let query = Request::Update(UpdateRequest::Exchange {
+            experiment_id: "t".into(),
+            round: 4,
+        });
+        client.request_once(server_peer, query).await
+    });
+    let (peer, channel) = loop {
+        match pair.server_requests.recv().await {
+            Some(NetEvent::Request { peer, channel, .. }) => break (peer, channel),
+            Some(_) => {}
+            None => panic!("no request arrived"),
+        }
+    };
+    // The server's next round wants neither this peer nor anyone: the question is pending.
+    pair.server.want(Vec::new()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(pair.server.connected_nodes().await, vec![peer]);
+    let answer = Response::Refused {
+        reason: "late".into(),
+    };
+    pair.server.respond(channel, answer.clone()).await;
+    assert_eq!(asked.await.unwrap().unwrap(), answer);
+    // Answered, the connection is no longer needed: the next round change closes it.
+    pair.server.want(Vec::new()).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pair.server.connected_nodes().await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still connected");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -31,6 +31,13 @@ const INBOUND_QUEUE: usize = 256;
 /// [`EventLoop::prune`]).
 const LINGER: Duration = Duration::from_secs(5);
 
+/// How long a wanted member may stay reachable only through a relay before this node
+/// reconnects through the relay for another hole punch (see [`EventLoop::repunch`]).
+const REPUNCH_AFTER: Duration = Duration::from_secs(3);
+
+/// Reconnections for another hole punch, per member, before the relayed path is accepted.
+const REPUNCH_TRIES: u32 = 2;
+
 /// When a peer should ask again after the inbound queue was full.
 const QUEUE_FULL_RETRY_MS: u32 = 250;
 
@@ -72,6 +79,8 @@ pub struct EventLoop {
     inbound_pending: HashMap<PeerId, usize>,
     /// Whether "unreachable and no relay" was logged (once until a relay turns up).
     warned_no_relay: bool,
+    /// Reconnections made per member for another hole punch, and when the last was.
+    repunched: HashMap<PeerId, (u32, Instant)>,
 }
 
 /// When a member's connections last changed, and where from.
@@ -119,6 +128,7 @@ impl EventLoop {
             nat: NatState::new(RelayPolicy::default()),
             inbound_pending: HashMap::new(),
             warned_no_relay: false,
+            repunched: HashMap::new(),
         };
         this.set_members(members);
         (this, handle, event_rx)
@@ -156,6 +166,7 @@ impl EventLoop {
             }
         }
         let mut maintenance = tokio::time::interval(Duration::from_secs(5));
+        let mut paths = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -164,6 +175,7 @@ impl EventLoop {
                     None => return,
                 },
                 _ = maintenance.tick() => self.maintain(),
+                _ = paths.tick() => self.repunch(),
             }
         }
     }
@@ -289,7 +301,7 @@ impl EventLoop {
         if now_wanted.is_empty() && before.is_empty() {
             return;
         }
-        let awaited: HashSet<PeerId> = self.pending_requests.values().map(|(p, _)| *p).collect();
+        let busy = self.busy();
         let keep = self.nat.keep();
         let now = Instant::now();
         let stale: Vec<PeerId> = self
@@ -299,7 +311,7 @@ impl EventLoop {
                 now.duration_since(**since) >= LINGER
                     && !now_wanted.contains(p)
                     && !before.contains(p)
-                    && !awaited.contains(p)
+                    && !busy.contains(p)
                     && !keep.contains(p)
             })
             .map(|(p, _)| *p)
@@ -357,12 +369,18 @@ impl EventLoop {
         // Bootnodes are not kept either: once a node has joined, its routing table finds
         // peers, and `maintain` dials the bootnodes again if every connection is gone.
         // Relays (and members relaying through this node) are.
+        // A connection carrying a request either way stays: a peer a round ahead may already
+        // be asking for this node's next model, and closing would fail its fetch.
         let keep = self.nat.keep();
+        let busy = self.busy();
         let stale: Vec<PeerId> = self
             .connected
             .keys()
             .filter(|p| {
-                !self.wanted.0.contains(p) && !self.wanted.1.contains(p) && !keep.contains(p)
+                !self.wanted.0.contains(p)
+                    && !self.wanted.1.contains(p)
+                    && !keep.contains(p)
+                    && !busy.contains(p)
             })
             .copied()
             .collect();
@@ -830,13 +848,76 @@ impl EventLoop {
         self.warned_no_relay = stranded;
     }
 
+    /// Gives hole punching another go with wanted members still reached only through a
+    /// relay. DCUtR tries once per relayed connection, and a try can fail on timing (both
+    /// NATs dropping the first SYNs) or be lost (both ends dialing each other through the
+    /// relay at once, each connection starting its own punch). So once such a member has
+    /// been relayed for [`REPUNCH_AFTER`] with nothing in flight, the end with the smaller
+    /// peer id (one end, so the two don't dial each other again) closes the relayed
+    /// connections and dials through the relay afresh, which starts a new punch; at most
+    /// [`REPUNCH_TRIES`] times per member. A member behind a NAT that can't be punched (a
+    /// symmetric one) stays relayed after that.
+    fn repunch(&mut self) {
+        let me = *self.swarm.local_peer_id();
+        let busy = self.busy();
+        let now = Instant::now();
+        let candidates: Vec<PeerId> = self
+            .wanted
+            .0
+            .iter()
+            .filter(|p| {
+                me < **p
+                    && !busy.contains(p)
+                    && self.repunched.get(p).is_none_or(|(tries, last)| {
+                        *tries < REPUNCH_TRIES && now.duration_since(*last) >= REPUNCH_AFTER
+                    })
+                    && self
+                        .connected
+                        .get(p)
+                        .is_some_and(|since| now.duration_since(*since) >= REPUNCH_AFTER)
+            })
+            .copied()
+            .collect();
+        for peer in candidates {
+            let relayed = self.nat.relayed_only(&peer);
+            if relayed.is_empty() {
+                continue;
+            }
+            let (tries, last) = self.repunched.entry(peer).or_insert((0, now));
+            *tries += 1;
+            *last = now;
+            tracing::info!(%peer, attempt = *tries, "still relayed; reconnecting through the relay for another hole punch");
+            for id in relayed {
+                self.swarm.close_connection(id);
+            }
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::Always)
+                .addresses(self.told_addresses(&peer))
+                .extend_addresses_through_behaviour()
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, "cannot dial through the relay again: {e}");
+            }
+        }
+    }
+
+    /// Peers with a request in flight either way: this node awaits their answer, or they
+    /// await its. Closing their connection would lose the request.
+    fn busy(&self) -> HashSet<PeerId> {
+        self.pending_requests
+            .values()
+            .map(|(p, _)| *p)
+            .chain(self.inbound_pending.keys().copied())
+            .collect()
+    }
+
     /// Closes relayed connections to peers that now have a direct one, once nothing is in
     /// flight to or from them (a request answered on a closing connection would be lost):
     /// model transfers then take the direct path.
     fn drop_superseded_relayed(&mut self) {
-        let awaited: HashSet<PeerId> = self.pending_requests.values().map(|(p, _)| *p).collect();
+        let busy = self.busy();
         for (peer, id) in self.nat.superseded() {
-            if awaited.contains(&peer) || self.inbound_pending.contains_key(&peer) {
+            if busy.contains(&peer) {
                 continue;
             }
             tracing::info!(%peer, "direct connection up; closing the relayed one");

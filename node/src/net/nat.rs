@@ -339,6 +339,19 @@ impl NatState {
         out
     }
 
+    /// `peer`'s connections when every one of them goes through a relay (no hole punch has
+    /// given a direct one yet); empty when it has a direct one or none.
+    pub fn relayed_only(&self, peer: &PeerId) -> Vec<ConnectionId> {
+        match self.connections.get(peer) {
+            Some(conns) if conns.values().all(|(p, _, _)| *p != Path::Direct) => {
+                let mut ids: Vec<ConnectionId> = conns.keys().copied().collect();
+                ids.sort();
+                ids
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The path of `peer`'s connections: direct when any is, relayed when all are.
     pub fn path_to(&self, peer: &PeerId) -> Option<Path> {
         let conns = self.connections.get(peer)?;
@@ -476,8 +489,11 @@ mod tests {
             "the relay carries a connection"
         );
         assert_eq!(nat.count_paths([peer].iter()), (0, 1));
+        assert_eq!(nat.relayed_only(&peer), vec![c(1)]);
+        assert!(nat.relayed_only(&relay).is_empty(), "not connected");
         nat.opened(peer, c(2), &dialer("/ip4/10.0.0.5/tcp/5"));
         nat.hole_punched(c(2));
+        assert!(nat.relayed_only(&peer).is_empty(), "a direct one is up");
         assert_eq!(nat.superseded(), vec![(peer, c(1))]);
         assert_eq!(nat.count_paths([peer].iter()), (1, 0));
         nat.closed(peer, c(1));

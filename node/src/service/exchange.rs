@@ -102,13 +102,31 @@ pub async fn fetch_update(
 ) -> Result<Fetched, FetchError> {
     let id = want.expect.experiment_id;
     let mut announced = false;
+    let mut redials = 0;
     let envelope = loop {
         let query = Request::Update(UpdateRequest::Offer {
             experiment_id: id.to_owned(),
             round: want.round,
             attempt: want.attempt,
         });
-        match node.net.request(peer, query).await? {
+        let answer = match node.net.request(peer, query).await {
+            Ok(answer) => answer,
+            // A peer a round behind closes connections its own round does not need, and may
+            // close this one as the question arrives: ask again on a fresh connection, a few
+            // times, so that a pair's exchange does not fail on that race. A peer that is
+            // gone fails every attempt quickly.
+            Err(e @ (NetError::ConnectionClosed(_) | NetError::Dial { .. })) => {
+                redials += 1;
+                if redials > RESUME_ATTEMPTS || Instant::now() + POLL >= want.deadline {
+                    return Err(e.into());
+                }
+                tracing::debug!(%peer, "asking again for an update: {e}");
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match answer {
             Response::Update(UpdateAnswer::Offer(envelope)) => break envelope,
             Response::Update(UpdateAnswer::Unavailable {
                 reason,
@@ -175,6 +193,9 @@ pub async fn fetch_update(
         .acquire()
         .await
         .map_err(|_| NetError::Shutdown)?;
+    // The path is asked before and after: the connection may close right after the last
+    // chunk (a round change, or a reconnection for another hole punch).
+    let path_before = node.net.path(peer).await;
     let started = Instant::now();
     let (values, residues) = if envelope.header.encoding == WeightEncoding::Masked {
         let raw = assemble(&node.net, peer, &envelope, &want.expect)
@@ -189,9 +210,10 @@ pub async fn fetch_update(
         )
     };
     let elapsed = started.elapsed();
-    let path = match node.net.path(peer).await {
+    let path = match node.net.path(peer).await.or(path_before) {
         Some(net::Path::Relayed { .. }) => "relayed",
-        _ => "direct",
+        Some(net::Path::Direct) => "direct",
+        None => "unknown",
     };
     node.metrics
         .transfer_done(want.expect.experiment_id, path, elapsed);
