@@ -677,6 +677,16 @@ fn clinics_behind_nats_train_through_relays_and_hole_punching() {
         mean(&relayed),
         relayed.len()
     );
+    let repunched: usize = sites
+        .iter()
+        .map(|s| {
+            s.lines()
+                .iter()
+                .filter(|l| l.message.starts_with("still relayed; reconnecting"))
+                .count()
+        })
+        .sum();
+    println!("reconnections for another hole punch (all sites): {repunched}");
     for s in &sites {
         let done: Vec<f64> = s
             .lines()

@@ -114,8 +114,8 @@ pub async fn fetch_update(
             // A peer a round behind closes connections its own round does not need, and may
             // close this one as the question arrives: ask again on a fresh connection, a few
             // times, so that a pair's exchange does not fail on that race. A peer that is
-            // gone fails every attempt quickly.
-            Err(e @ (NetError::ConnectionClosed(_) | NetError::Dial { .. })) => {
+            // gone fails the next dial, which ends it.
+            Err(e @ NetError::ConnectionClosed(_)) => {
                 redials += 1;
                 if redials > RESUME_ATTEMPTS || Instant::now() + POLL >= want.deadline {
                     return Err(e.into());
