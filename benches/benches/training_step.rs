@@ -8,8 +8,14 @@
 //! training), so its ratio to the 2D step is the cost of the third dimension
 //! (`unet_step.py --dims 3` for PyTorch's).
 //!
+//! `flex-stock` is flex with the kernels burn-flex 0.22.1 ships in place of the ones medmesh's
+//! patch adds (convolutions, batch normalization; vendor/burn-flex/PATCH.md): the "before",
+//! measured in the same run. Both run with medmesh's malloc settings
+//! (`medmesh_training::allocator`), which any `Trainer` applies.
+//!
 //! `cargo bench -p medmesh-benches --bench training_step [--features ndarray-backend,cpu-jit,cuda,wgpu]`
 
+use burn_flex::ops::stock::use_stock_kernels;
 use criterion::{Criterion, criterion_group, criterion_main};
 use medmesh_protocol::manifest::{Normalization, Optimizer};
 use medmesh_training::data::slices::SliceSet;
@@ -55,6 +61,14 @@ const DEVICES: [DeviceSpec; 5] = [
     DeviceSpec::Wgpu(WgpuAdapter::Best),
 ];
 
+/// Every device, and flex a second time with burn-flex 0.22.1's own kernels (`flex-stock`,
+/// the "before" of medmesh's patch in vendor/burn-flex) in place of medmesh's.
+fn variants() -> Vec<(String, DeviceSpec, bool)> {
+    let mut all = vec![("flex-stock".to_string(), DeviceSpec::Flex, true)];
+    all.extend(DEVICES.map(|spec| (spec.to_string(), spec, false)));
+    all
+}
+
 fn training_step(c: &mut Criterion) {
     let config = UNetConfig {
         dims: 2,
@@ -80,19 +94,21 @@ fn training_step(c: &mut Criterion) {
     let data = batch();
     let mut group = c.benchmark_group("unet_train_step_b8_128px_base16_depth4");
     group.sample_size(10);
-    for spec in DEVICES {
+    for (name, spec, stock) in variants() {
         let Ok(device) = spec.device() else { continue };
         // Built and warmed up (allocations, kernel compilation) only when the filter picks
         // it: a GPU backend's warm-up on a software adapter would still be running on both
         // cores while the next backend is measured.
         let mut trainer = None;
-        group.bench_function(spec.to_string(), |b| {
+        group.bench_function(name, |b| {
+            use_stock_kernels(stock);
             let trainer = trainer.get_or_insert_with(|| {
                 let mut t = Trainer::with(config, settings.clone(), device.clone());
                 t.train_round(&data, |_| {});
                 t
             });
-            b.iter(|| trainer.train_round(&data, |_| {}))
+            b.iter(|| trainer.train_round(&data, |_| {}));
+            use_stock_kernels(false);
         });
     }
     group.finish();
@@ -105,20 +121,22 @@ fn training_step(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("unet3d_train_step_b2_16x64x64_base16_depth4");
     group.sample_size(10);
-    for spec in DEVICES {
+    for (name, spec, stock) in variants() {
         // ndarray's 3D convolutions are too slow to be worth minutes of a bench run.
         if spec == DeviceSpec::NdArray {
             continue;
         }
         let Ok(device) = spec.device() else { continue };
         let mut trainer = None;
-        group.bench_function(spec.to_string(), |b| {
+        group.bench_function(name, |b| {
+            use_stock_kernels(stock);
             let trainer = trainer.get_or_insert_with(|| {
                 let mut t = Trainer::with(config, settings.clone(), device.clone());
                 t.train_round(&volumes, |_| {});
                 t
             });
-            b.iter(|| trainer.train_round(&volumes, |_| {}))
+            b.iter(|| trainer.train_round(&volumes, |_| {}));
+            use_stock_kernels(false);
         });
     }
     group.finish();

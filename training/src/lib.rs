@@ -12,6 +12,7 @@
 //! * [`checkpoint`] and [`export`]: atomic checkpoints; safetensors export.
 //! * [`device`]: the compute device named in configuration.
 
+pub mod allocator;
 pub mod atomic_file;
 pub mod augment;
 pub mod baselines;

@@ -177,6 +177,7 @@ impl Trainer {
 
     /// A freshly initialized model of `config` trained with `settings`.
     pub fn with(config: UNetConfig, settings: TrainSettings, device: Device) -> Self {
+        crate::allocator::keep_freed_memory();
         let train_device = device.clone().autodiff();
         let model = init::seeded(&config, settings.seed, &train_device);
         Self {

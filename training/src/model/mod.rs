@@ -4,3 +4,6 @@ pub mod init;
 pub mod unet;
 
 pub use unet::{UNet, UNetConfig};
+
+#[cfg(test)]
+mod kernel_check;
