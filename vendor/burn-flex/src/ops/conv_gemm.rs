@@ -12,7 +12,9 @@
 //!   rows, so im2col and col2im are `memcpy`s and vector adds;
 //! - forward: `out[b, :, tile] = W · col`, written straight into the output (bias first, then
 //!   the product accumulated onto it);
-//! - input gradient: `col = Wᵀ · dy[b, :, tile]`, then col2im adds the rows back into `dx[b]`;
+//! - input gradient: for stride 1, the forward pass of `dy` with the flipped kernel
+//!   ([`Geometry::as_forward`]); otherwise `col = Wᵀ · dy[b, :, tile]`, then col2im adds the
+//!   rows back into `dx[b]`, one image per worker;
 //! - weight gradient: `dW += dy[b, :, tile] · colᵀ`, one accumulator per image, summed in image
 //!   order, so the result does not depend on the thread count or on scheduling.
 //!
