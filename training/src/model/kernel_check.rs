@@ -7,9 +7,9 @@
 //! - batch normalization in training mode (`batch_norm.rs`) against its textbook formulas.
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
 use burn::tensor::module::{batch_norm_train, conv2d, conv3d};
 use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Gradients, TensorData};
 
 /// One convolution in 3D terms (2D cases have depth 1 everywhere).
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +123,11 @@ fn close(what: &str, c: &dyn core::fmt::Debug, got: Vec<f32>, want: &[f64]) {
     }
 }
 
+/// The gradient `grads` holds for the leaf `t`.
+fn grad(t: &Tensor<1>, grads: &Gradients) -> Vec<f32> {
+    data(t.grad(grads).expect("the leaf takes part in the loss"))
+}
+
 fn data(t: Tensor<1>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().expect("f32 tensor")
 }
@@ -163,25 +168,10 @@ fn check(c: Case) {
     };
     close("output", &c, data(y.clone()), &want_y);
     let grads = (y * flat(&r)).sum().backward();
-    close(
-        "input gradient",
-        &c,
-        data(xt.grad(&grads).expect("dx")),
-        &want_dx,
-    );
-    close(
-        "weight gradient",
-        &c,
-        data(wt.grad(&grads).expect("dw")),
-        &want_dw,
-    );
+    close("input gradient", &c, grad(&xt, &grads), &want_dx);
+    close("weight gradient", &c, grad(&wt, &grads), &want_dw);
     if c.bias {
-        close(
-            "bias gradient",
-            &c,
-            data(bt.grad(&grads).expect("db")),
-            &want_db,
-        );
+        close("bias gradient", &c, grad(&bt, &grads), &want_db);
     }
 }
 
@@ -332,22 +322,7 @@ fn batch_norm_in_training_matches_its_formulas() {
     let y_t = out.output.flatten(0, 3);
     close("batch-norm output", &case, data(y_t.clone()), &y);
     let grads = (y_t * flat(&r)).sum().backward();
-    close(
-        "batch-norm input gradient",
-        &case,
-        data(xt.grad(&grads).expect("dx")),
-        &dx,
-    );
-    close(
-        "gamma gradient",
-        &case,
-        data(gt.grad(&grads).expect("dgamma")),
-        &dgamma,
-    );
-    close(
-        "beta gradient",
-        &case,
-        data(bt.grad(&grads).expect("dbeta")),
-        &dbeta,
-    );
+    close("batch-norm input gradient", &case, grad(&xt, &grads), &dx);
+    close("gamma gradient", &case, grad(&gt, &grads), &dgamma);
+    close("beta gradient", &case, grad(&bt, &grads), &dbeta);
 }
