@@ -318,7 +318,8 @@ impl ModuleOps<Flex> for Flex {
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
         if use_stock(&options) {
-            return stock_conv2d_x_backward(x, weight, output_grad, options);
+            let o = stock_x_backward_options(&x, &weight, &output_grad, &options);
+            return Flex::conv_transpose2d(output_grad, weight, None, o);
         }
         let (x3, w3, dy3) = (
             conv_gemm::to_3d(&x),
@@ -359,11 +360,11 @@ impl ModuleOps<Flex> for Flex {
 
     #[cfg(all(feature = "rayon", feature = "std"))]
     fn conv2d_bias_backward(
-        x: FloatTensor<Flex>,
+        _x: FloatTensor<Flex>,
         bias: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,
     ) -> FloatTensor<Flex> {
-        bias_backward(x, bias, output_grad)
+        bias_backward(bias, output_grad)
     }
 
     #[cfg(all(feature = "rayon", feature = "std"))]
@@ -374,7 +375,8 @@ impl ModuleOps<Flex> for Flex {
         options: ConvOptions<3>,
     ) -> FloatTensor<Flex> {
         if use_stock(&options) {
-            return stock_conv3d_x_backward(x, weight, output_grad, options);
+            let o = stock_x_backward_options(&x, &weight, &output_grad, &options);
+            return Flex::conv_transpose3d(output_grad, weight, None, o);
         }
         match conv_gemm::conv3d_x_backward(&x, &weight, &output_grad, &options) {
             Some(dx) => dx,
@@ -403,11 +405,11 @@ impl ModuleOps<Flex> for Flex {
 
     #[cfg(all(feature = "rayon", feature = "std"))]
     fn conv3d_bias_backward(
-        x: FloatTensor<Flex>,
+        _x: FloatTensor<Flex>,
         bias: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,
     ) -> FloatTensor<Flex> {
-        bias_backward(x, bias, output_grad)
+        bias_backward(bias, output_grad)
     }
 
     fn conv_transpose1d(
@@ -962,12 +964,7 @@ fn use_stock<const N: usize>(options: &ConvOptions<N>) -> bool {
 }
 
 #[cfg(all(feature = "rayon", feature = "std"))]
-fn bias_backward(
-    x: FloatTensor<Flex>,
-    bias: FloatTensor<Flex>,
-    output_grad: FloatTensor<Flex>,
-) -> FloatTensor<Flex> {
-    let _ = x;
+fn bias_backward(bias: FloatTensor<Flex>, output_grad: FloatTensor<Flex>) -> FloatTensor<Flex> {
     match conv_gemm::conv_bias_backward(&output_grad) {
         Some(db) => db.reshape(bias.shape()),
         None => panic!("conv bias backward: unsupported dtype {:?}", bias.dtype()),
@@ -993,17 +990,18 @@ fn padding_out(
     i64::max(0, size_in as i64 - base) as usize
 }
 
-/// burn-backend 0.22.1's default input gradient: a transposed convolution of the output gradient.
+/// burn-backend 0.22.1's default input gradient is a transposed convolution of the output
+/// gradient with these options.
 #[cfg(all(feature = "rayon", feature = "std"))]
-fn stock_conv2d_x_backward(
-    x: FloatTensor<Flex>,
-    weight: FloatTensor<Flex>,
-    output_grad: FloatTensor<Flex>,
-    options: ConvOptions<2>,
-) -> FloatTensor<Flex> {
+fn stock_x_backward_options<const N: usize>(
+    x: &FloatTensor<Flex>,
+    weight: &FloatTensor<Flex>,
+    output_grad: &FloatTensor<Flex>,
+    options: &ConvOptions<N>,
+) -> ConvTransposeOptions<N> {
     let (xs, ws, ys) = (x.shape(), weight.shape(), output_grad.shape());
     let pad = options.padding_begin();
-    let out = [0, 1].map(|i| {
+    let out = core::array::from_fn(|i| {
         padding_out(
             ws[2 + i],
             options.stride[i],
@@ -1013,39 +1011,7 @@ fn stock_conv2d_x_backward(
             ys[2 + i],
         )
     });
-    Flex::conv_transpose2d(
-        output_grad,
-        weight,
-        None,
-        ConvTransposeOptions::new(options.stride, pad, out, options.dilation, options.groups),
-    )
-}
-
-#[cfg(all(feature = "rayon", feature = "std"))]
-fn stock_conv3d_x_backward(
-    x: FloatTensor<Flex>,
-    weight: FloatTensor<Flex>,
-    output_grad: FloatTensor<Flex>,
-    options: ConvOptions<3>,
-) -> FloatTensor<Flex> {
-    let (xs, ws, ys) = (x.shape(), weight.shape(), output_grad.shape());
-    let pad = options.padding_begin();
-    let out = [0, 1, 2].map(|i| {
-        padding_out(
-            ws[2 + i],
-            options.stride[i],
-            pad[i],
-            options.dilation[i],
-            xs[2 + i],
-            ys[2 + i],
-        )
-    });
-    Flex::conv_transpose3d(
-        output_grad,
-        weight,
-        None,
-        ConvTransposeOptions::new(options.stride, pad, out, options.dilation, options.groups),
-    )
+    ConvTransposeOptions::new(options.stride, pad, out, options.dilation, options.groups)
 }
 
 /// burn-backend 0.22.1's default weight gradient for one group: a convolution of the input, batch
