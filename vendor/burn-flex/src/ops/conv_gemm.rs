@@ -459,22 +459,26 @@ fn weight_backward<T: Elem>(x: &[T], dy: &[T], g: &Geometry) -> Vec<T> {
     let parallel_gemm = few_images(g.batch);
     let size = channels * k;
     // One accumulator per image, summed in image order: the same sums whatever the threads.
+    // Each accumulator is the gradient transposed, group by group: element (o, j) of a group at
+    // j * c_out + o. gemm then writes its destination column by column and packs only the
+    // output-gradient tile, where the row-major layout would have it transpose the larger column
+    // buffer on every tile.
     let partial: Vec<Vec<T>> = (0..g.batch)
         .into_par_iter()
         .map(|b| {
-            let mut dw = vec![T::zero(); size];
+            let mut dw_t = vec![T::zero(); size];
             for group in 0..g.groups {
                 let x_g = &x[(b * g.groups + group) * g.c_in * plane..][..g.c_in * plane];
-                let dw_g = dw[group * g.c_out * k..].as_mut_ptr();
+                let dw_g = dw_t[group * g.c_out * k..].as_mut_ptr();
                 for rows in g.tiles() {
                     let (s0, t) = (rows.0 * out_w, (rows.1 - rows.0) * out_w);
                     let dy_tile = dy[(b * channels + group * g.c_out) * s + s0..].as_ptr();
                     // colᵀ: element (i, j) is col[j * t + i].
-                    // SAFETY: `dw` is this image's own; the others are read-only here.
+                    // SAFETY: `dw_t` is this image's own; the others are read-only here.
                     let multiply = |rhs| unsafe {
                         gemm(
                             (g.c_out, k, t),
-                            (dw_g, k, 1),
+                            (dw_g, 1, g.c_out),
                             true,
                             (dy_tile, s, 1),
                             rhs,
@@ -491,14 +495,25 @@ fn weight_backward<T: Elem>(x: &[T], dy: &[T], g: &Geometry) -> Vec<T> {
                     }
                 }
             }
-            dw
+            dw_t
         })
         .collect();
     let mut parts = partial.into_iter();
-    let mut dw = parts.next().unwrap_or_else(|| vec![T::zero(); size]);
+    let mut sum = parts.next().unwrap_or_else(|| vec![T::zero(); size]);
     for part in parts {
-        for (a, b) in dw.iter_mut().zip(part) {
+        for (a, b) in sum.iter_mut().zip(part) {
             *a = *a + b;
+        }
+    }
+    let mut dw = vec![T::zero(); size];
+    for (group_t, group) in sum
+        .chunks_exact(g.c_out * k)
+        .zip(dw.chunks_exact_mut(g.c_out * k))
+    {
+        for (o, row) in group.chunks_exact_mut(k).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = group_t[j * g.c_out + o];
+            }
         }
     }
     dw
