@@ -15,8 +15,9 @@
 //! - input gradient: for stride 1, the forward pass of `dy` with the flipped kernel
 //!   ([`Geometry::as_forward`]); otherwise `col = Wᵀ · dy[b, :, tile]`, then col2im adds the
 //!   rows back into `dx[b]`, one image per worker;
-//! - weight gradient: `dW += dy[b, :, tile] · colᵀ`, one accumulator per image, summed in image
-//!   order, so the result does not depend on the thread count or on scheduling.
+//! - weight gradient: `dW += dy[b, :, tile] · colᵀ`, one accumulator per image (held
+//!   transposed, so gemm packs the small `dy` tile), summed in image order, so the result does
+//!   not depend on the thread count or on scheduling.
 //!
 //! Every element type the stock kernels take is covered: f32, f64 and f16 natively (gemm
 //! supports them), bf16 through f32 as the stock kernels do.
